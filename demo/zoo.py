@@ -1,0 +1,202 @@
+"""The toy model zoo: a tiny Mistral base, a foreign-language expert and an English math expert.
+
+Contract: `build_zoo(out_dir, seed, size)` is deterministic in (seed, size, ZOO_VERSION) and cached:
+it writes, under `out_dir`,
+    base/ foreign/ math/        standard HF checkpoints (config.json, model.safetensors, tokenizer files)
+    data/<split>.jsonl          one {"prompt": str, "answer": str} per line; answers are digits
+    manifest.json               written last; its presence with the same seed/size/version means "done"
+and returns `out_dir`. The target task (`target_search`, `target_test`, disjoint prompts) is English
+word-problem arithmetic written in the foreign language: no source model was trained on it; the foreign
+expert reads the language, the math expert does the arithmetic. A model answers by greedy generation
+after the prompt; the answer is the last integer of the generated text (a correct model emits the
+number token then `</s>`). `register(subparsers)` adds the `zoo build` CLI command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lazymerge.demo import corpus
+from lazymerge.demo.train import ModelSpec, make_model, make_tokenizer, train
+
+ZOO_VERSION = 1
+MODELS = ("base", "foreign", "math")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes and training budget of one zoo size."""
+
+    spec: ModelSpec
+    steps: dict[str, int]
+    lr: dict[str, float]
+    batch_size: int
+    n_eval: dict[str, int]
+
+
+RECIPES = {
+    "full": Recipe(
+        spec=ModelSpec(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512),
+        steps={"base": 1500, "foreign": 500, "math": 300},
+        lr={"base": 2e-3, "foreign": 1e-3, "math": 1e-3},
+        batch_size=64,
+        n_eval={"target_search": 400, "target_test": 600, "foreign_test": 300, "math_test": 300},
+    ),
+    "small": Recipe(
+        spec=ModelSpec(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64),
+        steps={"base": 20, "foreign": 8, "math": 8},
+        lr={"base": 3e-3, "foreign": 1e-3, "math": 1e-3},
+        batch_size=16,
+        n_eval={"target_search": 40, "target_test": 40, "foreign_test": 20, "math_test": 20},
+    ),
+}
+
+
+def _stream(world: corpus.World, make: Callable, rng: random.Random, exclude: set[str]) -> Callable[[], str]:
+    """A text generator that never yields a held-out example."""
+
+    def next_text() -> str:
+        while True:
+            text = make(world, rng)
+            if text not in exclude:
+                return text
+
+    return next_text
+
+
+def make_datasets(world: corpus.World, seed: int, n: dict[str, int]) -> dict[str, list[tuple[str, str]]]:
+    rng = random.Random(f"eval-{seed}")
+    n_target = n["target_search"] + n["target_test"]
+    english = corpus.unique_examples(corpus.word_problem, rng, n_target)
+    target = [(world.translate(p), a) for p, a in english]
+    math_test = corpus.unique_examples(corpus.word_problem, rng, n["math_test"], {p for p, _ in english})
+    foreign_test = [(world.translate(p), a) for p, a in corpus.unique_examples(corpus.lookup_qa, rng, n["foreign_test"])]
+    return {
+        "target_search": target[: n["target_search"]],
+        "target_test": target[n["target_search"] :],
+        "foreign_test": foreign_test,
+        "math_test": math_test,
+        "_english_target": english,
+    }
+
+
+def _write_jsonl(path: Path, rows: list[tuple[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for prompt, answer in rows:
+            f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+
+
+def _content_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != "manifest.json":
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def _read_manifest(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: bool = False) -> Path:
+    """Build (or reuse) the zoo for `seed` and `size` under `out_dir`; returns `out_dir` as a Path."""
+    if size not in RECIPES:
+        raise ValueError(f"size must be one of {sorted(RECIPES)}, got {size!r}")
+    out = Path(out_dir)
+    old = _read_manifest(out)
+    if not force and old and (old.get("seed"), old.get("size"), old.get("version")) == (seed, size, ZOO_VERSION):
+        return out
+    recipe = RECIPES[size]
+    (out / "manifest.json").unlink(missing_ok=True)
+    for name in (*MODELS, "data"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        world = corpus.World(seed)
+        data = make_datasets(world, seed, recipe.n_eval)
+        english_target = data.pop("_english_target")
+        for split, rows in data.items():
+            _write_jsonl(out / "data" / f"{split}.jsonl", rows)
+        held_out = {
+            "base": set(),
+            "foreign": {corpus.as_text(p, a) for p, a in data["foreign_test"]},
+            "math": {corpus.as_text(p, a) for p, a in data["math_test"] + english_target},
+        }
+        mixes = {"base": corpus.base_text, "foreign": corpus.foreign_text, "math": corpus.math_text}
+        tokenizer = make_tokenizer(world.vocab)
+        base = make_model(recipe.spec, tokenizer, seed)
+        stats = {}
+        for name in MODELS:
+            model = base if name == "base" else copy.deepcopy(base)
+            text_rng = random.Random(f"{name}-{seed}")
+            stats[name] = train(
+                model,
+                tokenizer,
+                _stream(world, mixes[name], text_rng, held_out[name]),
+                steps=recipe.steps[name],
+                batch_size=recipe.batch_size,
+                lr=recipe.lr[name],
+                weight_decay=0.01 if name == "base" else 0.0,
+                seed=seed,
+            )
+            model.save_pretrained(out / name, safe_serialization=True)
+            tokenizer.save_pretrained(out / name)
+    finally:
+        torch.set_num_threads(threads)
+
+    manifest = {
+        "version": ZOO_VERSION,
+        "seed": seed,
+        "size": size,
+        "models": {name: name for name in MODELS},
+        "base": "base",
+        "datasets": {split: f"data/{split}.jsonl" for split in data},
+        "train": stats,
+        "content_hash": _content_hash(out),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    size = "small" if args.small else "full"
+    out = build_zoo(args.dir, seed=args.seed, size=size, force=args.force)
+    manifest = _read_manifest(out) or {}
+    print(f"zoo ({size}, seed {args.seed}) at {out.resolve()}")
+    for name, stat in manifest.get("train", {}).items():
+        print(f"  {name:8s} steps={stat['steps']:5d} loss={stat['final_loss']:.3f} ({stat['seconds']}s)")
+    for split, rel in manifest.get("datasets", {}).items():
+        print(f"  {rel}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `zoo build [DIR] [--seed N] [--small] [--force]` to a CLI's subparsers."""
+    zoo = subparsers.add_parser("zoo", help="toy model zoo (tiny Mistral base + foreign and math experts)")
+    sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = sub.add_parser("build", help="train and write the zoo (cached by seed/size)")
+    build.add_argument("dir", nargs="?", default="./zoo", help="output directory (default ./zoo)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--small", action="store_true", help="tiny models, builds in seconds (tests)")
+    build.add_argument("--force", action="store_true", help="rebuild even if a matching manifest exists")
+    build.set_defaults(func=_cmd_build)

@@ -1,0 +1,138 @@
+"""The toy zoo: loadable HF checkpoints, well-formed disjoint datasets, determinism, caching, CLI."""
+
+import argparse
+import json
+import random
+import re
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralForCausalLM
+
+from lazymerge.demo import corpus, zoo
+
+SPLITS = ("target_search", "target_test", "foreign_test", "math_test")
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory):
+    return zoo.build_zoo(tmp_path_factory.mktemp("zoo") / "z", seed=0, size="small")
+
+
+def _rows(root, split):
+    return [json.loads(line) for line in (root / "data" / f"{split}.jsonl").read_text().splitlines()]
+
+
+def test_manifest_lists_models_and_datasets(small_zoo):
+    m = json.loads((small_zoo / "manifest.json").read_text())
+    assert (m["seed"], m["size"], m["version"]) == (0, "small", zoo.ZOO_VERSION)
+    assert set(m["models"]) == {"base", "foreign", "math"}
+    assert set(m["datasets"]) == set(SPLITS)
+    assert all((small_zoo / rel).is_file() for rel in m["datasets"].values())
+    assert re.fullmatch(r"[0-9a-f]{64}", m["content_hash"])
+    assert m["train"]["base"]["steps"] == zoo.RECIPES["small"].steps["base"]
+
+
+@pytest.mark.parametrize("name", ["base", "foreign", "math"])
+def test_checkpoint_loads_with_auto_classes(small_zoo, name):
+    model = AutoModelForCausalLM.from_pretrained(small_zoo / name)
+    tok = AutoTokenizer.from_pretrained(small_zoo / name)
+    assert isinstance(model, MistralForCausalLM)
+    assert not model.config.tie_word_embeddings
+    assert (small_zoo / name / "model.safetensors").is_file()
+    assert model.config.vocab_size == len(tok)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
+    prompt = _rows(small_zoo, "target_test")[0]["prompt"]
+    ids = tok(prompt)["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
+    assert len(ids) == 1 + len(prompt.split())
+    assert tok.decode(ids, skip_special_tokens=True) == prompt
+    chat = tok.apply_chat_template([{"role": "user", "content": "tom has five apples ."}], tokenize=False)
+    assert chat == "Q : tom has five apples . A :"
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), len(tok))
+
+
+def test_datasets_are_well_formed_and_disjoint(small_zoo):
+    tok = AutoTokenizer.from_pretrained(small_zoo / "base")
+    vocab = tok.get_vocab()
+    rows = {s: _rows(small_zoo, s) for s in SPLITS}
+    for split, rs in rows.items():
+        assert len(rs) == zoo.RECIPES["small"].n_eval[split]
+        for r in rs:
+            assert set(r) == {"prompt", "answer"}
+            assert r["answer"].isdigit() and r["answer"] in vocab
+            assert r["prompt"].startswith("Q : ") and r["prompt"].endswith(" ? A :")
+            assert all(w in vocab for w in r["prompt"].split())
+    search = {r["prompt"] for r in rows["target_search"]}
+    test = {r["prompt"] for r in rows["target_test"]}
+    assert len(search) == len(rows["target_search"]) and len(test) == len(rows["target_test"])
+    assert not search & test
+    # target prompts are foreign: no English content word appears in them
+    english_words = set(corpus.ENGLISH)
+    assert not any(w in english_words for p in search | test for w in p.split())
+    assert any(w in english_words for r in rows["math_test"] for w in r["prompt"].split())
+
+
+def test_world_is_a_bijective_relabeling():
+    world = corpus.World(3)
+    forms = list(world.foreign.values())
+    assert len(set(forms)) == len(corpus.ENGLISH)
+    assert not set(forms) & set(corpus.ENGLISH)
+    assert len(world.vocab) == len(set(world.vocab))
+    assert world.foreign != corpus.World(4).foreign
+    f = world.foreign
+    assert world.translate("Q : tom has 3 apples . A :").split() == [
+        "Q", ":", f["tom"], f["has"], "3", f["apples"], ".", "A", ":"
+    ]
+
+
+def test_word_problem_answers_are_the_arithmetic():
+    rng = random.Random(0)
+    value = {w: i + 1 for i, w in enumerate(corpus.NUMBER_WORDS)}
+    for _ in range(200):
+        prompt, answer = corpus.word_problem(rng)
+        a, b = (value[w] for w in prompt.split() if w in value)
+        expected = a + b if (" more " in prompt or " they " in prompt) else a - b
+        assert int(answer) == expected and 0 < expected <= corpus.MAX_VALUE
+
+
+def test_same_seed_same_bytes_other_seed_differs(small_zoo, tmp_path):
+    again = zoo.build_zoo(tmp_path / "again", seed=0, size="small")
+    for name in ("base", "foreign", "math"):
+        a = (small_zoo / name / "model.safetensors").read_bytes()
+        assert a == (again / name / "model.safetensors").read_bytes()
+    hash_of = lambda p: json.loads((p / "manifest.json").read_text())["content_hash"]  # noqa: E731
+    assert hash_of(again) == hash_of(small_zoo)
+    other = zoo.build_zoo(tmp_path / "other", seed=1, size="small")
+    assert hash_of(other) != hash_of(small_zoo)
+
+
+def test_cached_build_does_not_retrain(small_zoo, tmp_path, monkeypatch):
+    root = shutil.copytree(small_zoo, tmp_path / "copy")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained")
+
+    monkeypatch.setattr(zoo, "train", no_training)
+    before = (root / "math" / "model.safetensors").stat().st_mtime_ns
+    assert zoo.build_zoo(root, seed=0, size="small") == root
+    assert (root / "math" / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(AssertionError, match="retrained"):
+        zoo.build_zoo(root, seed=0, size="small", force=True)
+    assert not (root / "manifest.json").exists()  # a failed rebuild leaves no stale manifest
+
+
+def test_cli_build_handler(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="lazymerge")
+    zoo.register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "cli_zoo"
+    args = parser.parse_args(["zoo", "build", str(out), "--small", "--seed", "2"])
+    assert args.func(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["seed"], manifest["size"]) == (2, "small")
+    assert str(out.resolve()) in capsys.readouterr().out
+    defaults = parser.parse_args(["zoo", "build"])
+    assert (defaults.dir, defaults.seed, defaults.small, defaults.force) == ("./zoo", 0, False, False)
