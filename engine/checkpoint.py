@@ -1,0 +1,241 @@
+"""Hugging Face checkpoint folders opened memory-mapped: a tensor is read when asked for, never before.
+
+`Source.open(path)` reads `config.json` and the safetensors headers (one `model.safetensors`, or the shards of
+`model.safetensors.index.json`) and nothing else. `Source.get(name)` returns a zero-copy tensor view into the
+memory-mapped file (copy-on-write mapping: the file is never modified). Pickle checkpoints (`*.bin`, `*.pt`) are
+refused. `check_compatible` compares sources with each other (architecture, layer count, tensor names and shapes;
+the vocabulary dimension of embeddings and LM head may differ and is cropped by the planner).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used; the message names the folder and what is wrong."""
+
+
+@dataclass
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+@dataclass
+class _Mapped:
+    path: Path
+    mm: mmap.mmap | None = None
+
+    def buffer(self) -> mmap.mmap:
+        if self.mm is None:
+            with open(self.path, "rb") as f:
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self.mm
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(f"{path}: corrupt safetensors header (length {n})")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    out: dict[str, TensorInfo] = {}
+    base = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(x) for x in info["shape"])
+            s, e = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        if e - s != nbytes or base + e > size or s < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file or has the wrong size")
+        out[name] = TensorInfo(path, dtype, shape, base + s, base + e)
+    return out
+
+
+@dataclass
+class Source:
+    """One checkpoint folder, memory-mapped."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+    fingerprint: str
+    _maps: dict[Path, _Mapped] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Source":
+        path = Path(path).expanduser().resolve()
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a checkpoint folder")
+        cfg_path = path / "config.json"
+        try:
+            config = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no config.json") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: config.json is not valid JSON ({e.msg})") from None
+        archs = config.get("architectures") or []
+        if not archs or archs[0] not in SUPPORTED_ARCHS:
+            raise CheckpointError(f"{path}: architecture {archs[:1] or '(none)'} is not supported; "
+                                  f"supported: {', '.join(SUPPORTED_ARCHS)}")
+        index = path / "model.safetensors.index.json"
+        single = path / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            files = sorted(set(weight_map.values()))
+        elif single.exists():
+            weight_map, files = None, ["model.safetensors"]
+        else:
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            if pickles:
+                raise CheckpointError(f"{path}: pickle checkpoints ({', '.join(pickles)}) are refused; "
+                                      "convert them to safetensors")
+            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        tensors: dict[str, TensorInfo] = {}
+        h = hashlib.sha256()
+        for fname in files:
+            fpath = path / fname
+            if not fpath.exists():
+                raise CheckpointError(f"{path}: shard {fname} named in the index is missing")
+            header = _read_header(fpath)
+            st = fpath.stat()
+            h.update(f"{fname}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode())
+            for name, info in header.items():
+                if weight_map is not None and weight_map.get(name) != fname:
+                    continue
+                tensors[name] = info
+        if weight_map is not None:
+            missing = [n for n in weight_map if n not in tensors]
+            if missing:
+                raise CheckpointError(f"{path}: tensor {missing[0]!r} is in the index but not in its shard")
+        h.update(json.dumps(config, sort_keys=True).encode())
+        src = cls(path, config, tensors, h.hexdigest()[:16])
+        src._check_layout()
+        return src
+
+    # -- facts ------------------------------------------------------------------------------------------------
+    @property
+    def arch(self) -> str:
+        return self.config["architectures"][0]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tensors["model.embed_tokens.weight"].shape[0]
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return "lm_head.weight" not in self.tensors
+
+    def _check_layout(self) -> None:
+        for name in ("model.embed_tokens.weight", "model.norm.weight"):
+            if name not in self.tensors:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        for i in range(self.num_layers):
+            if f"model.layers.{i}.self_attn.q_proj.weight" not in self.tensors:
+                raise CheckpointError(f"{self.path}: layer {i} is missing (config says {self.num_layers} layers)")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
+
+    def get(self, name: str) -> torch.Tensor:
+        """A zero-copy view of tensor `name` in the memory-mapped file (do not write to it)."""
+        try:
+            info = self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}") from None
+        m = self._maps.get(info.file)
+        if m is None:
+            m = self._maps[info.file] = _Mapped(info.file)
+        numel = 1
+        for d in info.shape:
+            numel *= d
+        if numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        t = torch.frombuffer(m.buffer(), dtype=info.dtype, count=numel, offset=info.start)
+        return t.view(info.shape)
+
+    def nbytes(self) -> int:
+        return sum(i.end - i.start for i in self.tensors.values())
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            if m.mm is not None:
+                try:
+                    m.mm.close()
+                except BufferError:
+                    pass  # tensor views still alive; the mapping goes with them
+                m.mm = None
+
+
+def check_compatible(sources: dict[str, Source]) -> None:
+    """Raise CheckpointError naming the source and tensor where `sources` cannot be merged with each other."""
+    items = list(sources.items())
+    if not items:
+        return
+    ref_name, ref = items[0]
+    for name, src in items[1:]:
+        if src.arch != ref.arch:
+            raise CheckpointError(f"source {name!r} is {src.arch}, but {ref_name!r} is {ref.arch}")
+        if src.num_layers != ref.num_layers:
+            raise CheckpointError(f"source {name!r} has {src.num_layers} layers, but {ref_name!r} has {ref.num_layers}")
+        for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            if src.config.get(key) != ref.config.get(key):
+                raise CheckpointError(f"source {name!r}: config {key}={src.config.get(key)} differs from "
+                                      f"{ref_name!r} ({ref.config.get(key)})")
+        for t, info in ref.tensors.items():
+            if t == "lm_head.weight" and src.tied_embeddings:
+                continue
+            other = src.tensors.get(t)
+            if other is None:
+                raise CheckpointError(f"source {name!r}: tensor {t!r} is missing (present in {ref_name!r})")
+            if t in VOCAB_TENSORS:
+                if other.shape[1:] != info.shape[1:]:
+                    raise CheckpointError(f"source {name!r}: tensor {t!r} has shape {list(other.shape)}, "
+                                          f"{ref_name!r} has {list(info.shape)}")
+            elif other.shape != info.shape:
+                raise CheckpointError(f"source {name!r}: tensor {t!r} has shape {list(other.shape)}, "
+                                      f"{ref_name!r} has {list(info.shape)}")
+        extra = [t for t in src.tensors if t not in ref.tensors and t != "lm_head.weight"]
+        if extra:
+            raise CheckpointError(f"source {name!r}: tensor {extra[0]!r} is not in {ref_name!r}")

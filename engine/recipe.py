@@ -1,0 +1,297 @@
+"""The recipe language: mergekit's YAML schema plus this project's layer-path extension, validated on read.
+
+A recipe is validated structurally when it is read (`load_recipe`): unknown method, NaN or infinite values, a
+density outside (0, 1], the wrong number of models for a method, a missing base... raise `RecipeError` naming the
+field. Checks that need the sources (unknown source, a layer range out of bounds) happen in `engine.plan`, still
+before any tensor is read.
+
+mergekit form (see README for the whole language)::
+
+    merge_method: dare_ties          # linear | slerp | task_arithmetic | ties | dare_ties | dare_linear |
+    base_model: base                 # breadcrumbs | breadcrumbs_ties | della | della_linear | passthrough
+    models:                          # or `slices:` with `sources: [{model, layer_range, parameters}]`
+      - model: math
+        parameters: {weight: [0.2, 0.8], density: 0.5}
+    parameters: {normalize: true}
+    dtype: bfloat16
+    tokenizer_source: base
+    random_seed: 0                   # extension: seeds the deterministic DARE / DELLA masks
+
+Layer-path extension (data-flow merging)::
+
+    merge_method: path
+    base_model: a                    # supplies embeddings, final norm and LM head
+    definitions:                     # optional parameter merges whose layers hops may use (PS+DFS)
+      ps: {merge_method: task_arithmetic, base_model: base, models: [...]}
+    path:
+      - {model: a, layer: 0}
+      - {model: b, layer: 3, scale: 0.8}        # the hidden state entering this hop is multiplied by 0.8
+      - {model: ps, layer_range: [4, 8]}        # shorthand for hops 4, 5, 6, 7 (scale applies to each)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .methods import GLOBAL_PARAMS, METHODS, SPARSIFY_PARAMS, TENSOR_PARAMS, Family, Sparsify, get_method
+from .params import all_numbers, check_value
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; the message names the offending field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelEntry(_Frozen):
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SliceSource(_Frozen):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v):
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        return v
+
+
+class Slice(_Frozen):
+    sources: list[SliceSource]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if not self.sources:
+            raise ValueError("a slice needs at least one source")
+        lens = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lens) != 1:
+            raise ValueError(f"all sources of a slice must span the same number of layers, got {sorted(lens)}")
+        return self
+
+
+class Hop(_Frozen):
+    model: str
+    layer: Optional[int] = None
+    layer_range: Optional[tuple[int, int]] = None
+    scale: float = 1.0
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.layer is None) == (self.layer_range is None):
+            raise ValueError("a hop gives exactly one of `layer` or `layer_range`")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"layer {self.layer} is negative")
+        if self.layer_range is not None and not (0 <= self.layer_range[0] < self.layer_range[1]):
+            raise ValueError(f"layer_range {list(self.layer_range)} must be [start, end) with 0 <= start < end")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale {self.scale} is not finite")
+        return self
+
+    def layers(self) -> list[int]:
+        if self.layer is not None:
+            return [self.layer]
+        return list(range(*self.layer_range))
+
+
+class Recipe(_Frozen):
+    merge_method: str
+    base_model: Optional[str] = None
+    models: Optional[list[ModelEntry]] = None
+    slices: Optional[list[Slice]] = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    random_seed: int = 0
+    definitions: Optional[dict[str, "Recipe"]] = None
+    path: Optional[list[Hop]] = None
+
+    @model_validator(mode="after")
+    def _validate(self):
+        _validate_recipe(self)
+        return self
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    @property
+    def method(self):
+        return get_method(self.merge_method)
+
+    def referenced_models(self) -> list[str]:
+        """Every model name the recipe reads, in first-use order (definitions' sources included)."""
+        names: list[str] = []
+
+        def add(n):
+            if n is not None and n not in names:
+                names.append(n)
+
+        if self.definitions:
+            for d in self.definitions.values():
+                for n in d.referenced_models():
+                    add(n)
+        defs = set(self.definitions or {})
+        if self.base_model not in defs:
+            add(self.base_model)
+        for m in self.models or []:
+            add(m.model)
+        for s in self.slices or []:
+            for src in s.sources:
+                add(src.model)
+        for h in self.path or []:
+            if h.model not in defs:
+                add(h.model)
+        if self.tokenizer_source not in (None, "base"):
+            add(self.tokenizer_source)
+        return names
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        """Content hash of the recipe (names of sources included; see plan digests for content identity)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _validate_recipe(r: Recipe) -> None:
+    if r.merge_method not in METHODS:
+        raise ValueError(f"merge_method: unknown method {r.merge_method!r}; known: {', '.join(sorted(METHODS))}")
+    m = r.method
+    if r.dtype is not None and r.dtype not in DTYPES:
+        raise ValueError(f"dtype: {r.dtype!r} is not one of {', '.join(DTYPES)}")
+    if m.family is Family.path:
+        if not r.path:
+            raise ValueError("path: merge_method 'path' needs a non-empty `path` of hops")
+        if r.models or r.slices:
+            raise ValueError("models/slices: a path recipe gives `path`, not `models` or `slices`")
+        if r.base_model is None:
+            raise ValueError("base_model: a path recipe names the model that supplies embeddings and LM head")
+        for name, d in (r.definitions or {}).items():
+            if d.method.family is Family.path:
+                raise ValueError(f"definitions.{name}: a definition is a parameter merge, not another path")
+        return
+    if r.path is not None or r.definitions is not None:
+        raise ValueError("path/definitions: only merge_method 'path' takes `path` and `definitions`")
+    if (r.models is None) == (r.slices is None):
+        raise ValueError("models/slices: give exactly one of `models` or `slices`")
+    if r.models is not None and not r.models:
+        raise ValueError("models: empty list")
+    if m.needs_base and r.base_model is None:
+        raise ValueError(f"base_model: merge_method {m.name!r} needs a base_model")
+
+    # global parameters
+    known_global = set(GLOBAL_PARAMS[m.family]) | set(TENSOR_PARAMS[m.family]) | set(SPARSIFY_PARAMS.get(m.sparsify, {}))
+    _check_params(r.parameters, "parameters", m, known_global)
+    if m.family is Family.slerp and "t" not in r.parameters:
+        raise ValueError("parameters.t: slerp needs `t`")
+
+    # model groups: one group for `models`, one per slice
+    groups: list[tuple[str, list[tuple[str, str, dict]]]] = []
+    if r.models is not None:
+        groups.append(("models", [(f"models[{i}]", e.model, e.parameters) for i, e in enumerate(r.models)]))
+    else:
+        for si, s in enumerate(r.slices):
+            _check_params(s.parameters, f"slices[{si}].parameters", m, known_global)
+            groups.append((f"slices[{si}]", [(f"slices[{si}].sources[{j}]", e.model, e.parameters)
+                                             for j, e in enumerate(s.sources)]))
+    tensor_known = set(TENSOR_PARAMS[m.family]) | set(SPARSIFY_PARAMS.get(m.sparsify, {}))
+    for gname, entries in groups:
+        names = [e[1] for e in entries]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{gname}: a model is listed twice")
+        n_models = len(set(names) | ({r.base_model} if m.needs_base and r.base_model else set()))
+        if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
+            want = m.min_models if m.max_models == m.min_models else f"{m.min_models}..{m.max_models or 'n'}"
+            raise ValueError(f"{gname}: merge_method {m.name!r} takes {want} models (base included), got {n_models}")
+        for where, name, params in entries:
+            _check_params(params, f"{where}.parameters", m, tensor_known)
+        if m.family is Family.task_arithmetic or m.family is Family.linear:
+            for where, name, params in entries:
+                if name == r.base_model and m.family is Family.task_arithmetic:
+                    continue
+                if "weight" not in params and "weight" not in r.parameters and not _slice_has(r, gname, "weight"):
+                    raise ValueError(f"{where}.parameters.weight: required by {m.name!r}")
+
+
+def _slice_has(r: Recipe, gname: str, key: str) -> bool:
+    if not gname.startswith("slices["):
+        return False
+    return key in r.slices[int(gname[7:-1])].parameters
+
+
+def _check_params(params: dict, where: str, m, known: set[str]) -> None:
+    for key, value in params.items():
+        w = f"{where}.{key}"
+        if key == "seed":
+            raise ValueError(f"{w}: the mask seed is the top-level `random_seed`")
+        if key not in known:
+            raise ValueError(f"{w}: unknown parameter for merge_method {m.name!r}; known: {', '.join(sorted(known))}")
+        check_value(value, w)
+        nums = all_numbers(value)
+        if key == "density":
+            for x in nums:
+                if not (0.0 < x <= 1.0):
+                    raise ValueError(f"{w}: density {x} outside (0, 1]")
+        elif key == "gamma":
+            for x in nums:
+                if not (0.0 <= x < 1.0):
+                    raise ValueError(f"{w}: gamma {x} outside [0, 1)")
+        elif key == "epsilon":
+            for x in nums:
+                if not (0.0 <= x < 0.5):
+                    raise ValueError(f"{w}: epsilon {x} outside [0, 0.5)")
+        elif key in ("normalize", "rescale", "int8_mask"):
+            if not isinstance(value, bool):
+                raise ValueError(f"{w}: expected true or false, got {value!r}")
+
+
+def _format_validation_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid recipe: " + "; ".join(lines)
+
+
+def load_recipe(src: str | dict | Path | Recipe) -> Recipe:
+    """Parse and validate a recipe from YAML text, a path to a YAML file, a dict or a Recipe."""
+    if isinstance(src, Recipe):
+        return src
+    if isinstance(src, Path):
+        try:
+            src = src.read_text()
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe file {src}: {e.strerror}") from None
+    if isinstance(src, str):
+        try:
+            data = yaml.safe_load(src)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe is not valid YAML: {e}") from None
+    else:
+        data = src
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a mapping with at least `merge_method`")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_validation_error(e)) from None

@@ -1,0 +1,93 @@
+"""Tiny local checkpoints and tokenizers for tests, benchmarks and smoke runs (no downloads).
+
+`make_family(dir, arch, n_experts)` writes a random base model and `n_experts` "fine-tunes" of it (the base plus
+seeded perturbations of every tensor) as standard Hugging Face folders through transformers' own
+`save_pretrained`, with a word-level tokenizer (and chat template), so that they go through exactly the loading code
+of a user's checkpoints. `shards=True` writes sharded safetensors with an index.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = ("the a one two three four five six seven eight nine ten plus minus is what and of to in cat dog runs sees "
+         "big small red blue green sun moon tree house book water fire stone bird fish road sky rain snow day night "
+         "yes no I you we they hello world answer question").split()
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def make_tokenizer(extra_words: tuple[str, ...] = ()):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + [w for w in list(WORDS) + list(extra_words) + [":", "user",
+                                                                                                      "assistant"]])}
+    vocab.update({str(d): len(vocab) + i for i, d in enumerate(range(10)) if str(d) not in vocab})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str = "mistral", vocab_size: int = 80, hidden: int = 32, layers: int = 3, heads: int = 4,
+                kv_heads: int = 2, intermediate: int = 64, tie: bool = False, dtype: str = "float32"):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"mistral": MistralConfig, "llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+              num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=256,
+              tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = cls(**kw)
+    cfg.dtype = dtype
+    return cfg
+
+
+def make_model(config, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norms so that merging them matters
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def perturb(model, seed: int, scale: float = 0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(scale * torch.randn(p.shape, generator=g) * p.detach().abs().mean().clamp_min(1e-3))
+    return model
+
+
+def save(model, tokenizer, path: Path, dtype: str = "float32", shards: bool = False) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    m = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+    m.config.dtype = dtype
+    m.save_pretrained(path, safe_serialization=True, max_shard_size="20KB" if shards else "50GB")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_family(root: Path, arch: str = "mistral", n_experts: int = 2, seed: int = 0, dtype: str = "float32",
+                shards: bool = False, **cfg_kw) -> dict[str, Path]:
+    """Write base + experts under `root`; returns {"base": path, "e1": path, ...}."""
+    import copy
+
+    tok = make_tokenizer()
+    cfg = tiny_config(arch, vocab_size=len(tok), **cfg_kw)
+    base = make_model(cfg, seed)
+    out = {"base": save(copy.deepcopy(base), tok, Path(root) / "base", dtype, shards)}
+    for i in range(1, n_experts + 1):
+        out[f"e{i}"] = save(perturb(copy.deepcopy(base), seed * 1000 + i), tok, Path(root) / f"e{i}", dtype, shards)
+    return out
