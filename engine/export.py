@@ -1,0 +1,71 @@
+"""Export a recipe as a standalone Hugging Face checkpoint, streaming tensor by tensor.
+
+`export(plan, out_dir)` writes config.json, sharded `model-XXXXX-of-YYYYY.safetensors` with an index (or one
+`model.safetensors` when it fits one shard), and the tokenizer files of the recipe's tokenizer source. At most one
+shard's worth of merged tensors is held in memory at a time, never the whole model. Layer paths whose hops scale the
+hidden state cannot be expressed as a plain checkpoint and are refused (scales of 1 export as layer stacking).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .merger import Merger
+from .plan import ModelPlan
+from .recipe import RecipeError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
+
+
+def export(plan: ModelPlan, out_dir: str | Path, merger: Merger | None = None, shard_bytes: int = 2 << 30,
+           progress=None) -> Path:
+    if any(s != 1.0 for s in plan.layer_scales):
+        raise RecipeError("path: hops with scale != 1 change the residual stream and cannot be written as a plain "
+                          "checkpoint; serve or evaluate this recipe lazily instead")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merger = merger or Merger(plan.sources)
+    dtype = DTYPES[plan.dtype]
+    names = list(plan.tensors)
+    # group tensors into shards by size, in order
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        nb = torch.Size(plan.tensors[n].shape).numel() * dtype.itemsize
+        if shards[-1] and size + nb > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nb
+    weight_map = {}
+    total = 0
+    for si, group in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for n in group:
+            tensors[n] = merger.merge(plan.tensors[n]).to(dtype).contiguous()
+            total += tensors[n].numel() * dtype.itemsize
+            weight_map[n] = fname
+            if progress:
+                progress(n)
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg = dict(plan.config)
+    cfg["tie_word_embeddings"] = "lm_head.weight" not in plan.tensors
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok_dir = plan.sources[plan.tokenizer_source].path
+    for f in TOKENIZER_FILES:
+        if (tok_dir / f).exists():
+            shutil.copy(tok_dir / f, out / f)
+    (out / "lazymerge_recipe.yaml").write_text(plan.recipe.to_yaml())
+    return out

@@ -1,0 +1,78 @@
+"""Where a lazy model's weights come from: the two weight policies.
+
+* `on_the_fly`: every weight is merged when the forward pass reaches it and dropped right after its use; the peak
+  extra memory is about one layer's largest tensor (plus the merge's temporaries).
+* `cached`: merged weights are kept in an LRU cache under a byte budget shared by every recipe of the engine, keyed by
+  the tensor plan's *content* (source fingerprints, method, every number), never by a recipe's name; a hot recipe
+  runs at the speed of a plain model, a cold one costs no memory.
+
+Either way an identity tensor (a layer taken as is from one source, in the compute dtype) is the source's own
+memory-mapped view: no copy, no cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .merger import LRU, Merger, _nbytes
+from .plan import TensorPlan
+
+POLICIES = ("on_the_fly", "cached")
+
+
+class WeightProvider:
+    def __init__(self, merger: Merger, policy: str = "cached", cache_bytes: int = 1 << 30,
+                 dtype: torch.dtype = torch.float32):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown weight policy {policy!r}; known: {', '.join(POLICIES)}")
+        self.merger = merger
+        self.policy = policy
+        self.dtype = dtype
+        self.cache = LRU(cache_bytes if policy == "cached" else 0, _nbytes)
+        self.merges = 0  # merged tensors computed (cache misses and on-the-fly merges)
+
+    @property
+    def device(self) -> torch.device:
+        return self.merger.store.device
+
+    def _identity(self, plan: TensorPlan) -> torch.Tensor | None:
+        if plan.is_identity():
+            t = self.merger.store.get(plan.inputs[0])
+            if t.dtype == self.dtype:
+                return t
+        return None
+
+    def weight(self, plan: TensorPlan) -> torch.Tensor:
+        """The merged tensor of `plan` in the compute dtype (cached or transient, per the policy)."""
+        t = self._identity(plan)
+        if t is not None:
+            return t
+        key = (plan.key, self.dtype)
+        if self.policy == "cached":
+            t = self.cache.get(key)
+            if t is not None:
+                return t
+        self.merges += 1
+        t = self.merger.merge(plan)
+        if t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        if self.policy == "cached":
+            self.cache.put(key, t)
+        return t
+
+    def rows(self, plan: TensorPlan, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape) of the merged tensor: embedding lookups merge only the rows they need."""
+        t = self._identity(plan)
+        if t is None and self.policy == "cached":
+            t = self.weight(plan)
+        if t is not None:
+            return torch.nn.functional.embedding(ids, t)
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        self.merges += 1
+        part = self.merger.merge(plan, rows=uniq).to(self.dtype)
+        return part[inverse]
+
+    def stats(self) -> dict:
+        c = self.cache
+        return {"policy": self.policy, "cache_bytes": c.bytes, "cache_budget": c.budget, "cache_entries": len(c.data),
+                "cache_hits": c.hits, "cache_misses": c.misses, "merges": self.merges}
