@@ -1,0 +1,51 @@
+"""A merged linear layer's forward: pick the fused merge-matmul or merge-into-buffer + matmul by token count.
+
+    merged_linear(x, base, sources, spec, aux=None, bias=None, out_buffer=None) -> y = x @ merge(...).T (+ bias)
+
+x: (..., K); base, sources[i], aux[i]: (N, K); y: (..., N) in x's dtype, the merged weight rounded to x's dtype
+(`merge_matmul.merge_matmul_reference` is the oracle of both paths).
+
+* M (tokens) <= FUSED_MAX_TOKENS, on the Triton backend: `merge_matmul_triton`; the weights are streamed once and
+  the merged tile lives only in registers (decode: time = reading the n + 1 weights).
+* otherwise: `merge.merge` writes the merged weight in x's dtype into `out_buffer` (an (N, K) tensor reused across
+  layers of one shape; allocated if None), then one cuBLAS matmul (prefill: the merge is amortized over M rows).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+from .merge import MergeSpec, merge
+from .merge_matmul import merge_matmul_reference, merge_matmul_triton
+
+# Crossover token count between the two paths. It should come from GPU measurements (kernels/bench_kernels.py:
+# the "layer" rows, fused vs buffer at each M); none were available when this was written, so 16 is a reasoned
+# default: the fused kernel pads M to BLOCK_M = 16, so up to 16 tokens cost the same weight traffic as one, while
+# beyond that each extra 16-row tile re-merges the weights and the buffer path (one merge pass + tensor-core GEMM)
+# wins as soon as the GEMM, not the weight read, dominates.
+FUSED_MAX_TOKENS = 16
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    """True when `merged_linear` takes the fused path for this input."""
+    m = x.numel() // max(x.shape[-1], 1)
+    return m <= FUSED_MAX_TOKENS and dispatch.use_triton(x)
+
+
+def merged_linear(x: torch.Tensor, base: torch.Tensor | None, sources: list[torch.Tensor], spec: MergeSpec,
+                  aux: list[torch.Tensor] | None = None, bias: torch.Tensor | None = None,
+                  out_buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ merge(base, sources; spec).T (+ bias), by the cheaper path for x's token count."""
+    if use_fused(x):
+        return merge_matmul_triton(x, base, sources, spec, aux=aux, bias=bias)
+    if not dispatch.use_triton(x):
+        return merge_matmul_reference(x, base, sources, spec, aux=aux, bias=bias)
+    shape = sources[0].shape  # (N, K)
+    if out_buffer is None or out_buffer.dtype != x.dtype or out_buffer.shape != shape:
+        out_buffer = torch.empty(shape, dtype=x.dtype, device=x.device)
+    w = merge(base, sources, spec, aux=aux, out=out_buffer)  # (N, K) in x's dtype, one pass
+    if x.dtype == torch.float32:
+        return F.linear(x, w, bias)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
