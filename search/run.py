@@ -1,0 +1,203 @@
+"""The search loop: CMA-ES (the `cma` package) over a space's genomes, candidates evaluated by a worker pool.
+
+`run_search(config, out_dir)` -> `SearchResult`. The run directory holds the run's records only:
+
+    best.yaml        the best recipe so far (mergekit-compatible YAML), rewritten on each improvement
+    history.jsonl    one line per evaluated candidate: eval, generation, index, fitness, scores, genome, recipe, timings
+    optimizer.pkl    the optimizer's checkpoint (CMA-ES state + numpy RNG state), rewritten after each generation
+    (at the end)     summary.json, fitness.png, and params.png (PS) or path.png (DFS)
+
+Nothing is written per candidate but its history line: candidate weights exist only inside the engine.
+
+Defaults follow the paper: genomes in [0, 1] coordinates, x0 = 0.5, sigma0 = 1/6, population 4 + floor(3 ln n) (the
+library's default), bounds by the library's own boundary handler (`bounds: [0, 1]`); the genome recorded is the one
+`ask()` returned, i.e. the one evaluated. The budget is rounded up to whole generations.
+
+Resume: running again with the same config and run directory loads the checkpoint (the state before the generation
+in progress), asks the same population again, reuses the recorded fitness of candidates already in history.jsonl and
+evaluates the others: with the same seed the records equal those of an uninterrupted run (timings aside).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import SearchConfig, SearchConfigError, load_config
+from .spaces import build_space
+
+CHECKPOINT = "optimizer.pkl"
+HISTORY = "history.jsonl"
+BEST = "best.yaml"
+
+
+@dataclass
+class SearchResult:
+    out_dir: Path
+    best_recipe: dict
+    best_fitness: float
+    best_scores: dict[str, float]
+    best_genome: list[float]
+    evaluations: int
+    generations: int
+    history: list[dict] = field(repr=False)
+    summary: list[dict] | None = field(default=None, repr=False)  # rows: model, split, task scores
+
+
+def source_layers(cfg: SearchConfig) -> tuple[dict[str, int], dict | None]:
+    """Layer counts of every model the space names (reads headers and configs only) and the ps+dfs recipe."""
+    from lazymerge.engine import SourceSet, compile_plan, load_recipe
+
+    S = SourceSet.open(cfg.source_paths())
+    layers = {n: S[n].num_layers for n in S.sources}
+    ps = None
+    if cfg.space.kind == "ps+dfs":
+        r = cfg.space.ps_recipe
+        ps = load_recipe(cfg.path(r) if isinstance(r, str) else r).to_dict()
+        layers["ps"] = compile_plan(ps, S).num_layers
+    return layers, ps
+
+
+def make_space(cfg: SearchConfig):
+    layers, ps = source_layers(cfg)
+    return build_space(cfg.space, cfg.base_model, layers, ps)
+
+
+def cma_options(cfg: SearchConfig, dim: int) -> dict:
+    opts = {"bounds": [0.0, 1.0], "seed": cfg.budget.seed % (2**31 - 2) + 1,  # cma: seed 0 means "from the clock"
+            "verbose": -9, "verb_log": 0, "verb_disp": 0, "maxiter": math.inf, "maxfevals": math.inf}
+    if cfg.cma.popsize is not None:
+        opts["popsize"] = cfg.cma.popsize
+    opts.update(cfg.cma.options)
+    return opts
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _read_history(path: Path) -> list[dict]:
+    """Complete lines of history.jsonl; a line cut by a kill is dropped (and truncated from the file)."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    keep = raw[: raw.rfind(b"\n") + 1]
+    if len(keep) != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+    return [json.loads(line) for line in keep.decode().splitlines() if line.strip()]
+
+
+def _write_best(path: Path, rec: dict) -> None:
+    from lazymerge.engine import load_recipe
+
+    head = f"# lazymerge search: fitness {rec['fitness']:.6g} (evaluation {rec['eval']}, generation {rec['generation']})\n"
+    _atomic_write(path, (head + load_recipe(rec["recipe"]).to_yaml()).encode())
+
+
+def run_search(config, out_dir, workers: int | None = None, quiet: bool = False, summary: bool = True,
+               plots: bool = True) -> SearchResult:
+    """Run (or resume) the search of `config` (a path, YAML text, dict or SearchConfig) in `out_dir`."""
+    import cma
+
+    from lazymerge.engine import compile_plan, SourceSet
+
+    from .evaluate import make_pool
+    from .report import Progress
+
+    cfg = load_config(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    space = make_space(cfg)
+    x0 = [cfg.cma.x0] * space.dim
+    compile_plan(space.to_recipe(np.asarray(x0)), SourceSet.open(cfg.source_paths()))  # recipe errors fail now
+    opts = cma_options(cfg, space.dim)
+    ck, hist_path = out / CHECKPOINT, out / HISTORY
+
+    if ck.exists():
+        with open(ck, "rb") as f:
+            state = pickle.load(f)
+        if state["digest"] != cfg.digest():
+            raise SearchConfigError(f"out: {out} holds a run of a different config; use another run directory")
+        es, gen = state["es"], state["generation"]
+        np.random.set_state(state["np_random"])
+        history = _read_history(hist_path)
+    else:
+        es = cma.CMAEvolutionStrategy(x0, cfg.cma.sigma0, opts)
+        gen = 0
+        history = []
+        hist_path.write_bytes(b"")
+        _atomic_write(ck, pickle.dumps({"es": es, "generation": 0, "np_random": np.random.get_state(),
+                                        "digest": cfg.digest()}))
+    popsize = es.popsize
+    max_gens = cfg.budget.generations or math.ceil(cfg.budget.evaluations / popsize)
+    if cfg.budget.generations and cfg.budget.evaluations:
+        max_gens = min(max_gens, math.ceil(cfg.budget.evaluations / popsize))
+    done = {(h["generation"], h["index"]): h for h in history}
+    best = max(history, key=lambda h: h["fitness"], default=None)  # first of equals: max keeps the first
+    progress = Progress(max_gens * popsize, max_gens, quiet=quiet)
+    progress.update(gen, history)
+
+    pool = make_pool(cfg, workers) if gen < max_gens else None
+    try:
+        with open(hist_path, "a", encoding="utf-8") as hf:
+            while gen < max_gens:
+                X = es.ask()
+                recipes = [space.to_recipe(x) for x in X]
+                fits: list[float | None] = [None] * len(X)
+                todo = []
+                for k, x in enumerate(X):
+                    h = done.get((gen, k))
+                    if h is not None:
+                        if not np.allclose(h["genome"], x, rtol=0, atol=1e-12):
+                            raise SearchConfigError(f"{hist_path}: recorded candidate {gen}/{k} differs from the "
+                                                    "checkpoint's; the run directory is inconsistent")
+                        fits[k] = h["fitness"]
+                    else:
+                        todo.append(k)
+                for k, res in zip(todo, pool.map([recipes[k] for k in todo])):
+                    rec = {"eval": gen * popsize + k, "generation": gen, "index": k, "fitness": res.fitness,
+                           "scores": res.scores, "genome": [float(v) for v in X[k]], "recipe": recipes[k],
+                           "wall_s": round(res.merge_s + res.eval_s, 4), "merge_s": round(res.merge_s, 4),
+                           "eval_s": round(res.eval_s, 4), "time": time.time()}
+                    hf.write(json.dumps(rec) + "\n")
+                    hf.flush()
+                    history.append(rec)
+                    done[(gen, k)] = rec
+                    fits[k] = res.fitness
+                    if best is None or rec["fitness"] > best["fitness"] or (
+                            rec["fitness"] == best["fitness"] and rec["eval"] < best["eval"]):
+                        best = rec
+                        _write_best(out / BEST, best)
+                    progress.update(gen, history)
+                es.tell(X, [-f for f in fits])  # cma minimizes
+                gen += 1
+                _atomic_write(ck, pickle.dumps({"es": es, "generation": gen, "np_random": np.random.get_state(),
+                                                "digest": cfg.digest()}))
+                progress.update(gen, history)
+    finally:
+        if pool is not None:
+            pool.close()
+    progress.close()
+    history.sort(key=lambda h: h["eval"])
+    best = max(history, key=lambda h: h["fitness"])  # first of equals, in evaluation order
+    _write_best(out / BEST, best)  # also repairs a best.yaml a kill left one improvement behind
+    result = SearchResult(out, best["recipe"], best["fitness"], best["scores"], best["genome"], len(history), gen,
+                          history)
+    if summary:
+        from .report import summarize, write_plots
+
+        result.summary = summarize(cfg, best["recipe"], out, quiet=quiet)
+        if plots:
+            write_plots(space, history, out)
+    return result
