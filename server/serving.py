@@ -1,0 +1,534 @@
+"""The serving layer: everything the HTTP routes do, without HTTP (this module does not import FastAPI).
+
+`MergeServing(config)` owns the engine (sources opened once, `allow_open=False`), the recipe registry, the
+batching scheduler (one worker thread, see `scheduler`), the vote store and the metrics. Its request methods take
+`protocol` models and return `protocol` models, or, for `stream: true`, an async iterator of server-sent-event
+lines; they raise `ServingError` for a request they refuse. Everything a request must be refused for (unknown
+model, caps, a full queue) is checked before a stream starts, so that a refused stream is still a plain error
+response with the right status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from . import protocol as P
+from .errors import ServingError, bad_request
+from .metrics import Gauge, Metrics
+from .registry import RecipeRegistry, parse_recipe
+from .scheduler import Job, QueueFull, Scheduler, Sink
+from .votes import VoteStore
+
+
+@dataclass
+class ServerConfig:
+    sources: dict[str, str]  # name -> checkpoint folder
+    recipes: dict[str, str | dict] = field(default_factory=dict)  # registered at start
+    api_key: str | None = None
+    cache_mb: float = 1024.0  # merged-weight cache budget (0: merge on the fly)
+    device: str = "cpu"
+    db_path: str | None = None  # votes database (None: in memory)
+    max_tokens: int = 512  # cap on max_tokens per request
+    max_prompt_tokens: int = 2048
+    max_batch_size: int = 32  # rows per forward pass, and per request (prompts x n)
+    max_body_bytes: int = 1 << 20
+    max_recipes: int = 64
+    max_queue: int = 256  # rows waiting for a batch; beyond: 429
+    max_logprobs: int = 20
+    default_chat_max_tokens: int = 128
+    batch_window_s: float = 0.002  # an idle worker waits this long for simultaneous requests to batch
+    num_threads: int | None = None  # torch intra-op threads (None: torch's default)
+
+
+@dataclass
+class RowOutput:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+
+
+def _sse(obj) -> str:
+    data = obj if isinstance(obj, str) else obj.model_dump_json(exclude_none=False) if hasattr(obj, "model_dump_json") \
+        else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+def _echo(tok, prompt: list[int], gen: list[int]) -> str:
+    """The prompt's text as it reads before the generated text (with the separator the tokenizer puts between)."""
+    ptext = tok.decode(prompt, skip_special_tokens=True)
+    if not gen:
+        return ptext
+    full, first = tok.decode(prompt + gen[:1], skip_special_tokens=True), tok.decode(gen[:1], skip_special_tokens=True)
+    if full.startswith(ptext) and full.endswith(first) and len(full) - len(first) >= len(ptext):
+        return full[:len(full) - len(first)]
+    return ptext
+
+
+def _stops(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stops) > 16:
+        raise bad_request("at most 16 stop sequences", param="stop")
+    return stops
+
+
+class MergeServing:
+    def __init__(self, config: ServerConfig, engine=None):
+        from lazymerge.engine import Engine
+
+        self.config = config
+        policy = "cached" if config.cache_mb > 0 else "on_the_fly"
+        self.engine = engine or Engine(config.sources, policy=policy, cache_bytes=int(config.cache_mb * (1 << 20)),
+                                       allow_open=False, device=config.device)
+        self.metrics = Metrics()
+        self.registry = RecipeRegistry(self.engine, config.max_recipes)
+        for name, rec in config.recipes.items():
+            self.registry.register(name, rec)
+        self.scheduler = Scheduler(self.metrics, self.engine.provider.cache, max_batch_rows=config.max_batch_size,
+                                   max_queued_rows=config.max_queue, batch_window_s=config.batch_window_s)
+        self.votes = VoteStore(config.db_path)
+        self._inline: OrderedDict[str, object] = OrderedDict()  # inline recipe text -> LazyModel
+        from .arena import Arena
+
+        self.arena = Arena(self)
+
+    def start(self) -> None:
+        if self.config.num_threads:
+            import torch
+
+            torch.set_num_threads(self.config.num_threads)
+        self.scheduler.start()
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.votes.close()
+
+    # -- models and recipes ------------------------------------------------------------------------------------
+    def list_models(self) -> P.ModelList:
+        return P.ModelList(data=[self._card(e) for e in self.registry.entries()])
+
+    def get_model(self, name: str) -> P.ModelCard:
+        return self._card(self.registry.get(name))
+
+    @staticmethod
+    def _card(e) -> P.ModelCard:
+        return P.ModelCard(id=e.name, created=e.created, kind=e.kind, digest=e.digest)
+
+    @staticmethod
+    def _info(e) -> P.RecipeInfo:
+        return P.RecipeInfo(id=e.name, created=e.created, kind=e.kind, digest=e.digest,
+                            num_layers=e.model.plan.num_layers, recipe=e.recipe)
+
+    async def register_recipe(self, req: P.RecipeRegisterRequest) -> tuple[P.RecipeInfo, bool]:
+        from lazymerge.engine import RecipeError
+
+        try:
+            entry, created = await asyncio.to_thread(self.registry.register, req.name, req.recipe)
+        except RecipeError as e:
+            raise ServingError(422, str(e), param="recipe", code="invalid_recipe") from None
+        return self._info(entry), created
+
+    def list_recipes(self) -> P.RecipeList:
+        return P.RecipeList(data=[self._info(e) for e in self.registry.entries()])
+
+    def get_recipe(self, name: str) -> P.RecipeInfo:
+        return self._info(self.registry.get(name))
+
+    def delete_recipe(self, name: str) -> P.DeletedResponse:
+        self.registry.delete(name)
+        return P.DeletedResponse(id=name)
+
+    async def resolve(self, name: str, inline) -> tuple[str, object]:
+        """(metrics label, LazyModel) of a request's `model` / inline `recipe`."""
+        from lazymerge.engine import RecipeError
+
+        if inline is None:
+            e = self.registry.get(name)
+            return e.name, e.model
+        key = inline if isinstance(inline, str) else json.dumps(inline, sort_keys=True)
+        model = self._inline.get(key)
+        if model is None:
+            try:
+                _, model = await asyncio.to_thread(parse_recipe, self.engine, inline)
+            except RecipeError as e:
+                raise ServingError(422, str(e), param="recipe", code="invalid_recipe") from None
+            self._inline[key] = model
+            while len(self._inline) > 32:
+                self._inline.popitem(last=False)
+        return "inline", model
+
+    # -- validation --------------------------------------------------------------------------------------------
+    def check_prompt(self, model, ids: list[int], param: str = "prompt") -> list[int]:
+        if not ids:
+            raise bad_request("the prompt is empty (no tokens)", param=param)
+        if len(ids) > self.config.max_prompt_tokens:
+            raise bad_request(f"the prompt has {len(ids)} tokens; this server's limit is "
+                              f"{self.config.max_prompt_tokens}", param=param, code="context_length_exceeded")
+        vocab = model.module.config.vocab_size
+        if any(not (0 <= t < vocab) for t in ids):
+            raise bad_request(f"token ids must be in [0, {vocab})", param=param)
+        return ids
+
+    def sampling(self, max_tokens: int, temperature: float, top_p: float, seed, stop, rows: int) -> list:
+        from lazymerge.engine import SamplingParams
+
+        if max_tokens > self.config.max_tokens:
+            raise bad_request(f"max_tokens {max_tokens} exceeds this server's limit of {self.config.max_tokens}",
+                              param="max_tokens")
+        if rows > self.config.max_batch_size:
+            raise bad_request(f"this request asks for {rows} sequences (prompts x n); the limit is "
+                              f"{self.config.max_batch_size}", param="n")
+        stops = _stops(stop)
+        return [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                               seed=None if seed is None else seed + i, stop=stops) for i in range(rows)]
+
+    @staticmethod
+    def _unsupported(req) -> None:
+        if getattr(req, "best_of", None) not in (None, req.n):
+            raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
+        if req.frequency_penalty or req.presence_penalty:
+            raise bad_request("frequency_penalty and presence_penalty are not supported", param="frequency_penalty")
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported", param="logit_bias")
+        if getattr(req, "suffix", None):
+            raise bad_request("suffix is not supported", param="suffix")
+
+    # -- running jobs ------------------------------------------------------------------------------------------
+    def submit(self, job: Job, sink: Sink | None = None) -> Job:
+        job.sink = sink or Sink()
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as e:
+            raise ServingError(429, str(e), code="queue_full") from None
+        return job
+
+    async def events(self, job: Job) -> AsyncIterator[tuple[str, object]]:
+        """The job's events until its end; an error event is raised. Leaving early cancels the job."""
+        finished = False
+        try:
+            while True:
+                _, kind, value = await job.sink.queue.get()
+                if kind == "error":
+                    finished = True
+                    raise value if isinstance(value, ServingError) else \
+                        ServingError(500, f"internal error: {type(value).__name__}: {value}")
+                if kind == "end":
+                    finished = True
+                    return
+                yield kind, value
+        finally:
+            if not finished:
+                job.cancelled = True
+
+    async def collect(self, job: Job, t0: float) -> tuple[list[RowOutput], float | None]:
+        """Run a generate job to its end -> (row outputs, seconds to the first token)."""
+        out = [RowOutput() for _ in job.prompts]
+        ttft = None
+        async for kind, value in self.events(job):
+            if kind != "deltas":
+                continue
+            for row, d in value:
+                if ttft is None and d.token_ids:
+                    ttft = time.perf_counter() - t0
+                o = out[row]
+                o.text += d.text
+                o.token_ids += d.token_ids
+                if d.finish_reason:
+                    o.finish_reason = d.finish_reason
+        return out, ttft
+
+    async def score(self, label: str, model, seqs: list[list[int]], top_k: int) -> list:
+        job = self.submit(Job("score", label, model, seqs, top_k=top_k))
+        async for kind, value in self.events(job):
+            if kind == "scores":
+                return value
+        raise ServingError(500, "scoring produced no result")
+
+    def record(self, label: str, endpoint: str, t0: float, ttft, prompt_tokens: int, gen_tokens: int) -> None:
+        m = self.metrics
+        m.requests.inc(label, endpoint, "ok")
+        m.latency.observe(label, endpoint, value=time.perf_counter() - t0)
+        if ttft is not None:
+            m.ttft.observe(label, value=ttft)
+        m.prompt_tokens.inc(label, by=prompt_tokens)
+        m.generation_tokens.inc(label, by=gen_tokens)
+
+    # -- logprobs ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _top(tok, d: dict | None, k: int) -> list[tuple[str, float]] | None:
+        if d is None or k <= 0:
+            return None
+        best = sorted(d.items(), key=lambda kv: -kv[1])[:k]
+        return [(tok.decode([t]), lp) for t, lp in best]
+
+    def completion_logprobs(self, model, seq: list[int], scores, start: int, k: int, base: int) -> P.CompletionLogprobs:
+        tok = model.tokenizer
+        part = seq[start:]
+        tokens = tok.batch_decode([[t] for t in part])
+        prefix = tok.batch_decode([part[:i + 1] for i in range(len(part))], skip_special_tokens=True)
+        single = tok.batch_decode([[t] for t in part], skip_special_tokens=True)
+        offsets = [base + max(0, len(pf) - len(s)) for pf, s in zip(prefix, single)]
+        tops = [self._top(tok, d, k) for d in scores.top[start:]]
+        return P.CompletionLogprobs(text_offset=offsets, token_logprobs=scores.logprobs[start:], tokens=tokens,
+                                    top_logprobs=[None if t is None else dict(t) for t in tops])
+
+    def chat_logprobs(self, model, scores, start: int, k: int) -> P.ChoiceLogprobs:
+        tok = model.tokenizer
+        content = []
+        for t, lp, d in zip(scores.token_ids[start:], scores.logprobs[start:], scores.top[start:]):
+            s = tok.decode([t])
+            tops = [P.TopLogprob(token=x, bytes=list(x.encode()), logprob=v) for x, v in self._top(tok, d, k) or []]
+            content.append(P.TokenLogprob(token=s, bytes=list(s.encode()), logprob=lp, top_logprobs=tops))
+        return P.ChoiceLogprobs(content=content)
+
+    # -- completions -------------------------------------------------------------------------------------------
+    def _completion_prompts(self, model, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            items: list = [prompt]
+        elif prompt and all(isinstance(x, int) for x in prompt):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise bad_request("prompt is an empty list", param="prompt")
+        return [self.check_prompt(model, model.encode(p) if isinstance(p, str) else list(p)) for p in items]
+
+    async def create_completion(self, req: P.CompletionRequest):
+        self._unsupported(req)
+        if req.logprobs is not None and req.logprobs > self.config.max_logprobs:
+            raise bad_request(f"logprobs must be <= {self.config.max_logprobs}", param="logprobs")
+        if req.stream and req.logprobs is not None:
+            raise bad_request("logprobs with stream is not supported; use stream: false", param="logprobs")
+        label, model = await self.resolve(req.model, req.recipe)
+        prompts = self._completion_prompts(model, req.prompt)
+        rows = [p for p in prompts for _ in range(req.n)]
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        params = self.sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(rows))
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        t0 = time.perf_counter()
+        job = self.submit(Job("generate", label, model, rows, params=params)) if max_tokens > 0 else None
+        tok = model.tokenizer
+        if req.stream:
+            return self._stream_completion(req, rid, label, model, rows, job, t0)
+        if job is not None:
+            outs, ttft = await self.collect(job, t0)
+        else:
+            outs, ttft = [RowOutput() for _ in rows], None
+        choices = [P.CompletionChoice(index=i, text=_echo(tok, p, o.token_ids) + o.text if req.echo else o.text,
+                                      finish_reason=o.finish_reason) for i, (p, o) in enumerate(zip(rows, outs))]
+        if req.logprobs is not None:
+            seqs = [p + o.token_ids for p, o in zip(rows, outs)]
+            scores = await self.score(label, model, seqs, req.logprobs)
+            for c, p, s in zip(choices, rows, scores):
+                start = 0 if req.echo else len(p)
+                base = 0 if req.echo else len(tok.decode(p, skip_special_tokens=True))
+                c.logprobs = self.completion_logprobs(model, s.token_ids, s, start, req.logprobs, base)
+        n_prompt, n_gen = sum(len(p) for p in rows), sum(len(o.token_ids) for o in outs)
+        self.record(label, "completions", t0, ttft, n_prompt, n_gen)
+        return P.CompletionResponse(id=rid, model=req.model, choices=choices, system_fingerprint=model.digest,
+                                    usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
+                                                  total_tokens=n_prompt + n_gen))
+
+    async def _stream_completion(self, req, rid, label, model, rows, job, t0) -> AsyncIterator[str]:
+        tok = model.tokenizer
+        created = int(time.time())
+
+        def chunk(i, text, reason=None):
+            return P.CompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=model.digest,
+                                        choices=[P.CompletionChoice(index=i, text=text, finish_reason=reason)])
+
+        ttft, n_gen = None, 0
+        try:
+            if req.echo:
+                for i, p in enumerate(rows):
+                    yield _sse(chunk(i, tok.decode(p, skip_special_tokens=True)))
+            if job is None:
+                for i in range(len(rows)):
+                    yield _sse(chunk(i, "", "length"))
+            else:
+                async for kind, value in self.events(job):
+                    if kind != "deltas":
+                        continue
+                    for row, d in value:
+                        n_gen += len(d.token_ids)
+                        if ttft is None and d.token_ids:
+                            ttft = time.perf_counter() - t0
+                        if d.text or d.finish_reason:
+                            yield _sse(chunk(row, d.text, d.finish_reason))
+            n_prompt = sum(len(p) for p in rows)
+            if req.stream_options and req.stream_options.include_usage:
+                yield _sse(P.CompletionResponse(id=rid, created=created, model=req.model, choices=[],
+                                                usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
+                                                              total_tokens=n_prompt + n_gen)))
+            self.record(label, "completions", t0, ttft, n_prompt, n_gen)
+        except ServingError as e:
+            self.metrics.requests.inc(label, "completions", "error")
+            yield _sse(json.dumps(e.body()))
+        yield _sse("[DONE]")
+
+    # -- chat --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _messages(req: P.ChatCompletionRequest) -> list[dict]:
+        out = []
+        for i, m in enumerate(req.messages):
+            c = m.content
+            if isinstance(c, list):
+                parts = []
+                for part in c:
+                    if part.get("type") != "text":
+                        raise bad_request("only text content parts are supported", param=f"messages[{i}].content")
+                    parts.append(str(part.get("text", "")))
+                c = "".join(parts)
+            out.append({"role": m.role, "content": c or ""})
+        return out
+
+    async def create_chat_completion(self, req: P.ChatCompletionRequest):
+        self._unsupported(req)
+        k = req.top_logprobs or 0
+        if req.stream and req.logprobs:
+            raise bad_request("logprobs with stream is not supported; use stream: false", param="logprobs")
+        label, model = await self.resolve(req.model, req.recipe)
+        try:
+            ids = model.chat_prompt(self._messages(req))
+        except ServingError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a template that rejects these messages
+            raise bad_request(f"cannot apply the chat template: {e}", param="messages") from None
+        self.check_prompt(model, ids, param="messages")
+        rows = [ids] * req.n
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = min(self.config.default_chat_max_tokens, self.config.max_tokens)
+        params = self.sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(rows))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        t0 = time.perf_counter()
+        job = self.submit(Job("generate", label, model, rows, params=params)) if max_tokens > 0 else None
+        if req.stream:
+            return self._stream_chat(req, rid, label, model, rows, job, t0)
+        outs, ttft = await self.collect(job, t0) if job is not None else ([RowOutput() for _ in rows], None)
+        choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=o.text), finish_reason=o.finish_reason)
+                   for i, o in enumerate(outs)]
+        if req.logprobs:
+            scores = await self.score(label, model, [ids + o.token_ids for o in outs], k)
+            for c, s in zip(choices, scores):
+                c.logprobs = self.chat_logprobs(model, s, len(ids), k)
+        n_prompt, n_gen = len(ids) * len(rows), sum(len(o.token_ids) for o in outs)
+        self.record(label, "chat", t0, ttft, n_prompt, n_gen)
+        return P.ChatCompletionResponse(id=rid, model=req.model, choices=choices, system_fingerprint=model.digest,
+                                        usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
+                                                      total_tokens=n_prompt + n_gen))
+
+    async def _stream_chat(self, req, rid, label, model, rows, job, t0) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(i, delta, reason=None):
+            return P.ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=model.digest,
+                                         choices=[P.ChatStreamChoice(index=i, delta=delta, finish_reason=reason)])
+
+        ttft, n_gen = None, 0
+        try:
+            for i in range(len(rows)):
+                yield _sse(chunk(i, P.DeltaMessage(role="assistant", content="")))
+            if job is None:
+                for i in range(len(rows)):
+                    yield _sse(chunk(i, P.DeltaMessage(), "length"))
+            else:
+                async for kind, value in self.events(job):
+                    if kind != "deltas":
+                        continue
+                    for row, d in value:
+                        n_gen += len(d.token_ids)
+                        if ttft is None and d.token_ids:
+                            ttft = time.perf_counter() - t0
+                        if d.text or d.finish_reason:
+                            delta = P.DeltaMessage(content=d.text) if d.text else P.DeltaMessage()
+                            yield _sse(chunk(row, delta, d.finish_reason))
+            n_prompt = sum(len(p) for p in rows)
+            if req.stream_options and req.stream_options.include_usage:
+                yield _sse(P.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
+                                                 usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
+                                                               total_tokens=n_prompt + n_gen)))
+            self.record(label, "chat", t0, ttft, n_prompt, n_gen)
+        except ServingError as e:
+            self.metrics.requests.inc(label, "chat", "error")
+            yield _sse(json.dumps(e.body()))
+        yield _sse("[DONE]")
+
+    # -- compare -----------------------------------------------------------------------------------------------
+    async def _resolve_spec(self, spec) -> tuple[str, object]:
+        if isinstance(spec, str) and "\n" not in spec and ":" not in spec:
+            e = self.registry.get(spec)
+            return e.name, e.model
+        _, model = await self.resolve("inline", spec)
+        return f"inline-{model.digest}", model
+
+    async def compare(self, req: P.CompareRequest) -> P.CompareResponse:
+        from lazymerge.engine.score import encode_pair
+
+        if req.references is not None and len(req.references) != len(req.prompts):
+            raise bad_request(f"references has {len(req.references)} items for {len(req.prompts)} prompts",
+                              param="references")
+        resolved = [await self._resolve_spec(s) for s in req.recipes]
+        runs = []
+        for label, model in resolved:
+            ids = [self.check_prompt(model, model.encode(p), param="prompts") for p in req.prompts]
+            params = self.sampling(req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(ids))
+            runs.append((label, model, ids, params))
+        t0 = time.perf_counter()
+        jobs = [self.submit(Job("generate", label, model, ids, params=params)) for label, model, ids, params in runs]
+
+        async def one(run, job) -> P.CompareResult:
+            label, model, ids, _ = run
+            outs, ttft = await self.collect(job, t0)
+            latency = time.perf_counter() - t0
+            n_gen = sum(len(o.token_ids) for o in outs)
+            self.record(label, "compare", t0, ttft, sum(map(len, ids)), n_gen)
+            res = P.CompareResult(recipe=label, digest=model.digest, outputs=[o.text for o in outs],
+                                  finish_reasons=[o.finish_reason for o in outs], latency_s=round(latency, 4),
+                                  completion_tokens=n_gen, tokens_per_s=round(n_gen / max(latency, 1e-9), 2))
+            if req.references is not None:
+                pairs = [encode_pair(model.tokenizer, p, r) for p, r in zip(req.prompts, req.references)]
+                scores = await self.score(label, model, [c + x for c, x in pairs], 0)
+                means = []
+                for (c, x), s in zip(pairs, scores):
+                    lps = [lp for lp in s.logprobs[len(c):] if lp is not None]
+                    means.append(sum(lps) / len(lps) if lps else 0.0)
+                em = [o.text.strip() == r.strip() for o, r in zip(outs, req.references)]
+                res.reference_logprob, res.mean_reference_logprob = means, sum(means) / len(means)
+                res.exact_match, res.exact_match_rate = em, sum(em) / len(em)
+            return res
+
+        results = await asyncio.gather(*(one(r, j) for r, j in zip(runs, jobs)))
+        return P.CompareResponse(id=f"cmp-{uuid.uuid4().hex}", results=list(results))
+
+    # -- health and metrics ------------------------------------------------------------------------------------
+    def health(self) -> P.HealthResponse:
+        return P.HealthResponse(models=len(self.registry.entries()), queued=self.scheduler.depth()[0])
+
+    def render_metrics(self) -> str:
+        cache = self.engine.provider.cache
+        with cache.lock:
+            sizes = {k[0]: cache.size(v) for k, v in cache.data.items()}
+        per_model = Gauge("lazymerge_cache_bytes", "Bytes of this model's merged tensors resident in the shared "
+                          "merged-weight cache (a tensor shared by two recipes counts for both).", ("model",))
+        for e in self.registry.entries():
+            keys = {p.key for p in e.model.plan.tensors.values()}
+            per_model.set(e.name, value=sum(sizes.get(k, 0) for k in keys))
+        st = self.engine.stats()
+        glob = Gauge("lazymerge_engine", "Engine-wide cache state (all recipes).", ("stat",))
+        for k in ("cache_bytes", "cache_budget", "cache_entries", "cache_hits", "cache_misses", "merges"):
+            glob.set(k, value=st[k])
+        queued, active = self.scheduler.depth()
+        sched = Gauge("lazymerge_scheduler", "Scheduler state.", ("stat",))
+        sched.set("queued_rows", value=queued)
+        sched.set("running_batches", value=active)
+        sched.set("batches_started", value=self.scheduler.batches)
+        sched.set("recipes", value=sum(e.kind == "recipe" for e in self.registry.entries()))
+        return self.metrics.render([per_model, glob, sched])
