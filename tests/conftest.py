@@ -40,3 +40,37 @@ def assert_close(actual, expected, atol=0.0, rtol=0.0, what=""):
         pairs = [(i, float(actual[tuple(i)]), float(expected[tuple(i)])) for i in idx]
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ "
                              f"(atol={atol}, rtol={rtol}); first (index, actual, expected): {pairs}")
+
+
+@pytest.fixture(scope="session")
+def search_toy(tmp_path_factory):
+    """Search tests: base + 2 strongly perturbed experts (4 layers), a target that is a known mixture of them
+    (task_arithmetic, e1 0.3, e2 1.5) and its greedy continuations as datasets (search and held-out splits)."""
+    import copy
+    import json
+    import random
+
+    import torch
+
+    from lazymerge.engine import Engine, toy
+
+    root = tmp_path_factory.mktemp("search_toy")
+    tok = toy.make_tokenizer()
+    cfg = toy.tiny_config(vocab_size=len(tok), hidden=32, layers=4, intermediate=64)
+    base = toy.make_model(cfg, 0)
+    paths = {"base": toy.save(copy.deepcopy(base), tok, root / "base")}
+    for i in (1, 2):
+        paths[f"e{i}"] = toy.save(toy.perturb(copy.deepcopy(base), i, scale=0.5), tok, root / f"e{i}")
+    target = {"merge_method": "task_arithmetic", "base_model": "base",
+              "models": [{"model": "e1", "parameters": {"weight": 0.3}}, {"model": "e2", "parameters": {"weight": 1.5}}]}
+    threads = torch.get_num_threads()
+    model = Engine({k: str(v) for k, v in paths.items()}).compile(target)
+    rng = random.Random(0)
+    prompts = list(dict.fromkeys(" ".join(rng.choice(toy.WORDS) for _ in range(5)) for _ in range(400)))
+    outs = model.generate(prompts, max_tokens=4)
+    lines = [json.dumps({"prompt": p, "answer": o.text}) for p, o in zip(prompts, outs)]
+    (root / "search.jsonl").write_text("\n".join(lines[:200]) + "\n")
+    (root / "test.jsonl").write_text("\n".join(lines[200:300]) + "\n")
+    torch.set_num_threads(threads)
+    return {"root": root, "paths": {k: str(v) for k, v in paths.items()}, "target": target,
+            "data": str(root / "search.jsonl"), "test_data": str(root / "test.jsonl")}
