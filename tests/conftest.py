@@ -74,3 +74,27 @@ def search_toy(tmp_path_factory):
     torch.set_num_threads(threads)
     return {"root": root, "paths": {k: str(v) for k, v in paths.items()}, "target": target,
             "data": str(root / "search.jsonl"), "test_data": str(root / "test.jsonl")}
+
+
+# -- merge server (tests/test_server_*.py) ----------------------------------------------------------------------
+SERVER_RECIPES = {
+    # task arithmetic with a large weight: greedy outputs clearly differ from the base's and from each other
+    "ta_e1": "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: e1\n    parameters: {weight: 20.0}\n",
+    "ta_e2": "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: e2\n    parameters: {weight: 20.0}\n",
+    "ties": ("merge_method: ties\nbase_model: base\nmodels:\n  - model: e1\n    parameters: {weight: 10.0, density: 0.5}\n"
+             "  - model: e2\n    parameters: {weight: 10.0, density: 0.5}\n"),
+}
+
+
+@pytest.fixture(scope="session")
+def server_sources(tmp_path_factory):
+    """{"base", "e1", "e2"} -> folder of a tiny Mistral family, for the merge server's tests."""
+    from lazymerge.engine.toy import make_family
+
+    fam = make_family(tmp_path_factory.mktemp("server_family"), "mistral", 2, seed=0)
+    return {k: str(v) for k, v in fam.items()}
+
+
+@pytest.fixture(scope="session")
+def server_recipes():
+    return dict(SERVER_RECIPES)
