@@ -175,7 +175,7 @@ def _merge_tile(B, X0, X1, X2, X3, X4, X5, X6, X7, A0, A1, A2, A3, A4, A5, A6, A
             x = tl.load(_pick(i, X0, X1, X2, X3, X4, X5, X6, X7) + offs, mask=mask, other=0.0).to(tl.float32)
             res += x * tl.load(F + i * F_COLS)
         if DIVIDE:
-            res = tl.div_rn(res, div)
+            res = tl.div_rn(res, tl.zeros_like(res) + div)
     else:
         b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
         zero = tl.zeros_like(b)
@@ -229,7 +229,7 @@ def _merge_tile(B, X0, X1, X2, X3, X4, X5, X6, X7, A0, A1, A2, A3, A4, A5, A6, A
         else:
             mixed = total
             if NORMALIZE:
-                mixed = tl.div_rn(mixed, tl.full(mixed.shape, div, tl.float32))
+                mixed = tl.div_rn(mixed, tl.zeros_like(mixed) + div)
         res = b + mixed * lam
     return res
 
