@@ -131,7 +131,7 @@ class Scheduler:
 
     def depth(self) -> tuple[int, int]:
         """(rows waiting, batches running)."""
-        return self._queued_rows, len(self._active)
+        return self._queued_rows, len(self._running_keys)
 
     # -- worker ------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
