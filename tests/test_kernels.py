@@ -306,6 +306,22 @@ def test_topk_keeps_exactly_k_with_ties_at_the_cut():
 
 
 @kernel_test
+def test_topk_tie_cutoff_at_2_pow_32_keeps_every_tie():
+    """c = 2**32 (engine: no tie straddles the cut) keeps every element equal to t, in c_in and c_out alike."""
+    base, xs = make_inputs((13, 77), 2, torch.float32, seed=9)
+    t = [float((x - base).abs().reshape(-1).sort(descending=True).values[300]) for x in xs]
+    spec = MergeSpec("delta", keep="topk", t_in=tuple(t), c_in=(2**32, 2**32), t_out=(math.inf, t[1] * 2),
+                     c_out=(-1, 2**32), scales=(1.0, 1.0), weights=(1.0, 0.5))
+    got = kmt.merge_triton(to_dev(base), to_dev(xs), spec)
+    assert_close(got, merge_reference(base, xs, spec), 0.0, 0.0, what="c = 2**32")
+    d0 = xs[0] - base
+    solo = MergeSpec("delta", keep="topk", t_in=(t[0],), c_in=(2**32,), t_out=(math.inf,), c_out=(-1,),
+                     scales=(1.0,), weights=(1.0,))
+    kept = kmt.merge_triton(to_dev(base), to_dev(xs[:1]), solo).cpu() - base != 0
+    assert torch.equal(kept, (d0.abs() >= t[0]) & (d0 != 0))
+
+
+@kernel_test
 def test_merge_dispatch_uses_kernel(monkeypatch):
     """merge() takes the Triton path where dispatch says so (CUDA, or LAZYMERGE_TRITON_ON_CPU=1)."""
     monkeypatch.setenv("LAZYMERGE_TRITON_ON_CPU", "1")
