@@ -164,6 +164,8 @@ class RuntimeConfig(_Frozen):
     workers: int = 1
     threads: int = Field(1, description="torch threads per worker")
     backend: Literal["local", "ray"] = "local"
+    start_method: Literal["spawn", "forkserver", "fork"] = Field("spawn", description="how local worker processes "
+                                                                 "start (fork is faster, spawn the safest)")
     ray_address: Optional[str] = None
     gpus_per_worker: float = 0.0
     device: str = "cpu"

@@ -108,7 +108,7 @@ class LocalPool:
             from concurrent.futures import ProcessPoolExecutor
 
             self.evaluator = None
-            self.executor = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+            self.executor = ProcessPoolExecutor(workers, mp_context=mp.get_context(cfg.runtime.start_method),
                                                 initializer=_worker_init,
                                                 initargs=(cfg.model_dump_json(), cfg.runtime.threads))
 

@@ -114,13 +114,16 @@ def run_search(config, out_dir, workers: int | None = None, quiet: bool = False,
 
     from .evaluate import make_pool
     from .report import Progress
+    from .tasks import load_tasks
 
     cfg = load_config(config)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    for split in ("data", "test_data"):  # dataset errors fail now, before anything is written
+        load_tasks(cfg, split)
     space = make_space(cfg)
     x0 = [cfg.cma.x0] * space.dim
     compile_plan(space.to_recipe(np.asarray(x0)), SourceSet.open(cfg.source_paths()))  # recipe errors fail now
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     opts = cma_options(cfg, space.dim)
     ck, hist_path = out / CHECKPOINT, out / HISTORY
 
