@@ -273,7 +273,10 @@ def _cut(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[float, int]:
         return math.inf, -1
     if k >= vals.numel():
         return -1.0, -1
-    return float(vals[k - 1]), int(idx[k - 1])
+    t = float(vals[k - 1])
+    if float(vals[k]) != t:  # no element equal to t lies past the cut: keep all of them (a fast path)
+        return t, MAX_INDEX
+    return t, int(idx[k - 1])
 
 
 def _replace(spec: MergeSpec, **kw) -> MergeSpec:

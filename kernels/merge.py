@@ -13,7 +13,7 @@ Contract (the reference below is the CPU path and the oracle of the Triton kerne
       else:      c_i = 1;                                        mixed = sum x_i;     div = sum w_i (|.|<1e-8 -> 1)
       out  = base + lam * (mixed / div if normalize else mixed)
   keep rules, with a = |d_i| and j the element's flat index in the whole tensor:
-      topk:   in(t, c) = a > t or (a == t and j <= c);   keep = in(t_in[i], c_in[i]) and not in(t_out[i], c_out[i])
+      topk:   in(t, c) = a > t or (a == t and j <= c);   (c >= 2**32: no tie straddles the cut)   keep = in(t_in[i], c_in[i]) and not in(t_out[i], c_out[i])
               (TIES: the top-k set; breadcrumbs: top-(k_in) minus top-(k_out); ties at the cut go to lower j)
       random: keep = u_i(j) < densities[i]                  (kernels.rng, keys[i])
       della:  keep = u_i(j) < (densities[i] - eps[i]) + aux[i][j] * (2 * eps[i])   (aux: per-row rank in [0,1])
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .rng import uniform
+from .rng import MAX_INDEX, uniform
 
-CHUNK = 1 << 20  # elements per step of the reference: bounds its temporaries
+CHUNK = 1 << 15  # elements per step of the reference: its temporaries stay in cache (4x faster than 1M here)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,10 @@ def keep_mask(spec: MergeSpec, i: int, d: torch.Tensor, idx: torch.Tensor | None
         return None
     if spec.keep == "topk":
         a = d.abs()
-        keep = (a > spec.t_in[i]) | ((a == spec.t_in[i]) & (idx <= spec.c_in[i]))
+        if spec.c_in[i] >= MAX_INDEX:  # no tie straddles the cut: every element equal to t is kept
+            keep = a >= spec.t_in[i]
+        else:
+            keep = (a > spec.t_in[i]) | ((a == spec.t_in[i]) & (idx <= spec.c_in[i]))
         if spec.t_out[i] != float("inf"):
             keep &= ~((a > spec.t_out[i]) | ((a == spec.t_out[i]) & (idx <= spec.c_out[i])))
         return keep
@@ -153,8 +156,11 @@ def merge_reference(base: torch.Tensor | None, sources: list[torch.Tensor], spec
 
 def merge(base, sources, spec, aux=None, index=None, out=None):
     """Dispatch: CUDA tensors -> Triton kernel (unless forced to the reference), else the reference."""
-    from . import dispatch
+    from . import dispatch, merge_cpu
 
+    if (merge_cpu.enabled() and spec.mode == "delta" and spec.keep != "all" and index is None and out is None
+            and sources and sources[0].device.type == "cpu" and not dispatch.use_triton(sources[0])):
+        return merge_cpu.merge_delta_fused(base, sources, spec, aux=aux)
     if dispatch.use_triton(sources[0]):
         from .merge_triton import merge_triton  # noqa: PLC0415  (GPU path, optional)
 

@@ -1,0 +1,100 @@
+"""The merge's fused CPU path: `merge_reference`'s delta arithmetic compiled by `torch.compile` into one loop.
+
+Same contract and same float32 operations, element by element, as `kernels.merge.merge_reference` (the oracle: tests
+check equality); the eager reference makes ~30 passes over memory for a TIES merge, this makes one. Every number of
+the spec enters as a tensor, so one compiled graph serves every recipe with the same structure (keep rule, consensus,
+normalize, number of sources); compiling a structure costs tens of seconds once per process (Inductor's on-disk
+cache makes later processes faster), which is why it is opt-in: `LAZYMERGE_CPU_FUSED=1` or `enable(True)`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .rng import C1, C2, M32
+
+_ENABLED = os.environ.get("LAZYMERGE_CPU_FUSED", "") == "1"
+_COMPILED = {}
+
+
+def enable(on: bool = True) -> None:
+    global _ENABLED
+    _ENABLED = on
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+def _mix(x):
+    x = x ^ (x >> 16)
+    x = (x * C1) & M32
+    x = x ^ (x >> 15)
+    x = (x * C2) & M32
+    return x ^ (x >> 15)
+
+
+def _delta(b, xs, aux, n_all, w, sc, t_in, c_in, t_out, c_out, dens, eps, k1, k2, lam, div_all, *,
+           keep: str, consensus: bool, normalize: bool):
+    b = b.float()
+    idx = torch.arange(b.numel(), dtype=torch.int64, device=b.device)
+    parts = []
+    for i, x in enumerate(xs):
+        d = x.float() - b
+        if keep == "topk":
+            a = d.abs()
+            k = (a > t_in[i]) | ((a == t_in[i]) & (idx <= c_in[i]))
+            k = k & ~((a > t_out[i]) | ((a == t_out[i]) & (idx <= c_out[i])))
+            d = d * k
+        elif keep in ("random", "della"):
+            u = (_mix(_mix(idx ^ k1[i]) ^ k2[i]) >> 8).to(torch.float32) * (2.0**-24)
+            p = dens[i] if keep == "random" else (dens[i] - eps[i]) + aux[i].float() * (2.0 * eps[i])
+            d = d * (u < p)
+        d = d * sc[i]
+        parts.append(d * w[i])
+    if consensus:
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        pos = total >= 0
+        mixed = torch.zeros_like(b)
+        div = torch.zeros_like(b)
+        for i, p in enumerate(parts):
+            c = torch.where(pos, p > 0, p < 0)
+            mixed = mixed + p * c
+            div = div + c * w[i]
+        div = torch.where(div == 0, 1.0, div)
+    else:
+        mixed = parts[0]
+        for p in parts[1:]:
+            mixed = mixed + p
+        div = div_all
+    if normalize:
+        mixed = mixed / div
+    return b + mixed * lam
+
+
+def merge_delta_fused(base, sources, spec, aux=None) -> torch.Tensor:
+    """Fused delta-mode merge of whole tensors (no row `index`); float32 of the inputs' shape."""
+    key = (spec.keep, spec.consensus, spec.normalize, len(sources), aux is not None)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        import functools
+
+        fn = _COMPILED[key] = torch.compile(
+            functools.partial(_delta, keep=spec.keep, consensus=spec.consensus, normalize=spec.normalize),
+            dynamic=True, fullgraph=True)
+    n = len(sources)
+    dev = base.device
+    f32 = lambda v, default=0.0: torch.tensor(list(v) if v else [default] * n, dtype=torch.float32, device=dev)  # noqa: E731
+    i64 = lambda v: torch.tensor(list(v) if v else [-1] * n, dtype=torch.int64, device=dev)  # noqa: E731
+    div_all = sum(spec.weights)
+    div_all = 1.0 if abs(div_all) < 1e-8 else div_all
+    keys = spec.keys or ((0, 0),) * n
+    out = fn(base.reshape(-1), [s.reshape(-1) for s in sources], [a.reshape(-1) for a in aux] if aux else None, n,
+             f32(spec.weights), f32(spec.scales, 1.0), f32(spec.t_in), i64(spec.c_in), f32(spec.t_out),
+             i64(spec.c_out), f32(spec.densities), f32(spec.eps), i64(k[0] for k in keys), i64(k[1] for k in keys),
+             torch.tensor(spec.lam, device=dev), torch.tensor(div_all, device=dev))
+    return out.view(base.shape)
