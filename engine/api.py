@@ -33,7 +33,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class Engine:
     def __init__(self, sources: dict[str, str | Path] | SourceSet | None = None, *, device: str = "cpu",
                  policy: str = "cached", cache_bytes: int = 1 << 30, dtype: str | None = None,
-                 allow_open: bool = True, stats_bytes: int = 4 << 30):
+                 allow_open: bool = True, stats_bytes: int = 4 << 30, cpu_fused: bool | None = None):
         if isinstance(sources, SourceSet):
             self.sources = sources
         else:
@@ -42,6 +42,10 @@ class Engine:
         if dtype is None:
             dtype = "float32" if self.device.type == "cpu" else "bfloat16"
         self.dtype = DTYPES[dtype]
+        if cpu_fused is not None:  # process-wide: the compiled CPU merge (see kernels/merge_cpu.py)
+            from lazymerge.kernels import merge_cpu
+
+            merge_cpu.enable(cpu_fused)
         self.merger = Merger(self.sources, self.device, stats_budget=stats_bytes)
         self.provider = WeightProvider(self.merger, policy, cache_bytes, self.dtype)
         self._tokenizers: dict[str, object] = {}

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+FUSED = True  # the compiled CPU merge (kernels/merge_cpu.py); --eager turns it off
+
 RECIPE = {"merge_method": "ties", "base_model": "base", "models": [
     {"model": "e1", "parameters": {"weight": 0.7, "density": 0.5}},
     {"model": "e2", "parameters": {"weight": 0.5, "density": 0.4}}]}
@@ -50,7 +52,7 @@ def memory_child(paths: dict, k: int, cache_mb: int) -> dict:
     from lazymerge.engine import Engine
 
     torch.set_num_threads(2)
-    eng = Engine(paths, policy="cached", cache_bytes=cache_mb << 20)
+    eng = Engine(paths, policy="cached", cache_bytes=cache_mb << 20, cpu_fused=FUSED)
     ids = torch.tensor([[5, 6, 7, 8]])
     t0 = time.perf_counter()
     for i in range(k):
@@ -67,7 +69,7 @@ def timing(paths: dict, sizes: list[int], repeats: int) -> list[dict]:
     from lazymerge.engine.export import export
 
     torch.set_num_threads(2)
-    fly = Engine(paths, policy="on_the_fly").compile(RECIPE)
+    fly = Engine(paths, policy="on_the_fly", cpu_fused=FUSED).compile(RECIPE)
     cached_eng = Engine(paths, policy="cached", cache_bytes=8 << 30)
     cached = cached_eng.compile(RECIPE)
     out = Path(paths["base"]).parent / "materialized"
@@ -109,8 +111,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small model, K up to 10 (a smoke run)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--eager", action="store_true", help="use the eager PyTorch reference merge, not the fused one")
     ap.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    global FUSED
+    FUSED = not a.eager
     if a.quick:
         a.hidden, a.layers, a.repeats = 256, 2, 2
     paths = build(Path(a.root), a.hidden, a.layers)
@@ -123,13 +128,14 @@ def main(argv=None) -> int:
     for k in ((1, 10) if a.quick else (1, 10, 100)):
         r = subprocess.run([sys.executable, "-m", "lazymerge.engine.bench_runtime", "--memory-child", str(k),
                             "--hidden", str(a.hidden), "--layers", str(a.layers), "--root", a.root,
-                            "--cache-mb", str(a.cache_mb)], capture_output=True, text=True, check=True)
+                            "--cache-mb", str(a.cache_mb)] + (["--eager"] if a.eager else []),
+                           capture_output=True, text=True, check=True)
         mem.append(json.loads(r.stdout.strip().splitlines()[-1]))
     rows = timing(paths, [1, 64, 2048] if not a.quick else [1, 64], a.repeats)
     machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     print(f"lazy runtime benchmark — {machine}")
     print(f"model: hidden {a.hidden}, {a.layers} layers, {model_mb:.0f} MB per source (fp32), 3 sources = {src_mb:.0f} MB;"
-          f" cache budget {a.cache_mb} MB; recipe: ties over 2 experts")
+          f" cache budget {a.cache_mb} MB; recipe: ties over 2 experts; CPU merge: {'eager' if a.eager else 'fused'}")
     print("\n| recipes K | peak RSS (MB) | sources + cache budget (MB) | K x model (MB) | seconds |")
     print("|---:|---:|---:|---:|---:|")
     for m in mem:
@@ -139,7 +145,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['tokens']} | {r['plain_ms']:.1f} | {r['cached_ms']:.1f} | {r['on_the_fly_ms']:.1f} | "
               f"{r['cached_ratio']:.3f} | {r['on_the_fly_ratio']:.3f} |")
-    res = {"machine": machine, "hidden": a.hidden, "layers": a.layers, "source_mb": src_mb, "cache_mb": a.cache_mb,
+    res = {"machine": machine, "cpu_merge": "eager" if a.eager else "fused", "hidden": a.hidden, "layers": a.layers, "source_mb": src_mb, "cache_mb": a.cache_mb,
            "memory": mem, "timing": rows}
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))

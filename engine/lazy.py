@@ -12,7 +12,6 @@ and a forward pre-hook multiplies the hidden state entering a hop by its scale.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .plan import ModelPlan, TensorPlan
@@ -26,9 +25,7 @@ class LazyLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
-        w = self.provider.weight(self.w)
-        b = self.provider.weight(self.b) if self.b is not None else None
-        return F.linear(x, w, b)
+        return self.provider.linear(x, self.w, self.b)
 
     def extra_repr(self) -> str:
         return f"{self.w.out_name} [{self.w.method}]"

@@ -6,6 +6,10 @@
   the tensor plan's *content* (source fingerprints, method, every number), never by a recipe's name; a hot recipe
   runs at the speed of a plain model, a cold one costs no memory.
 
+On a GPU with the on-the-fly policy, a linear layer does not even form its merged weight in memory when few tokens
+pass: `linear` hands the sources to `kernels.linear.merged_linear`, which picks the fused merge-matmul (merged tile in
+registers) or merge-into-a-reused-buffer + cuBLAS by token count.
+
 Either way an identity tensor (a layer taken as is from one source, in the compute dtype) is the source's own
 memory-mapped view: no copy, no cache.
 """
@@ -30,6 +34,7 @@ class WeightProvider:
         self.dtype = dtype
         self.cache = LRU(cache_bytes if policy == "cached" else 0, _nbytes)
         self.merges = 0  # merged tensors computed (cache misses and on-the-fly merges)
+        self._buffers: dict = {}  # GPU on-the-fly: one reused merge buffer per (shape, dtype); forwards are serialized
 
     @property
     def device(self) -> torch.device:
@@ -59,6 +64,24 @@ class WeightProvider:
         if self.policy == "cached":
             self.cache.put(key, t)
         return t
+
+    def linear(self, x: torch.Tensor, w: TensorPlan, b: TensorPlan | None) -> torch.Tensor:
+        """x @ W.T (+ bias) with W the merged weight of plan `w` (x: (..., in) -> (..., out))."""
+        bias = self.weight(b) if b is not None else None
+        if self.policy == "cached" or self.device.type == "cpu" or w.is_identity() or (w.base is not None
+                                                                                      and not w.inputs):
+            return torch.nn.functional.linear(x, self.weight(w), bias)
+        from lazymerge.kernels.linear import merged_linear
+
+        spec, aux = self.merger.spec(w)
+        base = self.merger.store.get(w.base) if w.base is not None else None
+        xs = [self.merger.store.get(r) for r in w.inputs]
+        key = (tuple(w.shape), x.dtype)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(w.shape, dtype=x.dtype, device=x.device)
+        self.merges += 1
+        return merged_linear(x, base, xs, spec, aux=aux, bias=bias, out_buffer=buf)
 
     def rows(self, plan: TensorPlan, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (any shape) of the merged tensor: embedding lookups merge only the rows they need."""
