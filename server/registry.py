@@ -93,4 +93,8 @@ class RecipeRegistry:
             del self._entries[name]
 
     def entries(self) -> list[RecipeEntry]:
-        return list(self._entries.values())
+        with self._lock:
+            return list(self._entries.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries

@@ -463,7 +463,7 @@ class MergeServing:
 
     # -- compare -----------------------------------------------------------------------------------------------
     async def _resolve_spec(self, spec) -> tuple[str, object]:
-        if isinstance(spec, str) and "\n" not in spec and ":" not in spec:
+        if isinstance(spec, str) and (spec in self.registry or ("\n" not in spec and ":" not in spec)):
             e = self.registry.get(spec)
             return e.name, e.model
         _, model = await self.resolve("inline", spec)
