@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from . import protocol as P
 from .errors import ServingError, bad_request
+from .logprobs import chat_logprobs, completion_logprobs, echo_text
 from .metrics import Gauge, Metrics
 from .registry import RecipeRegistry, parse_recipe
 from .scheduler import Job, QueueFull, Scheduler, Sink
@@ -57,17 +58,6 @@ def _sse(obj) -> str:
     data = obj if isinstance(obj, str) else obj.model_dump_json(exclude_none=False) if hasattr(obj, "model_dump_json") \
         else json.dumps(obj)
     return f"data: {data}\n\n"
-
-
-def _echo(tok, prompt: list[int], gen: list[int]) -> str:
-    """The prompt's text as it reads before the generated text (with the separator the tokenizer puts between)."""
-    ptext = tok.decode(prompt, skip_special_tokens=True)
-    if not gen:
-        return ptext
-    full, first = tok.decode(prompt + gen[:1], skip_special_tokens=True), tok.decode(gen[:1], skip_special_tokens=True)
-    if full.startswith(ptext) and full.endswith(first) and len(full) - len(first) >= len(ptext):
-        return full[:len(full) - len(first)]
-    return ptext
 
 
 def _stops(stop) -> tuple[str, ...]:
@@ -260,34 +250,6 @@ class MergeServing:
         m.prompt_tokens.inc(label, by=prompt_tokens)
         m.generation_tokens.inc(label, by=gen_tokens)
 
-    # -- logprobs ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _top(tok, d: dict | None, k: int) -> list[tuple[str, float]] | None:
-        if d is None or k <= 0:
-            return None
-        best = sorted(d.items(), key=lambda kv: -kv[1])[:k]
-        return [(tok.decode([t]), lp) for t, lp in best]
-
-    def completion_logprobs(self, model, seq: list[int], scores, start: int, k: int, base: int) -> P.CompletionLogprobs:
-        tok = model.tokenizer
-        part = seq[start:]
-        tokens = tok.batch_decode([[t] for t in part])
-        prefix = tok.batch_decode([part[:i + 1] for i in range(len(part))], skip_special_tokens=True)
-        single = tok.batch_decode([[t] for t in part], skip_special_tokens=True)
-        offsets = [base + max(0, len(pf) - len(s)) for pf, s in zip(prefix, single)]
-        tops = [self._top(tok, d, k) for d in scores.top[start:]]
-        return P.CompletionLogprobs(text_offset=offsets, token_logprobs=scores.logprobs[start:], tokens=tokens,
-                                    top_logprobs=[None if t is None else dict(t) for t in tops])
-
-    def chat_logprobs(self, model, scores, start: int, k: int) -> P.ChoiceLogprobs:
-        tok = model.tokenizer
-        content = []
-        for t, lp, d in zip(scores.token_ids[start:], scores.logprobs[start:], scores.top[start:]):
-            s = tok.decode([t])
-            tops = [P.TopLogprob(token=x, bytes=list(x.encode()), logprob=v) for x, v in self._top(tok, d, k) or []]
-            content.append(P.TokenLogprob(token=s, bytes=list(s.encode()), logprob=lp, top_logprobs=tops))
-        return P.ChoiceLogprobs(content=content)
-
     # -- completions -------------------------------------------------------------------------------------------
     def _completion_prompts(self, model, prompt) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -321,7 +283,7 @@ class MergeServing:
             outs, ttft = await self.collect(job, t0)
         else:
             outs, ttft = [RowOutput() for _ in rows], None
-        choices = [P.CompletionChoice(index=i, text=_echo(tok, p, o.token_ids) + o.text if req.echo else o.text,
+        choices = [P.CompletionChoice(index=i, text=echo_text(tok, p, o.token_ids) + o.text if req.echo else o.text,
                                       finish_reason=o.finish_reason) for i, (p, o) in enumerate(zip(rows, outs))]
         if req.logprobs is not None:
             seqs = [p + o.token_ids for p, o in zip(rows, outs)]
@@ -329,7 +291,7 @@ class MergeServing:
             for c, p, s in zip(choices, rows, scores):
                 start = 0 if req.echo else len(p)
                 base = 0 if req.echo else len(tok.decode(p, skip_special_tokens=True))
-                c.logprobs = self.completion_logprobs(model, s.token_ids, s, start, req.logprobs, base)
+                c.logprobs = completion_logprobs(model.tokenizer, s.token_ids, s, start, req.logprobs, base)
         n_prompt, n_gen = sum(len(p) for p in rows), sum(len(o.token_ids) for o in outs)
         self.record(label, "completions", t0, ttft, n_prompt, n_gen)
         return P.CompletionResponse(id=rid, model=req.model, choices=choices, system_fingerprint=model.digest,
@@ -418,7 +380,7 @@ class MergeServing:
         if req.logprobs:
             scores = await self.score(label, model, [ids + o.token_ids for o in outs], k)
             for c, s in zip(choices, scores):
-                c.logprobs = self.chat_logprobs(model, s, len(ids), k)
+                c.logprobs = chat_logprobs(model.tokenizer, s, len(ids), k)
         n_prompt, n_gen = len(ids) * len(rows), sum(len(o.token_ids) for o in outs)
         self.record(label, "chat", t0, ttft, n_prompt, n_gen)
         return P.ChatCompletionResponse(id=rid, model=req.model, choices=choices, system_fingerprint=model.digest,
