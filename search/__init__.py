@@ -17,7 +17,7 @@ def __getattr__(name):  # the runtime pulls in torch / transformers: load on fir
         from . import evaluate
 
         return getattr(evaluate, name)
-    if name in ("load_tasks", "Task"):
+    if name in ("load_tasks", "load_task", "Task", "Example"):
         from . import tasks
 
         return getattr(tasks, name)
@@ -25,4 +25,4 @@ def __getattr__(name):  # the runtime pulls in torch / transformers: load on fir
 
 
 __all__ = ["SearchConfig", "SearchConfigError", "load_config", "run_search", "SearchResult", "evaluate_recipe",
-           "Evaluator", "make_engine", "load_tasks", "Task"]
+           "Evaluator", "make_engine", "load_tasks", "load_task", "Task", "Example"]

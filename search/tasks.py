@@ -150,6 +150,23 @@ def make_task(tc: TaskConfig, path: Path, where: str) -> Task:
                 ck.min_fraction if ck else 0.5, tc.per_token, tc.length_normalize)
 
 
+def load_task(spec: dict | TaskConfig, split: str = "data", base_dir: str | Path | None = None) -> Task:
+    """One task from a config-style mapping, e.g. {name, type, data, test_data, ...}, on `split`."""
+    from pydantic import ValidationError
+
+    try:
+        tc = spec if isinstance(spec, TaskConfig) else TaskConfig.model_validate(spec)
+    except ValidationError as e:
+        raise SearchConfigError(f"invalid task: {e}") from None
+    p = getattr(tc, split)
+    if p is None:
+        raise SearchConfigError(f"{split}: task {tc.name!r} has no {split}")
+    q = Path(p) if base_dir is None or Path(p).is_absolute() else Path(base_dir) / p
+    if not q.is_file():
+        raise SearchConfigError(f"{split}: dataset file {q} not found")
+    return make_task(tc, q, f"{tc.name}.{split}")
+
+
 def load_tasks(cfg: SearchConfig, split: str = "data") -> list[Task]:
     """The config's tasks on `split` ("data": the search split; "test_data": held out, tasks without one skipped)."""
     out = []

@@ -61,6 +61,10 @@ def test_good_config_loads(search_toy, tmp_path):
     (tmp_path / "data.jsonl").write_text('{"prompt": "two plus two", "answer": 4}\n')
     p.write_text(yaml.safe_dump(g))
     assert load_tasks(load_config(p))[0].examples[0].answer == "4"
+    from lazymerge.search.tasks import load_task
+
+    t = load_task({"name": "x", "type": "answer_loglik", "data": "data.jsonl"}, base_dir=tmp_path)
+    assert t.type == "answer_loglik" and len(t.examples) == 1
 
 
 @pytest.mark.parametrize("case", ["unknown source", "unknown base", "missing dataset", "missing test split",
