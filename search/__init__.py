@@ -24,5 +24,17 @@ def __getattr__(name):  # the runtime pulls in torch / transformers: load on fir
     raise AttributeError(name)
 
 
-__all__ = ["SearchConfig", "SearchConfigError", "load_config", "run_search", "SearchResult", "evaluate_recipe",
-           "Evaluator", "make_engine", "load_tasks", "load_task", "Task", "Example"]
+__all__ = [
+    "Evaluator",
+    "Example",
+    "SearchConfig",
+    "SearchConfigError",
+    "SearchResult",
+    "Task",
+    "evaluate_recipe",
+    "load_config",
+    "load_task",
+    "load_tasks",
+    "make_engine",
+    "run_search",
+]

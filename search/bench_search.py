@@ -34,9 +34,8 @@ class LoadedModel:
     """A transformers model loaded from disk behind the interface the tasks use (LazyModel's own methods)."""
 
     def __init__(self, path: Path, tokenizer, threads_lock):
-        from transformers import AutoModelForCausalLM
-
         from lazymerge.engine.api import LazyModel
+        from transformers import AutoModelForCausalLM
 
         self.module = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         self.tokenizer, self.device = tokenizer, torch.device("cpu")
@@ -162,7 +161,7 @@ def table(rows: list[dict]) -> str:
                          f"{x['per_candidate_s']:.3f}", f"{x['per_minute']:.1f}",
                          f"{x['speedup']:.1f}x" if "speedup" in x else "-"])
     w = [max(len(c[i]) for c in [head] + body) for i in range(len(head))]
-    line = lambda c: "| " + " | ".join(v.ljust(w[i]) if i < 3 else v.rjust(w[i]) for i, v in enumerate(c)) + " |"  # noqa: E731
+    line = lambda c: "| " + " | ".join(v.ljust(w[i]) if i < 3 else v.rjust(w[i]) for i, v in enumerate(c)) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (n + 2) for n in w) + "|"] + [line(c) for c in body])
 
 

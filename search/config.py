@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -44,8 +44,8 @@ class _Frozen(BaseModel):
 class OutputCheck(_Frozen):
     """The paper's language check, generalized: an output only counts as correct if it passes."""
 
-    regex: Optional[str] = Field(None, description="the output must contain a match (re.search)")
-    script: Optional[str] = Field(None, description="a regex character class of the target script, e.g. "
+    regex: str | None = Field(None, description="the output must contain a match (re.search)")
+    script: str | None = Field(None, description="a regex character class of the target script, e.g. "
                                   "'[\\u3040-\\u30ff\\u4e00-\\u9fff]'")
     min_fraction: float = Field(0.5, description="fraction of letters (not digits, spaces, punctuation) that must "
                                 "match `script`")
@@ -55,14 +55,14 @@ class TaskConfig(_Frozen):
     name: str
     type: Literal["generate_exact_match", "multiple_choice", "answer_loglik"]
     data: str = Field(description="JSONL used for fitness: {prompt, answer[, choices]} per line")
-    test_data: Optional[str] = Field(None, description="held-out JSONL, only for the final summary")
+    test_data: str | None = Field(None, description="held-out JSONL, only for the final summary")
     weight: float = 1.0
-    limit: Optional[int] = Field(None, description="use only the first N examples")
+    limit: int | None = Field(None, description="use only the first N examples")
     # generate_exact_match
     max_tokens: int = 16
     stop: list[str] = Field(default_factory=list)
     extract: Literal["last_number", "exact", "first_line"] = "last_number"
-    check: Optional[OutputCheck] = None
+    check: OutputCheck | None = None
     # answer_loglik
     per_token: bool = Field(True, description="mean per-token log-likelihood (else per answer)")
     # multiple_choice
@@ -87,7 +87,7 @@ class SpaceConfig(_Frozen):
                                "each filter (e.g. [self_attn, mlp]); other tensors take a last value")
     weight_range: tuple[float, float] = (0.0, 2.0)
     density_range: tuple[float, float] = (0.1, 1.0)
-    normalize: Optional[bool] = Field(False, description="null: the method's default")
+    normalize: bool | None = Field(False, description="null: the method's default")
     random_seed: int = 0
     # data-flow space
     repeats: int = Field(3, description="r: the layers of both models are laid out r times")
@@ -95,7 +95,7 @@ class SpaceConfig(_Frozen):
     scales: Literal["matrix", "ones"] = Field("matrix", description="matrix: one factor per (from, to) layer pair")
     scale_range: tuple[float, float] = (0.0, 2.0)
     # ps+dfs: the parameter merge that plays model A (a recipe file, e.g. an earlier run's best.yaml, or inline)
-    ps_recipe: Optional[Any] = None
+    ps_recipe: Any | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -128,8 +128,8 @@ class SpaceConfig(_Frozen):
 
 
 class BudgetConfig(_Frozen):
-    evaluations: Optional[int] = Field(None, description="stop after this many candidates (whole generations)")
-    generations: Optional[int] = None
+    evaluations: int | None = Field(None, description="stop after this many candidates (whole generations)")
+    generations: int | None = None
     seed: int = 0
 
     @model_validator(mode="after")
@@ -144,7 +144,7 @@ class BudgetConfig(_Frozen):
 
 
 class CMAConfig(_Frozen):
-    popsize: Optional[int] = Field(None, description="default 4 + floor(3 ln n)")
+    popsize: int | None = Field(None, description="default 4 + floor(3 ln n)")
     sigma0: float = Field(1 / 6, description="initial step size in [0, 1]-scaled coordinates")
     x0: float = 0.5
     options: dict[str, Any] = Field(default_factory=dict, description="extra options passed to cma as is")
@@ -166,7 +166,7 @@ class RuntimeConfig(_Frozen):
     backend: Literal["local", "ray"] = "local"
     start_method: Literal["spawn", "forkserver", "fork"] = Field("spawn", description="how local worker processes "
                                                                  "start (fork is faster, spawn the safest)")
-    ray_address: Optional[str] = None
+    ray_address: str | None = None
     gpus_per_worker: float = 0.0
     device: str = "cpu"
     cache_factor: float = Field(1.3, description="merged-weight cache per worker, in units of one model's size")
@@ -185,13 +185,13 @@ class RuntimeConfig(_Frozen):
 
 class SearchConfig(_Frozen):
     sources: dict[str, str]
-    base_model: Optional[str] = None
+    base_model: str | None = None
     space: SpaceConfig
     tasks: list[TaskConfig]
     budget: BudgetConfig
     cma: CMAConfig = Field(default_factory=CMAConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
-    base_dir: Optional[str] = Field(None, description="folder relative paths resolve against (the config's)")
+    base_dir: str | None = Field(None, description="folder relative paths resolve against (the config's)")
 
     @model_validator(mode="after")
     def _check(self):

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 
 
 def _dur(s: float) -> str:
-    if s != s or s == float("inf"):
+    if not math.isfinite(s):
         return "?"
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -112,7 +113,7 @@ def format_table(rows: list[dict]) -> str:
     head = ["model"] + [f"{t} ({s})" for t, s in cols]
     body = [[m] + [f"{val[(m, t, s)]:.4f}" if (m, t, s) in val else "-" for t, s in cols] for m in models]
     w = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
-    fmt = lambda row: "| " + " | ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i]) for i, x in enumerate(row)) + " |"  # noqa: E731
+    fmt = lambda row: "| " + " | ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i]) for i, x in enumerate(row)) + " |"
     sep = "|" + "|".join("-" * (n + 2) for n in w) + "|"
     return "\n".join([fmt(head), sep] + [fmt(r) for r in body])
 
@@ -163,7 +164,7 @@ def plot_params(space, genome, path: Path) -> None:
             labels.append(f"{m} {p}" + (f" [{fl[f]}]" if fl[f] else ""))
             rows.append(arr[:, f])
     data = np.array(rows)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * data.shape[1], 0.9 + 0.4 * len(rows)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 2.2 + 0.9 * data.shape[1]), 1.2 + 0.4 * len(rows)))
     im = ax.imshow(data, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xticks(range(data.shape[1]), [f"group {g}" for g in range(data.shape[1])])
@@ -171,7 +172,7 @@ def plot_params(space, genome, path: Path) -> None:
         for j in range(data.shape[1]):
             ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
     fig.colorbar(im, ax=ax)
-    ax.set_title("evolved parameters (best candidate)")
+    ax.set_title("evolved parameters (best candidate)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -181,7 +182,7 @@ def plot_path(space, genome, path: Path) -> None:
     plt = _plt()
     hops = space.hops(genome)
     L = space.layers
-    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(hops) + 2), 0.3 * len(L) + 1.5))
+    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(hops) + 2), 0.3 * len(L) + 1.8))
     cmap = plt.get_cmap("coolwarm")
     lo, hi = space.scale_range
     for k in range(1, len(hops)):
@@ -191,7 +192,8 @@ def plot_path(space, genome, path: Path) -> None:
         ax.scatter([k], [j], color="C0" if m == space.a else "C1", zorder=3, s=25)
     ax.set_yticks(range(len(L)), [f"{m}.{i}" for m, i in L], fontsize=7)
     ax.set_xlabel("hop")
-    ax.set_title(f"layer path ({len(hops)} hops; {space.a}: blue, {space.b}: orange; segment colour = scale)")
+    ax.set_title(f"layer path, {len(hops)} hops ({space.a}: blue, {space.b}: orange; segment colour: scale)",
+                 fontsize=9)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi))
     fig.colorbar(sm, ax=ax, label="scale")
     fig.tight_layout()

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from lazymerge.search import run_search
 from lazymerge.search.config import load_config
 
@@ -144,3 +143,27 @@ def test_parallel_workers_give_the_serial_result(search_toy, tmp_path):
     par = run_search(cfg, tmp_path / "par", workers=2, quiet=True, summary=False)
     assert _records(tmp_path / "serial") == _records(tmp_path / "par")
     assert par.best_fitness == serial.best_fitness
+
+
+def test_task_types_score_the_target_best(search_toy, tmp_path):
+    """Each task type ranks the known target above the base on its own outputs (and with weights, the sum)."""
+    from lazymerge.search.evaluate import evaluate_recipe, make_engine
+    from lazymerge.search.tasks import fitness, load_tasks
+
+    rows = [json.loads(x) for x in Path(search_toy["data"]).read_text().splitlines()][:40]
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"prompt": r["prompt"], "choices": [" " + r["answer"], " the the the the"],
+                                      "answer": 0}) + "\n" for r in rows if r["answer"] != "the the the the"))
+    cfg = load_config(_config(search_toy, tasks=[
+        {"name": "em", "type": "generate_exact_match", "data": search_toy["data"], "extract": "exact", "max_tokens": 4,
+         "limit": 40},
+        {"name": "ll", "type": "answer_loglik", "data": search_toy["data"], "weight": 0.1, "limit": 40},
+        {"name": "mc", "type": "multiple_choice", "data": str(mc), "weight": 0.5}]))
+    tasks = load_tasks(cfg)
+    eng = make_engine(cfg)
+    target = evaluate_recipe(eng, search_toy["target"], tasks)
+    base = evaluate_recipe(eng, {"merge_method": "passthrough", "models": [{"model": "base"}]}, tasks)
+    assert target["em"] == 1.0 and target["mc"] == 1.0
+    assert target["ll"] > base["ll"] and target["ll"] < 0
+    assert base["em"] < 0.2
+    assert fitness(target, tasks) == pytest.approx(1.0 + 0.1 * target["ll"] + 0.5)
