@@ -21,4 +21,4 @@ demo: install
 	lazymerge demo
 
 test: install-dev
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -p no:cacheprovider tests

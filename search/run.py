@@ -196,10 +196,12 @@ def run_search(config, out_dir, workers: int | None = None, quiet: bool = False,
     _write_best(out / BEST, best)  # also repairs a best.yaml a kill left one improvement behind
     result = SearchResult(out, best["recipe"], best["fitness"], best["scores"], best["genome"], len(history), gen,
                           history)
+    if plots:
+        from .report import write_plots
+
+        write_plots(space, history, out)
     if summary:
-        from .report import summarize, write_plots
+        from .report import summarize
 
         result.summary = summarize(cfg, best["recipe"], out, quiet=quiet)
-        if plots:
-            write_plots(space, history, out)
     return result

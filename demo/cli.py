@@ -1,0 +1,84 @@
+"""`lazymerge demo`: build (or reuse) the toy zoo, evolve a merge, print the paper-style table, serve the A/B page."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def _cmd_demo(args) -> int:
+    from .experiment import claim, format_table, run_experiment
+    from .zoo import build_zoo
+
+    size = "small" if args.small else "full"
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    out = Path(args.out)
+    tables = []
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+    for s in seeds:
+        t0 = time.time()
+        zoo = build_zoo(Path(args.zoo) / f"seed{s}", seed=s, size=size)
+        say(f"zoo seed {s}: {zoo} ({time.time() - t0:.0f} s)")
+        table = run_experiment(zoo, out / f"seed{s}", evaluations=args.evaluations, layer_groups=args.layer_groups,
+                               seed=s, quiet=args.json)
+        c = claim(table)
+        table["claim"] = c
+        tables.append(table)
+        say(f"\nseed {s} — held-out accuracy (%), search took {table['seconds']:.0f} s")
+        say(format_table(table))
+        say(f"evolved vs best source {c['vs_sources']:+.1f}, vs best baseline {c['vs_baselines']:+.1f}, "
+            f"vs control {c['vs_control']:+.1f} points -> claim {'holds' if c['holds'] else 'does NOT hold'}")
+    result = tables[0] if len(tables) == 1 else _mean(tables)
+    if len(tables) > 1:
+        say("\nmean over seeds " + ", ".join(map(str, seeds)))
+        say(format_table(result))
+        c = claim(result)
+        per_seed = [claim(t, 7.5, 2.5)["holds"] for t in tables]
+        result["claim"] = {**c, "every_seed_half_margins": all(per_seed)}
+        say(f"mean: evolved vs best source {c['vs_sources']:+.1f}, vs control {c['vs_control']:+.1f} -> "
+            f"{'holds' if c['holds'] else 'does NOT hold'}; every seed at half the margins: {all(per_seed)}")
+    (out / "results.json").write_text(json.dumps(result if len(tables) == 1 else {"mean": result, "seeds": tables},
+                                                 indent=2))
+    say(f"plots and records: {out}/seed*/ (results.png, search_ps/fitness.png, search_ps/params.png)")
+    if args.json:
+        print(json.dumps({"target_task": result["target_task"], "rows": result["rows"]}))
+    if args.no_serve:
+        return 0
+    from lazymerge.server.cli import serve_blocking
+
+    from .experiment import baselines
+
+    zoo = Path(args.zoo) / f"seed{seeds[0]}"
+    recipes = {f"{k}-default": r for k, r in baselines().items()}
+    recipes["evolved"] = (out / f"seed{seeds[0]}" / "evolved.yaml").read_text()
+    recipes["control-math-alone"] = (out / f"seed{seeds[0]}" / "control.yaml").read_text()
+    serve_blocking({m: str(zoo / m) for m in ("base", "foreign", "math")}, recipes, args.host, args.port,
+                   db=str(out / "votes.sqlite"))
+    return 0
+
+
+def _mean(tables: list[dict]) -> dict:
+    rows = []
+    for i, r in enumerate(tables[0]["rows"]):
+        scores = {t: round(statistics.mean(tb["rows"][i]["scores"][t] for tb in tables), 1) for t in r["scores"]}
+        rows.append({"model": r["model"], "kind": r["kind"], "scores": scores})
+    return {"target_task": tables[0]["target_task"], "rows": rows}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="the paper's result at toy scale: zoo, evolutionary merge, table, A/B page")
+    p.add_argument("--zoo", default="zoo", help="where the zoo is built or reused (default ./zoo)")
+    p.add_argument("--out", default="runs/demo", help="where run records, tables and plots go")
+    p.add_argument("--seed", type=int, default=0, help="first zoo/search seed")
+    p.add_argument("--seeds", type=int, default=1, help="run this many seeds and report each and the mean")
+    p.add_argument("--evaluations", type=int, default=150, help="CMA-ES candidates per search")
+    p.add_argument("--layer-groups", type=int, default=2, help="weight per source per group of layers")
+    p.add_argument("--small", action="store_true", help="the seconds-sized zoo (tests; accuracies are meaningless)")
+    p.add_argument("--no-serve", action="store_true", help="stop after the table")
+    p.add_argument("--json", action="store_true", help="print the table as JSON on stdout's last line")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=_cmd_demo)
