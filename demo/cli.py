@@ -68,7 +68,22 @@ def _mean(tables: list[dict]) -> dict:
     return {"target_task": tables[0]["target_task"], "rows": rows}
 
 
+def _cmd_zoo_build(args) -> int:
+    from .zoo import _cmd_build  # torch and transformers load only when the command runs
+
+    return _cmd_build(args)
+
+
 def register(sub) -> None:
+    zoo = sub.add_parser("zoo", help="toy model zoo (tiny Mistral base + foreign and math experts)")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = zsub.add_parser("build", help="train and write the zoo (cached by seed/size)")
+    build.add_argument("dir", nargs="?", default="./zoo", help="output directory (default ./zoo)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--small", action="store_true", help="tiny models, builds in seconds (tests)")
+    build.add_argument("--force", action="store_true", help="rebuild even if a matching manifest exists")
+    build.set_defaults(func=_cmd_zoo_build)
+
     p = sub.add_parser("demo", help="the paper's result at toy scale: zoo, evolutionary merge, table, A/B page")
     p.add_argument("--zoo", default="zoo", help="where the zoo is built or reused (default ./zoo)")
     p.add_argument("--out", default="runs/demo", help="where run records, tables and plots go")

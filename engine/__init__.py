@@ -1,21 +1,24 @@
-"""lazymerge.engine: sources, recipes, merge math and the lazy runtime (no server or search dependencies)."""
+"""lazymerge.engine: sources, recipes, merge math and the lazy runtime (no server or search dependencies).
 
-from .checkpoint import CheckpointError, Source
-from .plan import ModelPlan, SourceSet, compile_plan
-from .recipe import Recipe, RecipeError, load_recipe
+Names load on first use, so `lazymerge --help` and the CLI's argument parsing import neither torch nor transformers.
+"""
 
-
-def __getattr__(name):  # the runtime imports transformers: load it on first use
-    if name in ("Engine", "LazyModel"):
-        from . import api
-
-        return getattr(api, name)
-    if name in ("SamplingParams", "Completion"):
-        from . import generate
-
-        return getattr(generate, name)
-    raise AttributeError(name)
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "Source": "checkpoint",
+    "ModelPlan": "plan", "SourceSet": "plan", "compile_plan": "plan",
+    "Recipe": "recipe", "RecipeError": "recipe", "load_recipe": "recipe",
+    "Engine": "api", "LazyModel": "api",
+    "SamplingParams": "generate", "Completion": "generate",
+}
 
 
-__all__ = ["CheckpointError", "Source", "ModelPlan", "SourceSet", "compile_plan", "Recipe", "RecipeError",
-           "load_recipe", "Engine", "LazyModel", "SamplingParams", "Completion"]
+def __getattr__(name):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'lazymerge.engine' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+
+
+__all__ = list(_EXPORTS)

@@ -214,6 +214,11 @@ class Merger:
         return spec, aux
 
     def _l1_scale(self, spec: MergeSpec, i: int, base: TensorRef, x: TensorRef, aux_i) -> float:
+        from lazymerge.kernels import merge_cpu
+
+        if merge_cpu.enabled() and self.store.device.type == "cpu":
+            before, after = merge_cpu.l1_sums_fused(self.store.get(base), self.store.get(x), spec, i, aux_i)
+            return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
         b = self.store.get(base).reshape(-1)
         xx = self.store.get(x).reshape(-1)
         a = aux_i.reshape(-1) if aux_i is not None else None

@@ -98,3 +98,34 @@ def merge_delta_fused(base, sources, spec, aux=None) -> torch.Tensor:
              i64(spec.c_out), f32(spec.densities), f32(spec.eps), i64(k[0] for k in keys), i64(k[1] for k in keys),
              torch.tensor(spec.lam, device=dev), torch.tensor(div_all, device=dev))
     return out.view(base.shape)
+
+
+def _l1(b, x, aux, t_in, c_in, t_out, c_out, dens, eps, k1, k2, *, keep: str):
+    """(sum |d|, sum |d * keep|) of one source's delta, the L1 rescale factor's two norms."""
+    d = x.float() - b.float()
+    idx = torch.arange(b.numel(), dtype=torch.int64, device=b.device)
+    if keep == "topk":
+        a = d.abs()
+        k = (a > t_in) | ((a == t_in) & (idx <= c_in))
+        k = k & ~((a > t_out) | ((a == t_out) & (idx <= c_out)))
+    else:
+        u = (_mix(_mix(idx ^ k1) ^ k2) >> 8).to(torch.float32) * (2.0**-24)
+        k = u < (dens if keep == "random" else (dens - eps) + aux.float() * (2.0 * eps))
+    return d.abs().sum(dtype=torch.float64), (d * k).abs().sum(dtype=torch.float64)
+
+
+def l1_sums_fused(base, x, spec, i: int, aux_i=None) -> tuple[float, float]:
+    """Fused `_l1` for source i of `spec` (one pass; the engine's L1 rescale on the CPU fused path)."""
+    key = ("l1", spec.keep, aux_i is not None)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        import functools
+
+        fn = _COMPILED[key] = torch.compile(functools.partial(_l1, keep=spec.keep), dynamic=True, fullgraph=True)
+    g = lambda v, d=0.0: torch.tensor(v[i] if v else d)  # noqa: E731
+    keys = spec.keys[i] if spec.keys else (0, 0)
+    before, after = fn(base.reshape(-1), x.reshape(-1), None if aux_i is None else aux_i.reshape(-1), g(spec.t_in),
+                       torch.tensor(spec.c_in[i] if spec.c_in else -1), g(spec.t_out),
+                       torch.tensor(spec.c_out[i] if spec.c_out else -1), g(spec.densities), g(spec.eps),
+                       torch.tensor(keys[0]), torch.tensor(keys[1]))
+    return float(before), float(after)

@@ -10,8 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES = ("lazymerge.engine.cli", "lazymerge.server.cli", "lazymerge.search.cli", "lazymerge.demo.cli",
-                      "lazymerge.demo.zoo")
+SUBCOMMAND_MODULES = ("lazymerge.engine.cli", "lazymerge.server.cli", "lazymerge.search.cli", "lazymerge.demo.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

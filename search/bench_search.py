@@ -77,7 +77,24 @@ def _mean(rows: list[dict], k: str) -> float:
     return float(np.mean([x[k] for x in rows]))
 
 
-def bench(cfg_dict: dict, method: str, n_lazy: int, n_base: int, threads: int, seed: int = 0) -> dict:
+def mergekit_merge(recipe: dict, paths: dict[str, str], out: Path) -> None:
+    """Materialize a candidate with mergekit itself (mergekit-evolve's way), the recipe's names mapped to folders."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    r = json.loads(json.dumps(recipe))
+    r.pop("random_seed", None)
+    text = yaml.safe_dump(r)
+    for name, path in sorted(paths.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(f"model: {name}\n", f"model: {path}\n").replace(f"base_model: {name}\n",
+                                                                          f"base_model: {path}\n")
+    cfg = MergeConfiguration.model_validate(yaml.safe_load(text + "dtype: float32\n"))
+    run_merge(cfg, str(out), options=MergeOptions(copy_tokenizer=False, quiet=True))
+
+
+def bench(cfg_dict: dict, method: str, n_lazy: int, n_base: int, threads: int, seed: int = 0,
+          cpu_fused: bool = True) -> dict:
     """Per-candidate timings of the lazy path and of two materialize-then-load baselines: `fresh` merges each
     candidate from scratch (a standalone merge per candidate, as mergekit-evolve does), `shared` reuses this engine's
     merge statistics (TIES magnitude orders), leaving only the write and the load as the difference."""
@@ -90,7 +107,8 @@ def bench(cfg_dict: dict, method: str, n_lazy: int, n_base: int, threads: int, s
     from .run import make_space
     from .tasks import fitness, load_tasks, score_task
 
-    cfg_dict = {**cfg_dict, "space": {**cfg_dict["space"], "method": method}, "runtime": {"threads": threads}}
+    cfg_dict = {**cfg_dict, "space": {**cfg_dict["space"], "method": method},
+                "runtime": {"threads": threads, "cpu_fused": cpu_fused}}
     cfg = load_config(cfg_dict)
     space = make_space(cfg)
     xs = np.random.default_rng(seed).uniform(0.2, 0.8, size=(max(n_lazy, n_base) + 1, space.dim))
@@ -109,13 +127,22 @@ def bench(cfg_dict: dict, method: str, n_lazy: int, n_base: int, threads: int, s
     tmp = Path(tempfile.mkdtemp(prefix="lazymerge-bench-"))
     base: dict[str, list[dict]] = {"fresh": [], "shared": []}
     try:
+        import mergekit  # noqa: F401
+
+        base["mergekit"] = []
+    except ImportError:
+        pass
+    try:
         for kind, rows in base.items():
             for i, r in enumerate(recipes[:n_base]):
                 d = tmp / f"{kind}{i}"
                 t0 = time.perf_counter()
                 if kind == "shared":
                     ev.engine.merger.specs.clear()  # keep the statistics, not this candidate's scalars
-                export(ev.engine.plan(r), d, merger=ev.engine.merger if kind == "shared" else None)
+                if kind == "mergekit":
+                    mergekit_merge(r, cfg.source_paths(), d)
+                else:
+                    export(ev.engine.plan(r), d, merger=ev.engine.merger if kind == "shared" else None)
                 t1 = time.perf_counter()
                 model = LoadedModel(d, tok, lock)
                 t2 = time.perf_counter()
@@ -127,7 +154,9 @@ def bench(cfg_dict: dict, method: str, n_lazy: int, n_base: int, threads: int, s
                              "fitness": fitness(scores, tasks)})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for rows in base.values():  # same candidates, same task code: same fitness
+    for kind, rows in base.items():  # same candidates, same task code: same fitness
+        if kind == "mergekit" and method in ("dare_ties", "dare_linear", "della", "della_linear"):
+            continue  # mergekit draws its own random masks
         for a, b in zip(lazy, rows):
             assert abs(a["fitness"] - b["fitness"]) < 1e-9, (a, b)
 
@@ -144,8 +173,8 @@ def bench(cfg_dict: dict, method: str, n_lazy: int, n_base: int, threads: int, s
     return out
 
 
-PATHS = (("lazy", "lazy (this engine)"), ("materialize_fresh", "materialize-then-load"),
-         ("materialize_shared", "materialize, shared stats"))
+PATHS = (("lazy", "lazy (this engine)"), ("materialize_mergekit", "mergekit merge, write, load"),
+         ("materialize_fresh", "materialize-then-load"), ("materialize_shared", "materialize, shared stats"))
 
 
 def table(rows: list[dict]) -> str:
@@ -154,6 +183,8 @@ def table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         for key, label in PATHS:
+            if key not in r:
+                continue
             x = r[key]
             merge = x.get("merge_s", x.get("merge_write_s"))
             body.append([r["method"], str(r["examples"]), label, f"{merge:.3f}",
@@ -177,6 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-candidates", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--root", help="where to build the models (default: a temporary folder)")
+    ap.add_argument("--eager", action="store_true", help="lazy path with the eager merge (not the fused CPU one)")
     args = ap.parse_args(argv)
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="lazymerge-bench-models-"))
     rows = []
@@ -184,7 +216,8 @@ def main(argv=None) -> int:
         for n in args.examples:
             cfg = build(root / f"n{n}", args.hidden, args.layers, n, args.max_tokens)
             for m in args.methods:
-                rows.append(bench(cfg, m, args.candidates, args.baseline_candidates, args.threads))
+                rows.append(bench(cfg, m, args.candidates, args.baseline_candidates, args.threads,
+                                  cpu_fused=not args.eager))
             shutil.rmtree(root / f"n{n}", ignore_errors=True)
     finally:
         if not args.root:

@@ -171,6 +171,8 @@ class RuntimeConfig(_Frozen):
     device: str = "cpu"
     cache_factor: float = Field(1.3, description="merged-weight cache per worker, in units of one model's size")
     batch_size: int = Field(128, description="prompts per generate call")
+    cpu_fused: bool = Field(False, description="compile the CPU merge into one fused loop (kernels/merge_cpu.py): "
+                            "7-16x faster merges of sparsified methods, after tens of seconds of compilation")
 
     @model_validator(mode="after")
     def _check(self):

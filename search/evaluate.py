@@ -45,7 +45,8 @@ def make_engine(cfg: SearchConfig, threads: int | None = None):
     from lazymerge.engine import Engine
 
     torch.set_num_threads(threads or cfg.runtime.threads)
-    eng = Engine(cfg.source_paths(), device=cfg.runtime.device, policy="cached", allow_open=False, cache_bytes=0)
+    eng = Engine(cfg.source_paths(), device=cfg.runtime.device, policy="cached", allow_open=False, cache_bytes=0,
+                 cpu_fused=cfg.runtime.cpu_fused)
     budget = int(cfg.runtime.cache_factor * model_bytes(eng, cfg.base_model))
     if cfg.space.kind != "ps":  # a path may run more layers than one model has
         budget = int(budget * max(1, cfg.space.repeats))

@@ -31,3 +31,17 @@ def test_fused_cpu_merge_equals_reference(name):
     want = merge_reference(b, xs, SPECS[name], aux=aux)
     got = merge_cpu.merge_delta_fused(b, xs, SPECS[name], aux=aux)
     assert torch.equal(got, want), f"{int((got != want).sum())} elements differ"
+
+
+def test_fused_l1_sums_equal_eager():
+    g = torch.Generator().manual_seed(1)
+    b = torch.randn(N, generator=g)
+    x = b + 0.01 * torch.randn(N, generator=g)
+    spec = MergeSpec("delta", weights=(1.0,), keep="random", densities=(0.3,), keys=KEYS[:1], scales=(1.0,))
+    d = x - b
+    from lazymerge.kernels.merge import keep_mask
+
+    k = keep_mask(spec, 0, d, torch.arange(N), None)
+    before, after = merge_cpu.l1_sums_fused(b, x, spec, 0)
+    assert abs(before - float(d.abs().double().sum())) < 1e-9 * before + 1e-6
+    assert abs(after - float((d * k).abs().double().sum())) < 1e-9 * after + 1e-6
