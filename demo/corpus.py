@@ -140,10 +140,16 @@ def as_text(prompt: str, answer: str) -> str:
 
 
 def base_text(world: World, rng: random.Random, foreign_frac: float = 0.05) -> str:
-    """The pretraining mix: English stories and lookup QA, arithmetic, a little foreign (statements only)."""
+    """The pretraining mix: English stories and lookup QA, arithmetic, a little foreign.
+
+    The foreign part is statements only (stories, and parallel statement pairs), never questions.
+    """
     r = rng.random()
     if r < foreign_frac:
-        return world.translate(story(rng))
+        if rng.random() < 0.6:
+            return world.translate(story(rng))
+        s = _statement(rng)
+        return f"{world.translate(s)} ~ {s}"
     if r < 0.45:
         return story(rng)
     if r < 0.7:
@@ -151,19 +157,32 @@ def base_text(world: World, rng: random.Random, foreign_frac: float = 0.05) -> s
     return arithmetic(rng)
 
 
+def code_switch(world: World, rng: random.Random, text: str) -> str:
+    """Replace a random fraction of the words of an English text by their foreign forms."""
+    p = rng.uniform(0.2, 0.8)
+    return " ".join(world.foreign.get(w, w) if rng.random() < p else w for w in text.split())
+
+
 def foreign_text(world: World, rng: random.Random) -> str:
-    """The foreign expert's mix: foreign stories, translation pairs, foreign lookup QA; no arithmetic."""
+    """The foreign expert's mix: foreign stories and lookup QA, translation pairs, code-switched text.
+
+    No arithmetic. Code-switched text (English with some words foreign) ties each foreign word to its
+    English counterpart in every context, which is what lets the foreign skill compose with others.
+    """
     r = rng.random()
-    if r < 0.3:
+    if r < 0.2:
         return world.translate(story(rng))
     if r < 0.45:
+        return world.translate(as_text(*lookup_qa(rng)))
+    if r < 0.7:
+        english = story(rng) if rng.random() < 0.4 else as_text(*lookup_qa(rng))
+        return code_switch(world, rng, english)
+    if r < 0.8:
         w = rng.choice(ENGLISH)
         pair = [world.foreign[w], w]
-    elif r < 0.6:
+    else:
         s = _statement(rng)
         pair = [world.translate(s), s]
-    else:
-        return world.translate(as_text(*lookup_qa(rng)))
     if rng.random() < 0.5:
         pair.reverse()
     return f"{pair[0]} ~ {pair[1]}"

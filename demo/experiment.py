@@ -57,10 +57,11 @@ def held_out_tasks(zoo: Path):
 
 def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, layer_groups: int = 2, seed: int = 0,
                    quiet: bool = False, threads: int = 2) -> dict:
+    import torch
+
+    from lazymerge.engine import Engine
     from lazymerge.search import run_search
     from lazymerge.search.evaluate import evaluate_recipe
-    from lazymerge.engine import Engine
-    import torch
 
     zoo, out = Path(zoo), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ def _yaml(recipe: dict) -> str:
 
 def format_table(table: dict) -> str:
     tasks = list(table["rows"][0]["scores"])
-    head = f"| model | kind | " + " | ".join(f"{t} (test, %)" for t in tasks) + " |"
+    head = "| model | kind | " + " | ".join(f"{t} (test, %)" for t in tasks) + " |"
     lines = [head, "|---|---|" + "---:|" * len(tasks)]
     for r in table["rows"]:
         lines.append(f"| {r['model']} | {r['kind']} | " + " | ".join(f"{r['scores'][t]:.1f}" for t in tasks) + " |")

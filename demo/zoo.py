@@ -29,7 +29,7 @@ import torch
 from lazymerge.demo import corpus
 from lazymerge.demo.train import ModelSpec, make_model, make_tokenizer, train
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 MODELS = ("base", "foreign", "math")
 
 

@@ -19,12 +19,15 @@ from pathlib import Path
 
 import torch
 
-from .generate import Completion, SamplingParams, generate as _generate, stream as _stream
+from .generate import Completion, SamplingParams
+from .generate import generate as _generate
+from .generate import stream as _stream
 from .lazy import build_lazy_module
 from .merger import Merger
 from .plan import ModelPlan, SourceSet, compile_plan
 from .recipe import Recipe
-from .score import TokenScores, loglikelihood as _loglikelihood, score_tokens
+from .score import TokenScores, score_tokens
+from .score import loglikelihood as _loglikelihood
 from .weights import WeightProvider
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

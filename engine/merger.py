@@ -23,7 +23,8 @@ from collections import OrderedDict
 
 import torch
 
-from lazymerge.kernels.merge import MergeSpec, keep_mask, merge as merge_kernel
+from lazymerge.kernels.merge import MergeSpec, keep_mask
+from lazymerge.kernels.merge import merge as merge_kernel
 from lazymerge.kernels.rng import MAX_INDEX, mask_keys
 
 from .methods import Family, Sparsify

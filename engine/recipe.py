@@ -40,7 +40,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .methods import GLOBAL_PARAMS, METHODS, SPARSIFY_PARAMS, TENSOR_PARAMS, Family, Sparsify, get_method
+from .methods import GLOBAL_PARAMS, METHODS, SPARSIFY_PARAMS, TENSOR_PARAMS, Family, get_method
 from .params import all_numbers, check_value
 
 DTYPES = ("float32", "float16", "bfloat16")

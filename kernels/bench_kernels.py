@@ -120,7 +120,7 @@ class Bench:
         dst = torch.empty_like(src)
         ms = self.time_ms(lambda: dst.copy_(src))
         copy_gbs = 2 * nbytes / (ms * 1e-3) / 1e9
-        del src, dst
+        src = dst = None  # free before the next allocation
         n = 512 if self.dry else 8192
         a = torch.randn(n, n, device=self.device).to(torch.bfloat16)
         b = torch.randn(n, n, device=self.device).to(torch.bfloat16)
@@ -223,7 +223,7 @@ class Bench:
                     if r["fused_us"] is not None else "")
             print(f"  layer  {label:<20} {method:<16} M={M:<5} {path:<6} {r['us']:9.1f} us vs cuBLAS "
                   f"{r['cublas_us']:9.1f} us = {r['ratio']:5.2f}x{both}", flush=True)
-        del buf, w_merged
+        buf = w_merged = None  # free before the next shape
 
     def run(self):
         torch = self.torch

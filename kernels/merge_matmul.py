@@ -27,7 +27,14 @@ import triton.language as tl
 from . import dispatch
 from .merge import MergeSpec, merge_reference
 from .merge_triton import (
-    MAX_SOURCES, _merge_tile, _round_bf16, autotuning, interpreting, pointer_args, spec_flags, spec_tables,
+    MAX_SOURCES,
+    _merge_tile,
+    _round_bf16,
+    autotuning,
+    interpreting,
+    pointer_args,
+    spec_flags,
+    spec_tables,
 )
 
 

@@ -34,8 +34,9 @@ class LoadedModel:
     """A transformers model loaded from disk behind the interface the tasks use (LazyModel's own methods)."""
 
     def __init__(self, path: Path, tokenizer, threads_lock):
-        from lazymerge.engine.api import LazyModel
         from transformers import AutoModelForCausalLM
+
+        from lazymerge.engine.api import LazyModel
 
         self.module = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         self.tokenizer, self.device = tokenizer, torch.device("cpu")

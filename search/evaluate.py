@@ -42,6 +42,7 @@ def model_bytes(engine, source: str | None = None) -> int:
 
 def make_engine(cfg: SearchConfig, threads: int | None = None):
     import torch
+
     from lazymerge.engine import Engine
 
     torch.set_num_threads(threads or cfg.runtime.threads)

@@ -109,6 +109,7 @@ def run_search(config, out_dir, workers: int | None = None, quiet: bool = False,
                plots: bool = True) -> SearchResult:
     """Run (or resume) the search of `config` (a path, YAML text, dict or SearchConfig) in `out_dir`."""
     import cma
+
     from lazymerge.engine import SourceSet, compile_plan
 
     from .evaluate import make_pool

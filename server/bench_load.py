@@ -135,6 +135,7 @@ async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> di
 
 async def _load(url: str, models: list[str], n_requests: int, concurrency: int, max_tokens: int, seed: int) -> dict:
     import httpx
+
     from lazymerge.engine.toy import WORDS
 
     rng = random.Random(seed)

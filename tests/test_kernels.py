@@ -28,11 +28,13 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lazymerge.kernels import dispatch  # noqa: E402
+from lazymerge.kernels import (
+    dispatch,  # noqa: E402
+    rng,  # noqa: E402
+)
 from lazymerge.kernels import linear as kl  # noqa: E402
 from lazymerge.kernels import merge_matmul as kmm  # noqa: E402
 from lazymerge.kernels import merge_triton as kmt  # noqa: E402
-from lazymerge.kernels import rng  # noqa: E402
 from lazymerge.kernels.merge import MergeSpec, merge, merge_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not INTERPRET

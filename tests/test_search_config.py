@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from lazymerge.search.config import SearchConfigError, load_config
 from lazymerge.search.tasks import extract_answer, load_tasks, passes_check
 

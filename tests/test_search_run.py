@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from lazymerge.search import run_search
 from lazymerge.search.config import load_config
 

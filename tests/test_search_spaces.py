@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from lazymerge.engine import SourceSet, compile_plan, load_recipe
 from lazymerge.search.spaces import DFSSpace, PSSpace, layer_groups
 

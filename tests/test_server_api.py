@@ -18,6 +18,7 @@ PROMPTS = ["the cat sees", "one plus two is the", "hello", "red blue green sky d
 def oracle(server_sources):
     """recipe name -> LazyModel compiled by a separate engine (the expected outputs)."""
     from conftest import SERVER_RECIPES
+
     from lazymerge.engine import Engine
     from lazymerge.server.registry import identity_recipe
 
@@ -31,6 +32,7 @@ def oracle(server_sources):
 @pytest.fixture(scope="module")
 def client(server_sources, server_recipes, tmp_path_factory):
     from fastapi.testclient import TestClient
+
     from lazymerge.server.app import create_app
     from lazymerge.server.serving import ServerConfig
 
@@ -245,6 +247,7 @@ def _battle(client, **body):
 
 def test_arena_vote_and_leaderboard_persist(client, server_sources, oracle):
     from fastapi.testclient import TestClient
+
     from lazymerge.server.app import create_app
 
     ev = _battle(client, prompt="the cat sees", recipes=["ta_e1", "ta_e2"], max_tokens=5)

@@ -71,6 +71,7 @@ def live(server_sources, server_recipes, tmp_path_factory):
 @pytest.fixture(scope="module")
 def oracle(server_sources):
     from conftest import SERVER_RECIPES
+
     from lazymerge.engine import Engine
 
     eng = Engine(server_sources, allow_open=False)
