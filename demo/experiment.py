@@ -30,7 +30,8 @@ def baselines() -> dict[str, dict]:
         "average": {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}}
                                                          for m in ("base", "foreign", "math")]},
         "ties": {"merge_method": "ties", "base_model": "base", "models": two({"weight": 1.0, "density": 0.5})},
-        "dare_ties": {"merge_method": "dare_ties", "base_model": "base", "models": two({"weight": 1.0, "density": 0.5})},
+        "dare_ties": {"merge_method": "dare_ties", "base_model": "base",
+                      "models": two({"weight": 1.0, "density": 0.5})},
     }
 
 
@@ -76,7 +77,8 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
     tasks = held_out_tasks(zoo)
     models: list[tuple[str, str, dict]] = []
     for m in ("base", "foreign", "math"):
-        models.append((m, "source", {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}}]}))
+        identity = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}}]}
+        models.append((m, "source", identity))
     models += [(f"{k} (default)", "baseline", r) for k, r in baselines().items()]
     models.append(("math alone, evolved", "control", control.best_recipe))
     models.append(("evolved merge (PS)", "evolved", evolved.best_recipe))
@@ -118,7 +120,8 @@ def claim(table: dict, margin_sources: float = 15.0, margin_control: float = 5.0
     return {"evolved": ev, "best_source": best_src, "best_baseline": best_base, "control": ctrl,
             "vs_sources": round(ev - best_src, 1), "vs_baselines": round(ev - best_base, 1),
             "vs_control": round(ev - ctrl, 1),
-            "holds": ev - best_src >= margin_sources and best_src < 50 and ev > best_base and ev - ctrl >= margin_control}
+            "holds": (ev - best_src >= margin_sources and best_src < 50 and ev > best_base
+                      and ev - ctrl >= margin_control)}
 
 
 def plot_results(table: dict, path: Path) -> None:

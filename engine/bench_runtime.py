@@ -98,7 +98,8 @@ def timing(paths: dict, sizes: list[int], repeats: int) -> list[dict]:
                     times[k].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append({"tokens": n, "batch": [B, T], **{f"{k}_ms": med[k] * 1e3 for k in med},
-                     "cached_ratio": med["cached"] / med["plain"], "on_the_fly_ratio": med["on_the_fly"] / med["plain"]})
+                     "cached_ratio": med["cached"] / med["plain"],
+                     "on_the_fly_ratio": med["on_the_fly"] / med["plain"]})
     return rows
 
 
@@ -134,19 +135,21 @@ def main(argv=None) -> int:
     rows = timing(paths, [1, 64, 2048] if not a.quick else [1, 64], a.repeats)
     machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     print(f"lazy runtime benchmark — {machine}")
-    print(f"model: hidden {a.hidden}, {a.layers} layers, {model_mb:.0f} MB per source (fp32), 3 sources = {src_mb:.0f} MB;"
+    print(f"model: hidden {a.hidden}, {a.layers} layers, {model_mb:.0f} MB per source (fp32), "
+          f"3 sources = {src_mb:.0f} MB;"
           f" cache budget {a.cache_mb} MB; recipe: ties over 2 experts; CPU merge: {'eager' if a.eager else 'fused'}")
     print("\n| recipes K | peak RSS (MB) | sources + cache budget (MB) | K x model (MB) | seconds |")
     print("|---:|---:|---:|---:|---:|")
     for m in mem:
-        print(f"| {m['k']} | {m['peak_rss_mb']:.0f} | {src_mb + a.cache_mb:.0f} | {m['k'] * model_mb:.0f} | {m['seconds']:.1f} |")
+        print(f"| {m['k']} | {m['peak_rss_mb']:.0f} | {src_mb + a.cache_mb:.0f} | {m['k'] * model_mb:.0f} | "
+              f"{m['seconds']:.1f} |")
     print("\n| tokens/batch | plain (ms) | cached (ms) | on the fly (ms) | cached / plain | on the fly / plain |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['tokens']} | {r['plain_ms']:.1f} | {r['cached_ms']:.1f} | {r['on_the_fly_ms']:.1f} | "
               f"{r['cached_ratio']:.3f} | {r['on_the_fly_ratio']:.3f} |")
-    res = {"machine": machine, "cpu_merge": "eager" if a.eager else "fused", "hidden": a.hidden, "layers": a.layers, "source_mb": src_mb, "cache_mb": a.cache_mb,
-           "memory": mem, "timing": rows}
+    res = {"machine": machine, "cpu_merge": "eager" if a.eager else "fused", "hidden": a.hidden, "layers": a.layers,
+           "source_mb": src_mb, "cache_mb": a.cache_mb, "memory": mem, "timing": rows}
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     print(json.dumps(res))

@@ -254,7 +254,8 @@ class Merger:
         return (math.sin(theta0 - theta_t) / s_t0, math.sin(theta_t) / s_t0)
 
     # -- the merge ---------------------------------------------------------------------------------------------
-    def merge(self, plan: TensorPlan, rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def merge(self, plan: TensorPlan, rows: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 merged tensor of `plan` (only `rows` of it, if given: embedding lookups)."""
         spec, aux = self.spec(plan)
         base = self.store.get(plan.base) if plan.base is not None else None

@@ -57,7 +57,7 @@ class MethodDef:
 
 
 def _gta(name, sparsify, consensus, normalize, rescale) -> MethodDef:
-    return MethodDef(name, Family.task_arithmetic, sparsify, consensus, normalize, rescale, needs_base=True, min_models=1)
+    return MethodDef(name, Family.task_arithmetic, sparsify, consensus, normalize, rescale, needs_base=True)
 
 
 METHODS: dict[str, MethodDef] = {

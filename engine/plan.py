@@ -290,7 +290,8 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
         for j, (src, _, lr) in enumerate(entries):
             if lr is not None and lr[1] > S[src].num_layers:
                 where = f"{gname}.sources[{j}].layer_range"
-                raise RecipeError(f"{where}: {list(lr)} is out of bounds: source {src!r} has {S[src].num_layers} layers")
+                raise RecipeError(f"{where}: {list(lr)} is out of bounds: source {src!r} has "
+                                  f"{S[src].num_layers} layers")
 
     tensors: dict[str, TensorPlan] = {}
 
@@ -320,7 +321,8 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
                 per_model = []
                 for (src, params, _), st in zip(entries, starts):
                     per_model.append((src, params, f"model.layers.{st + i}.{suffix}"))
-                tensors[out_name] = _plan_layer_tensor(P, out_name, per_model, sparams, t, gname, S[first_src].shape(name))
+                shape = S[first_src].shape(name)
+                tensors[out_name] = _plan_layer_tensor(P, out_name, per_model, sparams, t, gname, shape)
             out_layer += 1
     plan_nonlayer(POST_TENSORS, *groups[-1])
     cfg = dict(ref.config)
@@ -408,7 +410,8 @@ def _path_plan(recipe: Recipe, S: SourceSet) -> ModelPlan:
         kind, m = model_of(hop.model, f"{where}.model")
         for layer in hop.layers():
             if layer >= n_layers(kind, m):
-                raise RecipeError(f"{where}: layer {layer} is out of bounds: {hop.model!r} has {n_layers(kind, m)} layers")
+                raise RecipeError(f"{where}: layer {layer} is out of bounds: {hop.model!r} has "
+                                  f"{n_layers(kind, m)} layers")
             names = (list(k for k in defs[m].tensors if k.startswith(f"model.layers.{layer}."))
                      if kind == "def" else _layer_names(S[m], layer))
             for name in names:

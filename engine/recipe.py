@@ -197,7 +197,8 @@ def _validate_recipe(r: Recipe) -> None:
         raise ValueError(f"base_model: merge_method {m.name!r} needs a base_model")
 
     # global parameters
-    known_global = set(GLOBAL_PARAMS[m.family]) | set(TENSOR_PARAMS[m.family]) | set(SPARSIFY_PARAMS.get(m.sparsify, {}))
+    tensor_known = set(TENSOR_PARAMS[m.family]) | set(SPARSIFY_PARAMS.get(m.sparsify, {}))
+    known_global = set(GLOBAL_PARAMS[m.family]) | tensor_known
     _check_params(r.parameters, "parameters", m, known_global)
     if m.family is Family.slerp and "t" not in r.parameters:
         raise ValueError("parameters.t: slerp needs `t`")
@@ -211,7 +212,6 @@ def _validate_recipe(r: Recipe) -> None:
             _check_params(s.parameters, f"slices[{si}].parameters", m, known_global)
             groups.append((f"slices[{si}]", [(f"slices[{si}].sources[{j}]", e.model, e.parameters)
                                              for j, e in enumerate(s.sources)]))
-    tensor_known = set(TENSOR_PARAMS[m.family]) | set(SPARSIFY_PARAMS.get(m.sparsify, {}))
     for gname, entries in groups:
         names = [e[1] for e in entries]
         if len(set(names)) != len(names):
@@ -220,7 +220,7 @@ def _validate_recipe(r: Recipe) -> None:
         if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
             want = m.min_models if m.max_models == m.min_models else f"{m.min_models}..{m.max_models or 'n'}"
             raise ValueError(f"{gname}: merge_method {m.name!r} takes {want} models (base included), got {n_models}")
-        for where, name, params in entries:
+        for where, _name, params in entries:
             _check_params(params, f"{where}.parameters", m, tensor_known)
         if m.family is Family.task_arithmetic or m.family is Family.linear:
             for where, name, params in entries:

@@ -13,7 +13,8 @@ Contract (the reference below is the CPU path and the oracle of the Triton kerne
       else:      c_i = 1;                                        mixed = sum x_i;     div = sum w_i (|.|<1e-8 -> 1)
       out  = base + lam * (mixed / div if normalize else mixed)
   keep rules, with a = |d_i| and j the element's flat index in the whole tensor:
-      topk:   in(t, c) = a > t or (a == t and j <= c);   (c >= 2**32: no tie straddles the cut)   keep = in(t_in[i], c_in[i]) and not in(t_out[i], c_out[i])
+      topk:   in(t, c) = a > t or (a == t and j <= c)     (c >= 2**32: no tie straddles the cut)
+              keep = in(t_in[i], c_in[i]) and not in(t_out[i], c_out[i])
               (TIES: the top-k set; breadcrumbs: top-(k_in) minus top-(k_out); ties at the cut go to lower j)
       random: keep = u_i(j) < densities[i]                  (kernels.rng, keys[i])
       della:  keep = u_i(j) < (densities[i] - eps[i]) + aux[i][j] * (2 * eps[i])   (aux: per-row rank in [0,1])
