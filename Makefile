@@ -18,7 +18,7 @@ install-dev: install
 		apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will skip"; }
 
 demo: install
-	lazymerge demo
+	$(PY) -m lazymerge.cli demo
 
 test: install-dev
 	$(PY) -m pytest -p no:cacheprovider tests

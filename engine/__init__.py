@@ -8,7 +8,7 @@ _EXPORTS = {
     "ModelPlan": "plan", "SourceSet": "plan", "compile_plan": "plan",
     "Recipe": "recipe", "RecipeError": "recipe", "load_recipe": "recipe",
     "Engine": "api", "LazyModel": "api",
-    "SamplingParams": "generate", "Completion": "generate",
+    "SamplingParams": "generate", "Completion": "generate", "UsageError": "generate",
 }
 
 

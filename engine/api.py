@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .generate import Completion, SamplingParams
+from .generate import Completion, SamplingParams, UsageError
 from .generate import generate as _generate
 from .generate import stream as _stream
 from .lazy import build_lazy_module
@@ -42,14 +42,12 @@ class Engine:
         else:
             self.sources = SourceSet.open(sources or {}, allow_open=allow_open)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"device {device!r}: CUDA is not available on this machine")
         if dtype is None:
             dtype = "float32" if self.device.type == "cpu" else "bfloat16"
         self.dtype = DTYPES[dtype]
-        if cpu_fused is not None:  # process-wide: the compiled CPU merge (see kernels/merge_cpu.py)
-            from lazymerge.kernels import merge_cpu
-
-            merge_cpu.enable(cpu_fused)
-        self.merger = Merger(self.sources, self.device, stats_budget=stats_bytes)
+        self.merger = Merger(self.sources, self.device, stats_budget=stats_bytes, cpu_fused=cpu_fused)
         self.provider = WeightProvider(self.merger, policy, cache_bytes, self.dtype)
         self._tokenizers: dict[str, object] = {}
         self.lock = threading.RLock()  # one forward at a time per engine
@@ -87,7 +85,7 @@ class _Session:
         mask = torch.zeros((B, T), dtype=torch.long)
         for i, p in enumerate(prompts):
             if not p:
-                raise ValueError("empty prompt")
+                raise UsageError("empty prompt: nothing to condition on")
             ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, T - len(p):] = 1
         self.ids, self.mask = ids.to(model.device), mask.to(model.device)

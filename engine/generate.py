@@ -2,8 +2,9 @@
 stop strings, max tokens and EOS. Each row of a batch has its own sampling settings.
 
 `stream(model, prompts, params)` yields, after every decoding step, the list of `Delta`s (new text per row, and
-whether the row finished). Text that might be the beginning of a stop string is held back until it is certain, so
-what is streamed never has to be taken back. `generate` collects the stream into `Completion`s.
+whether the row finished). Text that might be the beginning of a stop string, or that ends in a partly decoded multi-byte
+character (byte-level tokenizers), is held back until it is certain, so what is streamed never has to be taken
+back. `generate` collects the stream into `Completion`s.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+
+
+class UsageError(ValueError):
+    """A request the engine cannot run (bad sampling settings, an empty prompt, an absent device)."""
 
 
 @dataclass
@@ -24,11 +29,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.max_tokens < 0:
-            raise ValueError("max_tokens must be >= 0")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+            raise UsageError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if not self.temperature >= 0:
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
-            raise ValueError("top_p must be in (0, 1]")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         self.stop = tuple(s for s in (self.stop or ()) if s)
 
 
@@ -106,6 +111,9 @@ def stream(model, prompts: list[list[int]], params: list[SamplingParams]) -> Ite
             elif reason is None and len(out_ids[i]) >= params[i].max_tokens:
                 reason = "length"
             safe = len(text) if reason or not stops else max(sent[i], len(text) - max(len(s) for s in stops) + 1)
+            if not reason:  # a token may end inside a multi-byte character: wait for the rest of it
+                while safe > sent[i] and text[safe - 1] == "\ufffd":
+                    safe -= 1
             piece = text[sent[i]:safe]
             sent[i] = max(sent[i], safe)
             if reason:

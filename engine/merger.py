@@ -23,6 +23,7 @@ from collections import OrderedDict
 
 import torch
 
+from lazymerge.kernels import merge_cpu
 from lazymerge.kernels.merge import MergeSpec, keep_mask
 from lazymerge.kernels.merge import merge as merge_kernel
 from lazymerge.kernels.rng import MAX_INDEX, mask_keys
@@ -106,8 +107,10 @@ class TensorStore:
 
 
 class Merger:
-    def __init__(self, sources: SourceSet, device="cpu", stats_budget: int = 4 << 30, spec_entries: int = 200_000):
+    def __init__(self, sources: SourceSet, device="cpu", stats_budget: int = 4 << 30, spec_entries: int = 200_000,
+                 cpu_fused: bool | None = None):
         self.store = TensorStore(sources, device)
+        self.cpu_fused = merge_cpu.enabled() if cpu_fused is None else cpu_fused  # kernels/merge_cpu.py
         self.stats = LRU(stats_budget, _nbytes)
         self.specs = LRU(spec_entries, lambda v: 1)
 
@@ -215,9 +218,7 @@ class Merger:
         return spec, aux
 
     def _l1_scale(self, spec: MergeSpec, i: int, base: TensorRef, x: TensorRef, aux_i) -> float:
-        from lazymerge.kernels import merge_cpu
-
-        if merge_cpu.enabled() and self.store.device.type == "cpu":
+        if self.cpu_fused and self.store.device.type == "cpu":
             before, after = merge_cpu.l1_sums_fused(self.store.get(base), self.store.get(x), spec, i, aux_i)
             return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
         b = self.store.get(base).reshape(-1)
@@ -271,7 +272,7 @@ class Merger:
                 index = index.reshape(xs[0].shape)
         if spec.mode == "delta" and not xs:
             return base.float() if out is None else out.copy_(base)
-        return merge_kernel(base, xs, spec, aux=aux, index=index, out=out)
+        return merge_kernel(base, xs, spec, aux=aux, index=index, out=out, cpu_fused=self.cpu_fused)
 
 
 def _cut(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[float, int]:

@@ -7,7 +7,7 @@ to zero...) and raise `RecipeError` naming the field.
 Conventions (documented in README):
 * `models:` form: output layer l is the merge of layer l of every model, gradients at t = l / (L - 1).
 * `slices:` form: output layers are the slices in order; a slice's i-th layer merges layer start_s + i of each of
-  its sources, gradients at t = i / (n - 1). Embeddings come from the first slice's sources, final norm and LM head
+  its sources, gradients at t = i / (n - 1) (t = 1 for a one-layer slice, as mergekit). Embeddings come from the first slice's sources, final norm and LM head
   from the last slice's; all non-layer tensors use t = 0 (a gradient's first value).
 * `path`: hop h runs layer `layer` of `model` (a source, or a definition's merged layer); the hidden state entering
   hop h is multiplied by its `scale`. `base_model` supplies embeddings, final norm and LM head.
@@ -313,7 +313,7 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
             n_layers = entries[0][2][1] - entries[0][2][0]
             starts = [lr[0] for _, _, lr in entries]
         for i in range(n_layers):
-            t = i / (n_layers - 1) if n_layers > 1 else 0.0
+            t = i / (n_layers - 1) if n_layers > 1 else 1.0  # mergekit: t = 1 for one layer
             first_src, _, _ = entries[0]
             for name in _layer_names(S[first_src], starts[0] + i):
                 suffix = LAYER_RE.match(name).group(2)

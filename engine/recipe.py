@@ -31,8 +31,6 @@ Layer-path extension (data-flow merging)::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -132,42 +130,11 @@ class Recipe(_Frozen):
     def method(self):
         return get_method(self.merge_method)
 
-    def referenced_models(self) -> list[str]:
-        """Every model name the recipe reads, in first-use order (definitions' sources included)."""
-        names: list[str] = []
-
-        def add(n):
-            if n is not None and n not in names:
-                names.append(n)
-
-        if self.definitions:
-            for d in self.definitions.values():
-                for n in d.referenced_models():
-                    add(n)
-        defs = set(self.definitions or {})
-        if self.base_model not in defs:
-            add(self.base_model)
-        for m in self.models or []:
-            add(m.model)
-        for s in self.slices or []:
-            for src in s.sources:
-                add(src.model)
-        for h in self.path or []:
-            if h.model not in defs:
-                add(h.model)
-        if self.tokenizer_source not in (None, "base"):
-            add(self.tokenizer_source)
-        return names
-
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", exclude_defaults=True)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def digest(self) -> str:
-        """Content hash of the recipe (names of sources included; see plan digests for content identity)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _validate_recipe(r: Recipe) -> None:

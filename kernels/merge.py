@@ -25,7 +25,7 @@ storage dtype. `index` (int64 flat indices, the inputs' shape) is given when the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -52,7 +52,6 @@ class MergeSpec:
     consensus: bool = False
     normalize: bool = False
     lam: float = 1.0
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def n(self) -> int:
@@ -155,11 +154,13 @@ def merge_reference(base: torch.Tensor | None, sources: list[torch.Tensor], spec
     return res.view(shape) if out is None else out
 
 
-def merge(base, sources, spec, aux=None, index=None, out=None):
-    """Dispatch: CUDA tensors -> Triton kernel (unless forced to the reference), else the reference."""
+def merge(base, sources, spec, aux=None, index=None, out=None, cpu_fused: bool | None = None):
+    """Dispatch: CUDA tensors -> Triton kernel (unless forced to the reference); CPU tensors -> the fused CPU merge
+    when `cpu_fused` (default: LAZYMERGE_CPU_FUSED) and the spec sparsifies, else the reference."""
     from . import dispatch, merge_cpu
 
-    if (merge_cpu.enabled() and spec.mode == "delta" and spec.keep != "all" and index is None and out is None
+    fused = merge_cpu.enabled() if cpu_fused is None else cpu_fused
+    if (fused and spec.mode == "delta" and spec.keep != "all" and index is None and out is None
             and sources and sources[0].device.type == "cpu" and not dispatch.use_triton(sources[0])):
         return merge_cpu.merge_delta_fused(base, sources, spec, aux=aux)
     if dispatch.use_triton(sources[0]):

@@ -4,7 +4,8 @@ Same contract and same float32 operations, element by element, as `kernels.merge
 check equality); the eager reference makes ~30 passes over memory for a TIES merge, this makes one. Every number of
 the spec enters as a tensor, so one compiled graph serves every recipe with the same structure (keep rule, consensus,
 normalize, number of sources); compiling a structure costs tens of seconds once per process (Inductor's on-disk
-cache makes later processes faster), which is why it is opt-in: `LAZYMERGE_CPU_FUSED=1` or `enable(True)`.
+cache makes later processes faster), which is why it is opt-in: `Engine(..., cpu_fused=True)` (per engine) or
+`LAZYMERGE_CPU_FUSED=1` (the process default, `enabled()`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,6 @@ from .rng import C1, C2, M32
 
 _ENABLED = os.environ.get("LAZYMERGE_CPU_FUSED", "") == "1"
 _COMPILED = {}
-
-
-def enable(on: bool = True) -> None:
-    global _ENABLED
-    _ENABLED = on
 
 
 def enabled() -> bool:

@@ -30,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from lazymerge.engine.checkpoint import CheckpointError
+    from lazymerge.engine.generate import UsageError
     from lazymerge.engine.recipe import RecipeError
 
-    errs: list[type[BaseException]] = [RecipeError, CheckpointError, FileNotFoundError]
+    errs: list[type[BaseException]] = [RecipeError, CheckpointError, UsageError, FileNotFoundError]
     try:
         from lazymerge.search.config import SearchConfigError
 

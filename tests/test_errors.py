@@ -173,5 +173,9 @@ def test_cli_errors_are_one_line_without_traceback(fam, tmp_path):
     r = run_cli("merge", unknown, tmp_path / "out")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "models[0].model: unknown source './nowhere'" in r.stderr
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(f"merge_method: linear\nmodels: [{{model: {fam['e1']}, parameters: {{weight: 1}}}}]")
+    r = run_cli("generate", ok, "the cat", "--temperature", "-1")
+    assert r.returncode == 2 and r.stderr.strip() == "error: temperature must be >= 0, got -1.0"
     r = run_cli("score", tmp_path / "missing.yaml", "hello")
     assert r.returncode == 2 and r.stderr.startswith("error: cannot read recipe file")

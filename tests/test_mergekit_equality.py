@@ -69,7 +69,7 @@ slices:
       - {model: E2, layer_range: [0, 2], parameters: {weight: 0.3, density: 0.7}}
   - sources:
       - {model: BASE, layer_range: [2, 3]}
-      - {model: E1, layer_range: [2, 3], parameters: {weight: 0.2, density: 0.9}}
+      - {model: E1, layer_range: [2, 3], parameters: {weight: [0.2, 0.7], density: 0.9}}  # one layer: t = 1
       - {model: E2, layer_range: [2, 3], parameters: {weight: 0.9, density: 0.3}}
 """,
     "passthrough_stack": """

@@ -206,9 +206,13 @@ def test_loglikelihood_and_token_logprobs(fam):
     full = torch.log_softmax(model.logits(torch.tensor([ids]))[0], -1)
     for i in range(1, len(ids)):
         assert abs(lps[i] - float(full[i - 1, ids[i]])) < 1e-5
-    (ll, greedy), (ll2, _) = model.loglikelihood([("the cat sees", " the dog"), ("the cat", " sees the dog")])
+    (ll, greedy), (ll2, greedy2) = model.loglikelihood([("the cat sees", " the dog"), ("the cat", " sees the dog")])
     assert abs(ll - sum(lps[3:])) < 1e-4 and abs(ll2 - sum(lps[2:])) < 1e-4
-    assert isinstance(greedy, bool)
+    argmax = [int(full[i - 1].argmax()) == ids[i] for i in range(1, len(ids))]
+    assert greedy == all(argmax[2:]) and greedy2 == all(argmax[1:])
+    # a continuation made of the model's own greedy tokens is greedy
+    g = model.generate(["the cat"], max_tokens=3)[0]
+    assert model.loglikelihood([("the cat", " " + g.text)])[0][1] is True
 
 
 def test_chat_template_from_tokenizer(fam):
