@@ -65,12 +65,13 @@ class Arena:
             ids = m.chat_prompt([{"role": "user", "content": req.prompt}]) if req.chat else m.encode(req.prompt)
             prompts[side] = self.s.check_prompt(m, ids)
         queue: asyncio.Queue = asyncio.Queue()
-        jobs = {}
         t0 = time.perf_counter()
-        for side, e in entries.items():
-            params = self.s.sampling(req.max_tokens, req.temperature, req.top_p, req.seed, None, 1)
-            jobs[side] = self.s.submit(Job("generate", e.name, e.model, [prompts[side]], params=params),
-                                       Sink(queue, tag=side))
+        params = {side: self.s.sampling(req.max_tokens, req.temperature, req.top_p, req.seed, None, 1)
+                  for side in entries}
+        sides = list(entries)  # both sides are queued, or neither (429)
+        jobs = dict(zip(sides, self.s.submit_all(
+            [Job("generate", entries[s].name, entries[s].model, [prompts[s]], params=params[s]) for s in sides],
+            [Sink(queue, tag=s) for s in sides])))
         b = Battle(uuid.uuid4().hex, {s: e.name for s, e in entries.items()},
                    {s: e.digest for s, e in entries.items()}, req.prompt)
         self._battles[b.id] = b

@@ -35,7 +35,8 @@ def serve_blocking(engine_sources: dict, recipes: dict | None = None, host: str 
                    *, api_key: str | None = None, cache_mb: float = 1024.0, db: str | None = None,
                    log_level: str = "warning", **limits) -> None:
     """Serve `recipes` ({name: YAML text or dict}) over `engine_sources` ({name: checkpoint folder}) until
-    interrupted, printing the A/B page's address. `limits` are further `ServerConfig` fields (max_tokens, ...).
+    interrupted, printing the A/B page's address; `port=0` binds any free port and prints it ("lazymerge: listening on
+    port N"). `limits` are further `ServerConfig` fields (max_tokens, ...).
     Bad sources or recipes raise (CheckpointError / RecipeError) before anything listens."""
     import uvicorn
 
@@ -45,12 +46,17 @@ def serve_blocking(engine_sources: dict, recipes: dict | None = None, host: str 
     config = build_config(engine_sources, recipes, api_key=api_key, cache_mb=cache_mb, db_path=db, **limits)
     serving = MergeServing(config)  # opens sources and compiles recipes now: errors surface before listening
     app = create_app(serving=serving)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
+    uconfig = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
+    server = uvicorn.Server(uconfig)
+    sock = uconfig.bind_socket()  # bound here, so that port 0 (any free port) prints the port actually bound
+    port = sock.getsockname()[1]
     names = ", ".join(e.name for e in serving.registry.entries())
     print(f"lazymerge: serving {names}", flush=True)
-    print(f"lazymerge: OpenAI API at http://{host}:{port}/v1  A/B page: {page_address(host, port, api_key)}",
+    print(f"lazymerge: listening on port {port}", flush=True)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"lazymerge: OpenAI API at http://{shown}:{port}/v1  A/B page: {page_address(host, port, api_key)}",
           flush=True)
-    server.run()
+    server.run(sockets=[sock])
 
 
 def _cmd_serve(args) -> int:
@@ -65,7 +71,7 @@ def _cmd_serve(args) -> int:
                    db=args.db, log_level=args.log_level, device=args.device, max_tokens=args.max_tokens,
                    max_prompt_tokens=args.max_prompt_tokens, max_batch_size=args.max_batch_size,
                    max_body_bytes=int(args.max_body_kb * 1024), max_recipes=args.max_recipes,
-                   max_queue=args.max_queue, num_threads=args.threads)
+                   max_queue=args.max_queue, num_threads=args.threads, cpu_fused=True if args.cpu_fused else None)
     return 0
 
 
@@ -77,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", action="append", metavar="FILE", help="a recipe YAML file registered at start, "
                    "named by its file stem (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="bind port; 0 picks a free one, printed as 'lazymerge: "
+                   "listening on port N' (default 8000)")
     p.add_argument("--api-key", default=None, help="require this key on every route but /health (default: env "
                    "LAZYMERGE_API_KEY)")
     p.add_argument("--cache-mb", type=float, default=1024.0, help="merged-weight cache budget in MiB shared by all "
@@ -85,6 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--db", default="lazymerge_votes.sqlite", help="SQLite file for A/B votes (default "
                    "lazymerge_votes.sqlite; ':memory:' keeps none)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cpu-fused", action="store_true", help="merge on the CPU with the compiled fused kernel "
+                   "(kernels/merge_cpu.py) instead of eager torch")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens per request (default 512)")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="cap on prompt length (default 2048)")

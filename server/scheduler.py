@@ -8,8 +8,16 @@ Contract:
 * Fairness: each key has at most one running batch; running batches advance one decoding step each, round-robin,
   so a long generation of recipe A delays recipe B by one step per step, not by the whole generation. New batches
   are admitted between steps, oldest waiting request first.
-* Isolation: a batch that fails before producing any output is split and its jobs retried alone, so one bad
-  request fails only itself; the worker survives every exception.
+* Isolation: the worker survives every exception, and one bad request fails only itself. A batch of several
+  requests that fails (the engine cannot tell which row caused it) is split: each live request is re-run alone from
+  its prompt, so the culprit fails on its own and the others still get their complete outputs. If the batch had
+  already streamed output, each re-run replays the request's rows and delivers only what goes beyond what its client
+  already received (verified token by token against it), so streaming and non-streaming clients alike see each row
+  exactly once, never duplicated. Rows that had finished are not re-run. Replays are exact for greedy rows and for
+  sampled ones, since the scheduler pins a seed on every unseeded sampled row at submission (the same distribution
+  as an unseeded draw); should a replay still diverge from the text already sent (floating-point differences
+  between a batched and a solo forward flipping a sample), that request alone fails with a clear error rather than
+  send inconsistent text. A request re-run alone that fails again gets the error.
 * Results travel back as events on the job's `Sink` (thread-safe, bound to the caller's asyncio loop):
   ("start", queue_seconds), ("deltas", [(row, Delta), ...]), ("scores", [TokenScores, ...]), ("end", None),
   ("error", exception), each as (tag, kind, value).
@@ -19,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import random
 import threading
 import time
 from collections import OrderedDict, deque
@@ -47,6 +57,47 @@ class Sink:
             pass
 
 
+class Diverged(ServingError):
+    def __init__(self):
+        super().__init__(500, "a batch this request shared failed mid-stream, and re-running the request alone "
+                         "did not reproduce the output already sent; retry the request", code="replay_diverged")
+
+
+@dataclass(eq=False)
+class _RowLog:
+    """What a generate row delivered to its client, and what the current run has produced (they differ only while
+    a re-run replays a prefix already sent)."""
+
+    sent_ids: list[int] = field(default_factory=list)
+    sent_text: str = ""
+    done: bool = False
+    run_ids: list[int] = field(default_factory=list)
+    run_text: str = ""
+
+    def take(self, d):
+        """The part of delta `d` (of the current run) the client has not received yet: a Delta, None (nothing new)
+        or raises Diverged (the run contradicts what was sent)."""
+        self.run_ids += d.token_ids
+        self.run_text += d.text
+        n, m = min(len(self.run_ids), len(self.sent_ids)), min(len(self.run_text), len(self.sent_text))
+        if self.run_ids[:n] != self.sent_ids[:n] or self.run_text[:m] != self.sent_text[:m] or \
+                (d.finish_reason and (len(self.run_ids) < len(self.sent_ids) or
+                                      len(self.run_text) < len(self.sent_text))):
+            raise Diverged()
+        ids, text = self.run_ids[len(self.sent_ids):], self.run_text[len(self.sent_text):]
+        if not (ids or text or d.finish_reason):
+            return None
+        self.sent_ids += ids
+        self.sent_text += text
+        self.done = bool(d.finish_reason)
+        if ids == d.token_ids and text == d.text:
+            return d
+        return dataclasses.replace(d, token_ids=ids, text=text)
+
+    def rewind(self) -> None:
+        self.run_ids, self.run_text = [], ""
+
+
 @dataclass(eq=False)
 class Job:
     kind: str  # "generate" | "score"
@@ -60,6 +111,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     rows_left: int = 0
+    log: list[_RowLog] = field(default_factory=list)  # generate: per row, what was delivered
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -117,16 +169,26 @@ class Scheduler:
             self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue every job or, if they do not all fit (QueueFull) or the server is stopping, none."""
+        rows = sum(j.rows for j in jobs)
         with self._cond:
             if self._stopping:
                 raise ServingError(503, "the server is shutting down")
-            if self._queued_rows + job.rows > self.max_queued_rows:
+            if self._queued_rows + rows > self.max_queued_rows:
                 raise QueueFull(f"the request queue is full ({self._queued_rows} rows waiting, limit "
-                                f"{self.max_queued_rows}); retry later")
-            job.enqueued = time.perf_counter()
-            job.rows_left = job.rows
-            self._queues.setdefault(job.key, deque()).append(job)
-            self._queued_rows += job.rows
+                                f"{self.max_queued_rows}; this request needs {rows}); retry later")
+            now = time.perf_counter()
+            for job in jobs:
+                job.enqueued = now
+                job.rows_left = job.rows
+                if job.kind == "generate":
+                    job.log = [_RowLog() for _ in range(job.rows)]
+                    job.params = [_pin_seed(p) for p in job.params]
+                self._queues.setdefault(job.key, deque()).append(job)
+            self._queued_rows += rows
             self._cond.notify_all()
 
     def depth(self) -> tuple[int, int]:
@@ -199,13 +261,15 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.queue_time.observe(label, value=now - j.enqueued)
             j.sink.put("start", now - j.enqueued)
-        if kind == "generate":
+        if kind == "generate":  # rows already finished (before a failed batch's re-run) are not run again
             prompts, params = [], []
             for j in b.jobs:
                 for r in range(j.rows):
-                    b.owner.append((j, r))
-                prompts += j.prompts
-                params += j.params
+                    if not j.log[r].done:
+                        j.log[r].rewind()
+                        b.owner.append((j, r))
+                        prompts.append(j.prompts[r])
+                        params.append(j.params[r])
             b.gen = b.model.stream(prompts, params=params)
 
     def _step(self, b: _Batch) -> bool:
@@ -231,11 +295,21 @@ class Scheduler:
             per_job: dict[int, tuple[Job, list]] = {}
             for d in deltas:
                 job, row = b.owner[d.row]
-                per_job.setdefault(id(job), (job, []))[1].append((row, d))
-                if d.finish_reason:
-                    job.rows_left -= 1
+                if job.cancelled:
+                    continue
+                items = per_job.setdefault(id(job), (job, []))[1]
+                try:
+                    new = job.log[row].take(d)
+                except Diverged as e:
+                    job.cancelled = True
+                    job.sink.put("error", e)
+                    continue
+                if new is not None:
+                    items.append((row, new))
+                    if new.finish_reason:
+                        job.rows_left -= 1
             for job, items in per_job.values():
-                if not job.cancelled:
+                if not job.cancelled and items:
                     job.sink.put("deltas", items)
                     if job.rows_left == 0:
                         job.sink.put("end")
@@ -262,18 +336,31 @@ class Scheduler:
             i += j.rows
 
     def _on_failure(self, b: _Batch, err: Exception) -> None:
+        """A batch raised. Alone, its request fails. Shared, the request that caused it cannot be told apart: every
+        live request is re-run alone, first in line, from its prompt (see the module's docstring: output already
+        streamed is replayed, not sent twice), so only the culprit fails."""
         if b.gen is not None:
             with contextlib.suppress(Exception):
                 b.gen.close()
-        if len(b.jobs) > 1 and not b.produced:  # retry each request alone: only the culprit fails
+        live = [j for j in b.jobs if not j.cancelled and (j.rows_left > 0 or not b.begun)]
+        if len(b.jobs) > 1:
             with self._cond:
-                for j in reversed(b.jobs):
+                q = self._queues.setdefault(b.key, deque())
+                for j in reversed(live):
                     j.solo = True
-                    j.rows_left = j.rows
-                    q = self._queues.setdefault(b.key, deque())
                     q.appendleft(j)
                     self._queued_rows += j.rows
-                self._queues.move_to_end(b.key, last=False)
+                if not q:
+                    del self._queues[b.key]
+                else:
+                    self._queues.move_to_end(b.key, last=False)
             return
-        for j in b.jobs:
+        for j in live:
             j.sink.put("error", err)
+
+
+def _pin_seed(p):
+    """An unseeded sampled row gets a seed drawn now, so that a re-run (after a shared batch failed) reproduces it."""
+    if p is None or getattr(p, "temperature", 0) <= 0 or p.seed is not None:
+        return p
+    return dataclasses.replace(p, seed=random.getrandbits(62))

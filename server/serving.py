@@ -5,7 +5,9 @@ batching scheduler (one worker thread, see `scheduler`), the vote store and the 
 `protocol` models and return `protocol` models, or, for `stream: true`, an async iterator of server-sent-event
 lines; they raise `ServingError` for a request they refuse. Everything a request must be refused for (unknown
 model, caps, a full queue) is checked before a stream starts, so that a refused stream is still a plain error
-response with the right status.
+response with the right status. The endpoints' own logic lives beside it: `completions` (OpenAI completions and
+chat), `compare` (A/B comparison) and `arena` (blind battles and votes); this module keeps what they share (recipe
+resolution, validation, submitting jobs and collecting their events, metrics).
 """
 
 from __future__ import annotations
@@ -13,14 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from . import protocol as P
 from .errors import ServingError, bad_request
-from .logprobs import chat_logprobs, completion_logprobs, echo_text
 from .metrics import Gauge, Metrics
 from .registry import RecipeRegistry, parse_recipe
 from .scheduler import Job, QueueFull, Scheduler, Sink
@@ -45,6 +45,7 @@ class ServerConfig:
     default_chat_max_tokens: int = 128
     batch_window_s: float = 0.002  # an idle worker waits this long for simultaneous requests to batch
     num_threads: int | None = None  # torch intra-op threads (None: torch's default)
+    cpu_fused: bool | None = None  # the compiled CPU merge (kernels/merge_cpu.py); None: the engine's default
 
 
 @dataclass
@@ -52,12 +53,6 @@ class RowOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
-
-
-def _sse(obj) -> str:
-    data = obj if isinstance(obj, str) else obj.model_dump_json(exclude_none=False) if hasattr(obj, "model_dump_json") \
-        else json.dumps(obj)
-    return f"data: {data}\n\n"
 
 
 def _stops(stop) -> tuple[str, ...]:
@@ -76,7 +71,7 @@ class MergeServing:
         self.config = config
         policy = "cached" if config.cache_mb > 0 else "on_the_fly"
         self.engine = engine or Engine(config.sources, policy=policy, cache_bytes=int(config.cache_mb * (1 << 20)),
-                                       allow_open=False, device=config.device)
+                                       allow_open=False, device=config.device, cpu_fused=config.cpu_fused)
         self.metrics = Metrics()
         self.registry = RecipeRegistry(self.engine, config.max_recipes)
         for name, rec in config.recipes.items():
@@ -86,8 +81,12 @@ class MergeServing:
         self.votes = VoteStore(config.db_path)
         self._inline: OrderedDict[str, object] = OrderedDict()  # inline recipe text -> LazyModel
         from .arena import Arena
+        from .compare import Comparison
+        from .completions import OpenAIEndpoints
 
         self.arena = Arena(self)
+        self.comparison = Comparison(self)
+        self.openai = OpenAIEndpoints(self)
 
     def start(self) -> None:
         if self.config.num_threads:
@@ -180,7 +179,7 @@ class MergeServing:
                                seed=None if seed is None else seed + i, stop=stops) for i in range(rows)]
 
     @staticmethod
-    def _unsupported(req) -> None:
+    def unsupported(req) -> None:
         if getattr(req, "best_of", None) not in (None, req.n):
             raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
         if req.frequency_penalty or req.presence_penalty:
@@ -192,12 +191,17 @@ class MergeServing:
 
     # -- running jobs ------------------------------------------------------------------------------------------
     def submit(self, job: Job, sink: Sink | None = None) -> Job:
-        job.sink = sink or Sink()
+        return self.submit_all([job], [sink])[0]
+
+    def submit_all(self, jobs: list[Job], sinks: list[Sink | None] | None = None) -> list[Job]:
+        """Queue all the jobs of one request, or none of them (429 when they do not all fit)."""
+        for job, sink in zip(jobs, sinks or [None] * len(jobs)):
+            job.sink = sink or Sink()
         try:
-            self.scheduler.submit(job)
+            self.scheduler.submit_all(jobs)
         except QueueFull as e:
             raise ServingError(429, str(e), code="queue_full") from None
-        return job
+        return jobs
 
     async def events(self, job: Job) -> AsyncIterator[tuple[str, object]]:
         """The job's events until its end; an error event is raised. Leaving early cancels the job."""
@@ -250,225 +254,16 @@ class MergeServing:
         m.prompt_tokens.inc(label, by=prompt_tokens)
         m.generation_tokens.inc(label, by=gen_tokens)
 
-    # -- completions -------------------------------------------------------------------------------------------
-    def _completion_prompts(self, model, prompt) -> list[list[int]]:
-        if isinstance(prompt, str):
-            items: list = [prompt]
-        elif prompt and all(isinstance(x, int) for x in prompt):
-            items = [prompt]
-        else:
-            items = list(prompt)
-        if not items:
-            raise bad_request("prompt is an empty list", param="prompt")
-        return [self.check_prompt(model, model.encode(p) if isinstance(p, str) else list(p)) for p in items]
-
+    # -- OpenAI completions and chat (see `completions`) ------------------------------------------------------
     async def create_completion(self, req: P.CompletionRequest):
-        self._unsupported(req)
-        if req.logprobs is not None and req.logprobs > self.config.max_logprobs:
-            raise bad_request(f"logprobs must be <= {self.config.max_logprobs}", param="logprobs")
-        if req.stream and req.logprobs is not None:
-            raise bad_request("logprobs with stream is not supported; use stream: false", param="logprobs")
-        label, model = await self.resolve(req.model, req.recipe)
-        prompts = self._completion_prompts(model, req.prompt)
-        rows = [p for p in prompts for _ in range(req.n)]
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        params = self.sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(rows))
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        t0 = time.perf_counter()
-        job = self.submit(Job("generate", label, model, rows, params=params)) if max_tokens > 0 else None
-        tok = model.tokenizer
-        if req.stream:
-            return self._stream_completion(req, rid, label, model, rows, job, t0)
-        if job is not None:
-            outs, ttft = await self.collect(job, t0)
-        else:
-            outs, ttft = [RowOutput() for _ in rows], None
-        choices = [P.CompletionChoice(index=i, text=echo_text(tok, p, o.token_ids) + o.text if req.echo else o.text,
-                                      finish_reason=o.finish_reason) for i, (p, o) in enumerate(zip(rows, outs))]
-        if req.logprobs is not None:
-            seqs = [p + o.token_ids for p, o in zip(rows, outs)]
-            scores = await self.score(label, model, seqs, req.logprobs)
-            for c, p, s in zip(choices, rows, scores):
-                start = 0 if req.echo else len(p)
-                base = 0 if req.echo else len(tok.decode(p, skip_special_tokens=True))
-                c.logprobs = completion_logprobs(model.tokenizer, s.token_ids, s, start, req.logprobs, base)
-        n_prompt, n_gen = sum(len(p) for p in rows), sum(len(o.token_ids) for o in outs)
-        self.record(label, "completions", t0, ttft, n_prompt, n_gen)
-        return P.CompletionResponse(id=rid, model=req.model, choices=choices, system_fingerprint=model.digest,
-                                    usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
-                                                  total_tokens=n_prompt + n_gen))
-
-    async def _stream_completion(self, req, rid, label, model, rows, job, t0) -> AsyncIterator[str]:
-        tok = model.tokenizer
-        created = int(time.time())
-
-        def chunk(i, text, reason=None):
-            return P.CompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=model.digest,
-                                        choices=[P.CompletionChoice(index=i, text=text, finish_reason=reason)])
-
-        ttft, n_gen = None, 0
-        try:
-            if req.echo:
-                for i, p in enumerate(rows):
-                    yield _sse(chunk(i, tok.decode(p, skip_special_tokens=True)))
-            if job is None:
-                for i in range(len(rows)):
-                    yield _sse(chunk(i, "", "length"))
-            else:
-                async for kind, value in self.events(job):
-                    if kind != "deltas":
-                        continue
-                    for row, d in value:
-                        n_gen += len(d.token_ids)
-                        if ttft is None and d.token_ids:
-                            ttft = time.perf_counter() - t0
-                        if d.text or d.finish_reason:
-                            yield _sse(chunk(row, d.text, d.finish_reason))
-            n_prompt = sum(len(p) for p in rows)
-            if req.stream_options and req.stream_options.include_usage:
-                yield _sse(P.CompletionResponse(id=rid, created=created, model=req.model, choices=[],
-                                                usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
-                                                              total_tokens=n_prompt + n_gen)))
-            self.record(label, "completions", t0, ttft, n_prompt, n_gen)
-        except ServingError as e:
-            self.metrics.requests.inc(label, "completions", "error")
-            yield _sse(json.dumps(e.body()))
-        yield _sse("[DONE]")
-
-    # -- chat --------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _messages(req: P.ChatCompletionRequest) -> list[dict]:
-        out = []
-        for i, m in enumerate(req.messages):
-            c = m.content
-            if isinstance(c, list):
-                parts = []
-                for part in c:
-                    if part.get("type") != "text":
-                        raise bad_request("only text content parts are supported", param=f"messages[{i}].content")
-                    parts.append(str(part.get("text", "")))
-                c = "".join(parts)
-            out.append({"role": m.role, "content": c or ""})
-        return out
+        return await self.openai.create_completion(req)
 
     async def create_chat_completion(self, req: P.ChatCompletionRequest):
-        self._unsupported(req)
-        k = req.top_logprobs or 0
-        if req.stream and req.logprobs:
-            raise bad_request("logprobs with stream is not supported; use stream: false", param="logprobs")
-        label, model = await self.resolve(req.model, req.recipe)
-        try:
-            ids = model.chat_prompt(self._messages(req))
-        except ServingError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a template that rejects these messages
-            raise bad_request(f"cannot apply the chat template: {e}", param="messages") from None
-        self.check_prompt(model, ids, param="messages")
-        rows = [ids] * req.n
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:
-            max_tokens = min(self.config.default_chat_max_tokens, self.config.max_tokens)
-        params = self.sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(rows))
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        t0 = time.perf_counter()
-        job = self.submit(Job("generate", label, model, rows, params=params)) if max_tokens > 0 else None
-        if req.stream:
-            return self._stream_chat(req, rid, label, model, rows, job, t0)
-        outs, ttft = await self.collect(job, t0) if job is not None else ([RowOutput() for _ in rows], None)
-        choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=o.text), finish_reason=o.finish_reason)
-                   for i, o in enumerate(outs)]
-        if req.logprobs:
-            scores = await self.score(label, model, [ids + o.token_ids for o in outs], k)
-            for c, s in zip(choices, scores):
-                c.logprobs = chat_logprobs(model.tokenizer, s, len(ids), k)
-        n_prompt, n_gen = len(ids) * len(rows), sum(len(o.token_ids) for o in outs)
-        self.record(label, "chat", t0, ttft, n_prompt, n_gen)
-        return P.ChatCompletionResponse(id=rid, model=req.model, choices=choices, system_fingerprint=model.digest,
-                                        usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
-                                                      total_tokens=n_prompt + n_gen))
+        return await self.openai.create_chat_completion(req)
 
-    async def _stream_chat(self, req, rid, label, model, rows, job, t0) -> AsyncIterator[str]:
-        created = int(time.time())
-
-        def chunk(i, delta, reason=None):
-            return P.ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=model.digest,
-                                         choices=[P.ChatStreamChoice(index=i, delta=delta, finish_reason=reason)])
-
-        ttft, n_gen = None, 0
-        try:
-            for i in range(len(rows)):
-                yield _sse(chunk(i, P.DeltaMessage(role="assistant", content="")))
-            if job is None:
-                for i in range(len(rows)):
-                    yield _sse(chunk(i, P.DeltaMessage(), "length"))
-            else:
-                async for kind, value in self.events(job):
-                    if kind != "deltas":
-                        continue
-                    for row, d in value:
-                        n_gen += len(d.token_ids)
-                        if ttft is None and d.token_ids:
-                            ttft = time.perf_counter() - t0
-                        if d.text or d.finish_reason:
-                            delta = P.DeltaMessage(content=d.text) if d.text else P.DeltaMessage()
-                            yield _sse(chunk(row, delta, d.finish_reason))
-            n_prompt = sum(len(p) for p in rows)
-            if req.stream_options and req.stream_options.include_usage:
-                yield _sse(P.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
-                                                 usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
-                                                               total_tokens=n_prompt + n_gen)))
-            self.record(label, "chat", t0, ttft, n_prompt, n_gen)
-        except ServingError as e:
-            self.metrics.requests.inc(label, "chat", "error")
-            yield _sse(json.dumps(e.body()))
-        yield _sse("[DONE]")
-
-    # -- compare -----------------------------------------------------------------------------------------------
-    async def _resolve_spec(self, spec) -> tuple[str, object]:
-        if isinstance(spec, str) and (spec in self.registry or ("\n" not in spec and ":" not in spec)):
-            e = self.registry.get(spec)
-            return e.name, e.model
-        _, model = await self.resolve("inline", spec)
-        return f"inline-{model.digest}", model
-
+    # -- compare (see `compare`) -----------------------------------------------------------------------------
     async def compare(self, req: P.CompareRequest) -> P.CompareResponse:
-        from lazymerge.engine.score import encode_pair
-
-        if req.references is not None and len(req.references) != len(req.prompts):
-            raise bad_request(f"references has {len(req.references)} items for {len(req.prompts)} prompts",
-                              param="references")
-        resolved = [await self._resolve_spec(s) for s in req.recipes]
-        runs = []
-        for label, model in resolved:
-            ids = [self.check_prompt(model, model.encode(p), param="prompts") for p in req.prompts]
-            params = self.sampling(req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(ids))
-            runs.append((label, model, ids, params))
-        t0 = time.perf_counter()
-        jobs = [self.submit(Job("generate", label, model, ids, params=params)) for label, model, ids, params in runs]
-
-        async def one(run, job) -> P.CompareResult:
-            label, model, ids, _ = run
-            outs, ttft = await self.collect(job, t0)
-            latency = time.perf_counter() - t0
-            n_gen = sum(len(o.token_ids) for o in outs)
-            self.record(label, "compare", t0, ttft, sum(map(len, ids)), n_gen)
-            res = P.CompareResult(recipe=label, digest=model.digest, outputs=[o.text for o in outs],
-                                  finish_reasons=[o.finish_reason for o in outs], latency_s=round(latency, 4),
-                                  completion_tokens=n_gen, tokens_per_s=round(n_gen / max(latency, 1e-9), 2))
-            if req.references is not None:
-                pairs = [encode_pair(model.tokenizer, p, r) for p, r in zip(req.prompts, req.references)]
-                scores = await self.score(label, model, [c + x for c, x in pairs], 0)
-                means = []
-                for (c, x), s in zip(pairs, scores):
-                    lps = [lp for lp in s.logprobs[len(c):] if lp is not None]
-                    means.append(sum(lps) / len(lps) if lps else 0.0)
-                em = [o.text.strip() == r.strip() for o, r in zip(outs, req.references)]
-                res.reference_logprob, res.mean_reference_logprob = means, sum(means) / len(means)
-                res.exact_match, res.exact_match_rate = em, sum(em) / len(em)
-            return res
-
-        results = await asyncio.gather(*(one(r, j) for r, j in zip(runs, jobs)))
-        return P.CompareResponse(id=f"cmp-{uuid.uuid4().hex}", results=list(results))
+        return await self.comparison.compare(req)
 
     # -- health and metrics ------------------------------------------------------------------------------------
     def health(self) -> P.HealthResponse:

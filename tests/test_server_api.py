@@ -283,3 +283,31 @@ def test_elo_and_win_rate():
     assert rows["y"]["losses"] == 2 and rows["y"]["ties"] == 1 and rows["y"]["win_rate"] == pytest.approx(1 / 6)
     assert rows["x"]["rating"] == pytest.approx(1000 + 16 + 32 * (1 - 1 / (1 + 10 ** (-32 / 400))), abs=0.01)
     assert rows["x"]["rating"] > rows["z"]["rating"] > rows["y"]["rating"]
+
+
+def test_serve_cpu_fused_flag_reaches_the_engine(monkeypatch, server_sources):
+    """`lazymerge serve --cpu-fused` -> ServerConfig(cpu_fused=True) -> Engine(..., cpu_fused=True); without the flag
+    the engine keeps its default (None)."""
+    import argparse
+
+    import lazymerge.engine
+    from lazymerge.server import cli
+    from lazymerge.server.serving import MergeServing
+
+    got = []
+    monkeypatch.setattr(cli, "serve_blocking", lambda *a, **kw: got.append(kw))
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    for argv, want in ((["--cpu-fused"], True), ([], None)):
+        args = parser.parse_args(["serve", "--source", f"base={server_sources['base']}", *argv])
+        assert args.func(args) == 0 and got[-1]["cpu_fused"] is want
+    seen, real = [], lazymerge.engine.Engine
+
+    def engine(*a, cpu_fused=None, **kw):  # records the flag; builds the engine without its process-wide effect
+        seen.append(cpu_fused)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lazymerge.engine, "Engine", engine)
+    serving = MergeServing(cli.build_config(server_sources, {}, cpu_fused=True, db_path=None))
+    serving.close()
+    assert seen == [True]

@@ -44,6 +44,18 @@ def _config(server_sources, server_recipes, **kw):
     return ServerConfig(sources=server_sources, recipes=server_recipes, num_threads=1, **kw)
 
 
+def _count_submits(serving) -> list:
+    """Record every job the scheduler accepts (in a list, returned)."""
+    seen, orig = [], serving.scheduler.submit_all
+
+    def submit_all(jobs):
+        orig(jobs)
+        seen.extend(jobs)
+
+    serving.scheduler.submit_all = submit_all
+    return seen
+
+
 def _metric(text: str, name: str, **labels) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -73,7 +85,15 @@ def test_concurrent_mixed_recipes_equal_alone(server_sources, server_recipes, en
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["text"]
 
-        got = await asyncio.gather(*(one(m, i) for m, i in reqs))
+        # hold the engine's forward lock until every request is queued: the worker blocks inside the first batch's
+        # forward pass, so the requests necessarily queue together whatever the machine's speed
+        serving = app.state.serving
+        submitted = _count_submits(serving)
+        with serving.engine.lock:
+            tasks = [asyncio.ensure_future(one(m, i)) for m, i in reqs]
+            while len(submitted) < len(reqs):
+                await asyncio.sleep(0.005)
+        got = await asyncio.gather(*tasks)
         metrics = (await c.get("/metrics")).text
         return got, metrics
 
@@ -116,8 +136,10 @@ def test_reregistration_never_serves_stale_weights(server_sources, server_recipe
         # while requests stream under the old recipe, re-register: queued requests finish on what they resolved,
         # and the next request gets the new recipe
         await c.post("/v1/recipes", json={"name": "x", "recipe": rec_a})
+        submitted = _count_submits(app.state.serving)
         pending = [asyncio.create_task(ask()) for _ in range(3)]
-        await asyncio.sleep(0)
+        while len(submitted) < 3:  # all three resolved "x" (to rec_a) and are queued or running
+            await asyncio.sleep(0.001)
         await c.post("/v1/recipes", json={"name": "x", "recipe": rec_b})
         after = await ask()
         return seen, [await p for p in pending], after
@@ -125,5 +147,5 @@ def test_reregistration_never_serves_stale_weights(server_sources, server_recipe
     seen, during, after = asyncio.run(_with_app(_config(server_sources, {}), run))
     assert [s[1] for s in seen] == [a, b, a, b]
     assert seen[0][0] == seen[2][0] != seen[1][0] == seen[3][0]
-    assert all(d in (a, b) for d in during)
+    assert during == [a, a, a]
     assert after == b

@@ -255,14 +255,272 @@ def test_scheduler_isolates_a_failing_request():
     assert batches >= 4  # the failed batch of 3, then one per request, then the last one
 
 
-def test_server_survives_client_disconnect_and_errors(client):
-    """A stream abandoned mid-way is cancelled; the worker keeps serving others."""
-    with client.stream("POST", "/v1/completions", json={"model": "ties", "prompt": "the cat", "max_tokens": 20,
-                                                        "temperature": 0, "stream": True}) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                break
-    assert threading.active_count() > 0
+class _MidStreamModel:
+    """A fake LazyModel: prompt [t, L] decodes L steps of text f"{t}."; a batch holding a prompt with t < 0 raises
+    at step 1, after its first step was delivered. `calls` records each run's prompts; `shift` changes the text a
+    later run produces (to make a re-run diverge)."""
+
+    digest = "fake-mid"
+
+    def __init__(self):
+        self.calls = []
+        self.shift = 0
+
+    def stream(self, prompts, params):
+        from lazymerge.engine.generate import Delta
+
+        self.calls.append([list(p) for p in prompts])
+        shift = self.shift * (len(self.calls) - 1)
+        for step in range(max(p[1] for p in prompts)):
+            if step == 1 and any(p[0] < 0 for p in prompts):
+                raise ValueError("poisoned prompt")
+            yield [Delta(i, f"{p[0] + shift}.", [p[0] + shift], "length" if step == p[1] - 1 else None)
+                   for i, p in enumerate(prompts) if step < p[1]]
+
+
+async def _drain(job):
+    """(text per row, token ids per row, error or None) of a scheduler job, from its events."""
+    texts, ids = [""] * job.rows, [[] for _ in range(job.rows)]
+    while True:
+        _, kind, value = await job.sink.queue.get()
+        if kind == "deltas":
+            for row, d in value:
+                texts[row] += d.text
+                ids[row] += d.token_ids
+        elif kind in ("error", "end"):
+            return texts, ids, value if kind == "error" else None
+
+
+def _run_jobs(model, prompts_per_job):
+    from lazymerge.server.scheduler import Job, Scheduler, Sink
+
+    async def main():
+        sched = Scheduler(batch_window_s=0.05)
+        sched.start()
+        try:
+            jobs = [Job("generate", "m", model, ps, params=[None] * len(ps)) for ps in prompts_per_job]
+            for j in jobs:
+                j.sink = Sink()
+            sched.submit_all(jobs)  # one batch
+            return [await _drain(j) for j in jobs], sched.depth()
+        finally:
+            sched.stop()
+
+    return asyncio.run(main())
+
+
+def test_scheduler_mid_stream_failure_reruns_the_others_without_duplicates():
+    """A shared batch that fails after streaming output fails only the culprit: the other requests are re-run alone
+    and their clients get each row exactly once (the replayed prefix is not sent again); finished rows are not
+    re-run."""
+    model = _MidStreamModel()
+    results, depth = _run_jobs(model, [[[1, 3], [2, 1]], [[-1, 3]], [[3, 3]]])
+    (a_text, a_ids, a_err), (b_text, _, b_err), (c_text, c_ids, c_err) = results
+    assert a_err is None and c_err is None
+    assert a_text == ["1.1.1.", "2."] and a_ids == [[1, 1, 1], [2]]
+    assert c_text == ["3.3.3."] and c_ids == [[3, 3, 3]]
+    assert b_text == ["-1."] and "poisoned" in str(b_err)
+    assert model.calls[0] == [[1, 3], [2, 1], [-1, 3], [3, 3]]
+    assert sorted(model.calls[1:]) == [[[-1, 3]], [[1, 3]], [[3, 3]]]  # row [2, 1] had finished: not re-run
+    assert depth == (0, 0)
+
+
+def test_scheduler_replay_that_diverges_fails_with_a_clear_error():
+    model = _MidStreamModel()
+    model.shift = 10  # a re-run produces other tokens than the ones already streamed
+    results, _ = _run_jobs(model, [[[1, 3]], [[-1, 3]]])
+    (a_text, _, a_err), (_, _, b_err) = results
+    assert a_text == ["1."]  # what was streamed before the failure, never contradicted
+    assert a_err is not None and a_err.code == "replay_diverged" and a_err.status == 500
+    assert b_err is not None  # the culprit's own re-run diverged too (or failed): an error either way
+
+
+def test_scheduler_pins_a_seed_on_unseeded_sampled_rows():
+    """So that a re-run after a shared batch failed reproduces a sampled row."""
+    from lazymerge.engine import SamplingParams
+    from lazymerge.server.scheduler import Job, Scheduler
+
+    async def main():
+        sched = Scheduler()  # not started: submission only
+        params = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, seed=7), SamplingParams()]
+        job = Job("generate", "m", _MidStreamModel(), [[1, 1]] * 3, params=params)
+        sched.submit(job)
+        return job.params
+
+    p = asyncio.run(main())
+    assert p[0].seed is not None and p[0].temperature == 1.0 and p[1].seed == 7 and p[2].seed is None
+
+
+def _oracle(server_sources, recipe, prompts, max_tokens):
+    from lazymerge.engine import Engine
+
+    m = Engine(server_sources, allow_open=False).compile(recipe)
+    return [c.text for c in m.generate(prompts, max_tokens=max_tokens)]
+
+
+def _sse_text(lines) -> tuple[str, list]:
+    import json
+
+    text, errors = "", []
+    for line in lines:
+        if line.startswith("data: {"):
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                errors.append(obj["error"])
+            else:
+                text += "".join(ch["text"] for ch in obj["choices"])
+    return text, errors
+
+
+def test_mid_stream_failure_spares_the_other_requests_of_its_batch(server_sources, server_recipes):
+    """Over the real app: three requests of one recipe queue together (the worker is held inside another recipe's
+    forward pass) and share one batch; the batch fails after its first decoding steps because of one request. That
+    request alone gets the error; the streamed and the non-streamed request get exactly their greedy outputs, the
+    streamed one without any text repeated."""
+    from fastapi.testclient import TestClient
+
+    good, bad, max_tokens = ["the cat sees", "one plus two is the"], "red blue green sky day night", 8
+    want = _oracle(server_sources, server_recipes["ties"], good, max_tokens)
+    with TestClient(_app(server_sources, server_recipes)) as c:
+        serving = c.app.state.serving
+        model = serving.registry.get("ties").model
+        bad_ids = model.encode(bad)
+        orig, failed_at = model.stream, []
+
+        def stream(prompts, params=None, **kw):
+            for step, deltas in enumerate(orig(prompts, params=params, **kw)):
+                if step == 2 and bad_ids in prompts:
+                    failed_at.append(len(prompts))
+                    raise RuntimeError("poisoned row")
+                yield deltas
+
+        model.stream = stream
+        body = {"model": "ties", "max_tokens": max_tokens, "temperature": 0}
+
+        def streamed():
+            with c.stream("POST", "/v1/completions", json={**body, "prompt": good[0], "stream": True}) as r:
+                return _sse_text(list(r.iter_lines()))
+
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                with serving.engine.lock:
+                    blocker = pool.submit(c.post, "/v1/completions", json={**body, "model": "base", "prompt": "a"})
+                    _wait(lambda: serving.scheduler.depth() == (0, 1))
+                    s = pool.submit(streamed)
+                    _wait(lambda: serving.scheduler.depth()[0] == 1)
+                    n = pool.submit(c.post, "/v1/completions", json={**body, "prompt": good[1]})
+                    _wait(lambda: serving.scheduler.depth()[0] == 2)
+                    b = pool.submit(c.post, "/v1/completions", json={**body, "prompt": bad})
+                    _wait(lambda: serving.scheduler.depth()[0] == 3)
+                assert blocker.result().status_code == 200
+                assert s.result() == (want[0], [])
+                assert n.result().status_code == 200 and n.result().json()["choices"][0]["text"] == want[1]
+                err = assert_error(b.result(), 500, contains="poisoned row")
+                assert err["type"] == "internal_error"
+            assert failed_at == [3, 1]  # the shared batch, then the culprit alone
+            assert c.post("/v1/completions", json={**body, "prompt": good[1]}).json()["choices"][0]["text"] == want[1]
+        finally:
+            del model.stream
+
+
+def _gate(model, after_steps=1):
+    """Make `model` stop after `after_steps` decoding steps until the returned event is set; returns (event, steps
+    pulled so far: a list with one counter, closed: a list that gets True once its generator is closed)."""
+
+    orig, gate, pulled, closed = model.stream, threading.Event(), [0], []
+
+    def stream(prompts, params=None, **kw):
+        try:
+            for step, deltas in enumerate(orig(prompts, params=params, **kw)):
+                if step >= after_steps:
+                    assert gate.wait(30), "gate never opened"
+                pulled[0] += 1
+                yield deltas
+        finally:
+            closed.append(True)
+
+    model.stream = stream
+    return gate, pulled, closed
+
+
+def test_compare_queues_all_recipes_or_none(server_sources, server_recipes):
+    """A comparison whose rows do not all fit in the queue is refused with 429 and leaves no job behind (before the
+    fix its first recipe's job was queued and ran for nobody)."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(_app(server_sources, server_recipes, max_queue=3)) as c:
+        serving = c.app.state.serving
+        body = {"prompts": ["the cat", "hello"], "recipes": ["ta_e1", "ta_e2"], "max_tokens": 3, "temperature": 0}
+        with serving.engine.lock:  # anything queued would stay visible: the worker could not finish it
+            err = assert_error(c.post("/v1/compare", json=body), 429)
+            assert err["code"] == "queue_full"
+            time.sleep(0.1)
+            assert serving.scheduler.depth() == (0, 0) and serving.scheduler.batches == 0
+        r = c.post("/v1/compare", json={**body, "prompts": ["the cat"]})  # 2 rows: fits
+        assert r.status_code == 200, r.text
+        assert [x["recipe"] for x in r.json()["results"]] == ["ta_e1", "ta_e2"]
+
+
+def test_compare_cancels_the_other_recipes_when_one_fails(server_sources, server_recipes):
+    from fastapi.testclient import TestClient
+
+    with TestClient(_app(server_sources, server_recipes)) as c:
+        serving = c.app.state.serving
+        slow, bad = serving.registry.get("ta_e1").model, serving.registry.get("ta_e2").model
+        gate, pulled, closed = _gate(slow)
+
+        def fail(prompts, params=None, **kw):
+            raise RuntimeError("broken recipe")
+            yield  # a generator
+
+        bad.stream = fail
+        jobs, orig = [], serving.scheduler.submit_all
+
+        def submit_all(js):
+            orig(js)
+            jobs.extend(js)
+
+        serving.scheduler.submit_all = submit_all
+        try:
+            body = {"prompts": ["the cat"], "recipes": ["ta_e1", "ta_e2"], "max_tokens": 12, "temperature": 0}
+            assert_error(c.post("/v1/compare", json=body), 500, contains="broken recipe")
+            slow_job = next(j for j in jobs if j.model is slow)
+            _wait(lambda: slow_job.cancelled)  # the sibling is cancelled, not left running for nobody
+            gate.set()
+            _wait(lambda: serving.scheduler.depth() == (0, 0) and closed)
+            assert pulled[0] < 12  # stopped early, not decoded to the end
+        finally:
+            gate.set()
+            del slow.stream, bad.stream, serving.scheduler.submit_all
+
+
+def test_server_survives_client_disconnect_and_errors(client, server_sources, server_recipes):
+    """A stream abandoned mid-way is cancelled (its job stops decoding, the queue drains); the worker keeps serving
+    others, with the right output."""
+    serving = client.app.state.serving
+    model = serving.registry.get("ties").model
+    gate, pulled, closed = _gate(model)
+    jobs, orig = [], serving.scheduler.submit_all
+
+    def submit_all(js):
+        orig(js)
+        jobs.extend(js)
+
+    serving.scheduler.submit_all = submit_all
+    try:
+        with client.stream("POST", "/v1/completions", json={"model": "ties", "prompt": "the cat", "max_tokens": 20,
+                                                            "temperature": 0, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break
+        _wait(lambda: jobs and jobs[0].cancelled)
+        gate.set()
+        _wait(lambda: serving.scheduler.depth() == (0, 0) and closed)
+        assert pulled[0] < 20
+    finally:
+        gate.set()
+        del model.stream, serving.scheduler.submit_all
+    want = _oracle(server_sources, server_recipes["ties"], ["the cat"], 3)
     r = client.post("/v1/completions", json={"model": "ties", "prompt": "the cat", "max_tokens": 3, "temperature": 0})
-    assert r.status_code == 200
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want[0]
     assert client.get("/health").json()["status"] == "ok"

@@ -1,12 +1,12 @@
-"""The merge server as a real process (`lazymerge serve`, uvicorn on a free 127.0.0.1 port): the `openai` client
-over real HTTP, concurrent clients, the API key, and the A/B page in a real headless Chromium (Debian's
-/usr/bin/chromium driven by Playwright for Python; skipped, saying why, where either is missing)."""
+"""The merge server as a real process (`lazymerge serve --port 0`: uvicorn on a free 127.0.0.1 port it binds and
+prints): the `openai` client over real HTTP, concurrent clients, the API key, and the A/B page in a real headless
+Chromium (Debian's /usr/bin/chromium driven by Playwright for Python; skipped, saying why, where either is missing)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +23,10 @@ KEY = "live-key"
 CHROMIUM = os.environ.get("LAZYMERGE_CHROMIUM", "/usr/bin/chromium")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live(server_sources, server_recipes, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("live")
-    args = [sys.executable, "-m", "lazymerge.cli", "serve", "--host", "127.0.0.1", "--port", str(_free_port()),
+    args = [sys.executable, "-m", "lazymerge.cli", "serve", "--host", "127.0.0.1", "--port", "0",
             "--db", str(tmp / "votes.sqlite"), "--threads", "1", "--max-tokens", "64"]
     for name, path in server_sources.items():
         args += ["--source", f"{name}={path}"]
@@ -42,18 +36,24 @@ def live(server_sources, server_recipes, tmp_path_factory):
     env = {**os.environ, "LAZYMERGE_API_KEY": KEY, "TOKENIZERS_PARALLELISM": "false"}
     log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{args[args.index('--port') + 1]}"
+    base = None
     try:
         t0 = time.time()
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()}")
+            assert time.time() - t0 < 90, "server did not start:\n" + (tmp / "server.log").read_text()
+            if base is None:  # --port 0: the server binds a free port itself and prints it (no race)
+                m = re.search(r"lazymerge: listening on port (\d+)", (tmp / "server.log").read_text())
+                if m is None:
+                    time.sleep(0.1)
+                    continue
+                base = f"http://127.0.0.1:{m.group(1)}"
             try:
                 if httpx.get(base + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            assert time.time() - t0 < 90, "server did not start:\n" + (tmp / "server.log").read_text()
             time.sleep(0.2)
         yield base
     finally:
