@@ -99,7 +99,7 @@ def test_no_model_data_written_per_candidate(search_toy, tmp_path):
 
     # a whole run writes its records only: far less per candidate than one model
     before = _io()
-    res = run_search(cfg, tmp_path, quiet=True, summary=False)
+    res = run_search(cfg, tmp_path, quiet=True, summary=False, plots=False)
     written = _io()["wchar"] - before["wchar"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml", "history.jsonl", "optimizer.pkl"]
     per_candidate = written / res.evaluations
