@@ -7,10 +7,10 @@ to zero...) and raise `RecipeError` naming the field.
 Conventions (documented in README):
 * `models:` form: output layer l is the merge of layer l of every model, gradients at t = l / (L - 1).
 * `slices:` form: output layers are the slices in order; a slice's i-th layer merges layer start_s + i of each of
-  its sources, gradients at t = i / (n - 1) (t = 1 for a one-layer slice, as mergekit). Embeddings come from the first slice's sources, final norm and LM head
-  from the last slice's; all non-layer tensors use t = 0 (a gradient's first value).
-* `path`: hop h runs layer `layer` of `model` (a source, or a definition's merged layer); the hidden state entering
-  hop h is multiplied by its `scale`. `base_model` supplies embeddings, final norm and LM head.
+  its sources, gradients at t = i / (n - 1) (t = 1 for a one-layer slice, as mergekit). Embeddings come from the
+  first slice's sources, final norm and LM head from the last slice's; all non-layer tensors use t = 0 (a
+  gradient's first value).
+* `path`: see engine/path.py (one output layer per hop; scales on the hidden state entering a hop).
 * Vocabulary: the output vocabulary is the reference model's (base_model, else the first model); larger
   embeddings / LM heads are cropped to it (as mergekit does), smaller ones are an error.
 """
@@ -375,73 +375,6 @@ def _fix_config(cfg: dict, dtype: str, layer_types_from: list) -> dict:
     return cfg
 
 
-def _path_plan(recipe: Recipe, S: SourceSet) -> ModelPlan:
-    defs = {name: _merge_plan(d, S, prefix=f"definitions.{name}.") for name, d in (recipe.definitions or {}).items()}
-
-    def model_of(ref: str, where: str):
-        if ref in defs:
-            return ("def", ref)
-        return ("src", S.resolve(ref, where))
-
-    head_kind, head = model_of(recipe.base_model, "base_model")
-    head_cfg = defs[head].config if head_kind == "def" else S[head].config
-    P = _Planner(recipe, S)
-    tensors: dict[str, TensorPlan] = {}
-
-    def take(out_name: str, kind: str, m: str, in_name: str, where: str):
-        if kind == "def":
-            tensors[out_name] = _renamed(P, defs[m].tensors[in_name], out_name)
-        else:
-            src = S[m]
-            if in_name == "lm_head.weight" and src.tied_embeddings:
-                in_name = "model.embed_tokens.weight"
-            tensors[out_name] = P.finish(TensorPlan(out_name, Family.passthrough, "passthrough", src.shape(in_name),
-                                                    None, (TensorRef(m, in_name),), weights=(1.0,)))
-
-    def n_layers(kind, m):
-        return defs[m].num_layers if kind == "def" else S[m].num_layers
-
-    tied = head_cfg.get("tie_word_embeddings", False) and (head_kind == "def" or S[head].tied_embeddings)
-    take("model.embed_tokens.weight", head_kind, head, "model.embed_tokens.weight", "base_model")
-    scales, origin = [], []
-    out = 0
-    for hi, hop in enumerate(recipe.path):
-        where = f"path[{hi}]"
-        kind, m = model_of(hop.model, f"{where}.model")
-        for layer in hop.layers():
-            if layer >= n_layers(kind, m):
-                raise RecipeError(f"{where}: layer {layer} is out of bounds: {hop.model!r} has "
-                                  f"{n_layers(kind, m)} layers")
-            names = (list(k for k in defs[m].tensors if k.startswith(f"model.layers.{layer}."))
-                     if kind == "def" else _layer_names(S[m], layer))
-            for name in names:
-                suffix = LAYER_RE.match(name).group(2)
-                take(f"model.layers.{out}.{suffix}", kind, m, name, where)
-            scales.append(float(hop.scale))
-            origin.append(layer)
-            out += 1
-    take("model.norm.weight", head_kind, head, "model.norm.weight", "base_model")
-    if not tied:
-        take("lm_head.weight", head_kind, head, "lm_head.weight", "base_model")
-    cfg = dict(head_cfg)
-    cfg["num_hidden_layers"] = out
-    if head_kind == "def":
-        dtype = recipe.dtype or defs[head].dtype
-        tok = defs[head].tokenizer_source if recipe.tokenizer_source in (None, "base") else \
-            _tokenizer_source(recipe, S, defs[head].tokenizer_source)
-    else:
-        dtype = recipe.dtype or _dtype_of(head_cfg)
-        tok = _tokenizer_source(recipe, S, head)
-    return ModelPlan(recipe, _fix_config(cfg, dtype, origin), tensors, scales, tok, dtype, S)
-
-
-def _renamed(P: _Planner, p: TensorPlan, out_name: str) -> TensorPlan:
-    import dataclasses
-
-    # masks keep the definition's tensor name: the same merged layer wherever a path uses it
-    return P.finish(dataclasses.replace(p, out_name=out_name, mask_name=p.mask_name or p.out_name))
-
-
 def compile_plan(recipe: str | dict | Path | Recipe, sources: SourceSet) -> ModelPlan:
     """Validate `recipe` against `sources` and plan every output tensor (reads no tensor data)."""
     if isinstance(recipe, Path) and sources.base_dir is None:
@@ -449,7 +382,9 @@ def compile_plan(recipe: str | dict | Path | Recipe, sources: SourceSet) -> Mode
     r = load_recipe(recipe)
     try:
         if r.method.family is Family.path:
-            return _path_plan(r, sources)
+            from .path import path_plan  # noqa: PLC0415  (path.py builds on this module)
+
+            return path_plan(r, sources)
         return _merge_plan(r, sources)
     except CheckpointError as e:
         raise RecipeError(str(e)) from None

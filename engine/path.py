@@ -1,0 +1,93 @@
+"""Plan a layer-path recipe (data-flow merging): one output decoder layer per hop.
+
+Hop h runs layer `layer` of `model` — a source, or a layer of one of the recipe's `definitions` (parameter merges,
+planned with `engine.plan`); the hidden state entering hop h is multiplied by its `scale` (kept in
+`ModelPlan.layer_scales`, applied by the runtime). `base_model` supplies embeddings, final norm and LM head. A hop
+references a layer: nothing is copied, and a definition's merged layer used by several hops is one cache entry (its
+plans keep the definition's content key and mask name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .methods import Family
+from .plan import (
+    LAYER_RE,
+    ModelPlan,
+    SourceSet,
+    TensorPlan,
+    TensorRef,
+    _dtype_of,
+    _fix_config,
+    _layer_names,
+    _Planner,
+    _tokenizer_source,
+)
+from .plan import _merge_plan as merge_plan
+from .recipe import Recipe, RecipeError
+
+
+def path_plan(recipe: Recipe, S: SourceSet) -> ModelPlan:
+    defs = {name: merge_plan(d, S, prefix=f"definitions.{name}.") for name, d in (recipe.definitions or {}).items()}
+
+    def model_of(ref: str, where: str):
+        if ref in defs:
+            return ("def", ref)
+        return ("src", S.resolve(ref, where))
+
+    head_kind, head = model_of(recipe.base_model, "base_model")
+    head_cfg = defs[head].config if head_kind == "def" else S[head].config
+    P = _Planner(recipe, S)
+    tensors: dict[str, TensorPlan] = {}
+
+    def take(out_name: str, kind: str, m: str, in_name: str, where: str):
+        if kind == "def":
+            tensors[out_name] = _renamed(P, defs[m].tensors[in_name], out_name)
+        else:
+            src = S[m]
+            if in_name == "lm_head.weight" and src.tied_embeddings:
+                in_name = "model.embed_tokens.weight"
+            tensors[out_name] = P.finish(TensorPlan(out_name, Family.passthrough, "passthrough", src.shape(in_name),
+                                                    None, (TensorRef(m, in_name),), weights=(1.0,)))
+
+    def n_layers(kind, m):
+        return defs[m].num_layers if kind == "def" else S[m].num_layers
+
+    tied = head_cfg.get("tie_word_embeddings", False) and (head_kind == "def" or S[head].tied_embeddings)
+    take("model.embed_tokens.weight", head_kind, head, "model.embed_tokens.weight", "base_model")
+    scales, origin = [], []
+    out = 0
+    for hi, hop in enumerate(recipe.path):
+        where = f"path[{hi}]"
+        kind, m = model_of(hop.model, f"{where}.model")
+        for layer in hop.layers():
+            if layer >= n_layers(kind, m):
+                raise RecipeError(f"{where}: layer {layer} is out of bounds: {hop.model!r} has "
+                                  f"{n_layers(kind, m)} layers")
+            names = (list(k for k in defs[m].tensors if k.startswith(f"model.layers.{layer}."))
+                     if kind == "def" else _layer_names(S[m], layer))
+            for name in names:
+                suffix = LAYER_RE.match(name).group(2)
+                take(f"model.layers.{out}.{suffix}", kind, m, name, where)
+            scales.append(float(hop.scale))
+            origin.append(layer)
+            out += 1
+    take("model.norm.weight", head_kind, head, "model.norm.weight", "base_model")
+    if not tied:
+        take("lm_head.weight", head_kind, head, "lm_head.weight", "base_model")
+    cfg = dict(head_cfg)
+    cfg["num_hidden_layers"] = out
+    if head_kind == "def":
+        dtype = recipe.dtype or defs[head].dtype
+        tok = defs[head].tokenizer_source if recipe.tokenizer_source in (None, "base") else \
+            _tokenizer_source(recipe, S, defs[head].tokenizer_source)
+    else:
+        dtype = recipe.dtype or _dtype_of(head_cfg)
+        tok = _tokenizer_source(recipe, S, head)
+    return ModelPlan(recipe, _fix_config(cfg, dtype, origin), tensors, scales, tok, dtype, S)
+
+
+def _renamed(P: _Planner, p: TensorPlan, out_name: str) -> TensorPlan:
+    # masks keep the definition's tensor name: the same merged layer wherever a path uses it
+    return P.finish(dataclasses.replace(p, out_name=out_name, mask_name=p.mask_name or p.out_name))
