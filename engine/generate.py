@@ -2,9 +2,9 @@
 stop strings, max tokens and EOS. Each row of a batch has its own sampling settings.
 
 `stream(model, prompts, params)` yields, after every decoding step, the list of `Delta`s (new text per row, and
-whether the row finished). Text that might be the beginning of a stop string, or that ends in a partly decoded multi-byte
-character (byte-level tokenizers), is held back until it is certain, so what is streamed never has to be taken
-back. `generate` collects the stream into `Completion`s.
+whether the row finished). Text that might be the beginning of a stop string, or that ends in a partly decoded
+multi-byte character (byte-level tokenizers), is held back until it is certain, so what is streamed never has to
+be taken back. `generate` collects the stream into `Completion`s.
 """
 
 from __future__ import annotations
