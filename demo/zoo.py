@@ -80,7 +80,8 @@ def make_datasets(world: corpus.World, seed: int, n: dict[str, int]) -> dict[str
     english = corpus.unique_examples(corpus.word_problem, rng, n_target)
     target = [(world.translate(p), a) for p, a in english]
     math_test = corpus.unique_examples(corpus.word_problem, rng, n["math_test"], {p for p, _ in english})
-    foreign_test = [(world.translate(p), a) for p, a in corpus.unique_examples(corpus.lookup_qa, rng, n["foreign_test"])]
+    lookups = corpus.unique_examples(corpus.lookup_qa, rng, n["foreign_test"])
+    foreign_test = [(world.translate(p), a) for p, a in lookups]
     return {
         "target_search": target[: n["target_search"]],
         "target_test": target[n["target_search"] :],
@@ -185,7 +186,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"zoo ({size}, seed {args.seed}) at {out.resolve()}")
     for name, stat in manifest.get("train", {}).items():
         print(f"  {name:8s} steps={stat['steps']:5d} loss={stat['final_loss']:.3f} ({stat['seconds']}s)")
-    for split, rel in manifest.get("datasets", {}).items():
+    for rel in manifest.get("datasets", {}).values():
         print(f"  {rel}")
     return 0
 
