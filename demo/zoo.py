@@ -9,7 +9,7 @@ and returns `out_dir`. The target task (`target_search`, `target_test`, disjoint
 word-problem arithmetic written in the foreign language: no source model was trained on it; the foreign
 expert reads the language, the math expert does the arithmetic. A model answers by greedy generation
 after the prompt; the answer is the last integer of the generated text (a correct model emits the
-number token then `</s>`). `register(subparsers)` adds the `zoo build` CLI command.
+number token then `</s>`). The `zoo build` command (demo/cli.py) calls `_cmd_build`.
 """
 
 from __future__ import annotations
@@ -189,15 +189,3 @@ def _cmd_build(args: argparse.Namespace) -> int:
     for rel in manifest.get("datasets", {}).values():
         print(f"  {rel}")
     return 0
-
-
-def register(subparsers) -> None:
-    """Add `zoo build [DIR] [--seed N] [--small] [--force]` to a CLI's subparsers."""
-    zoo = subparsers.add_parser("zoo", help="toy model zoo (tiny Mistral base + foreign and math experts)")
-    sub = zoo.add_subparsers(dest="zoo_command", required=True)
-    build = sub.add_parser("build", help="train and write the zoo (cached by seed/size)")
-    build.add_argument("dir", nargs="?", default="./zoo", help="output directory (default ./zoo)")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--small", action="store_true", help="tiny models, builds in seconds (tests)")
-    build.add_argument("--force", action="store_true", help="rebuild even if a matching manifest exists")
-    build.set_defaults(func=_cmd_build)

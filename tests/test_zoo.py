@@ -126,8 +126,10 @@ def test_cached_build_does_not_retrain(small_zoo, tmp_path, monkeypatch):
 
 
 def test_cli_build_handler(tmp_path, capsys):
+    from lazymerge.demo import cli
+
     parser = argparse.ArgumentParser(prog="lazymerge")
-    zoo.register(parser.add_subparsers(dest="command"))
+    cli.register(parser.add_subparsers(dest="command"))
     out = tmp_path / "cli_zoo"
     args = parser.parse_args(["zoo", "build", str(out), "--small", "--seed", "2"])
     assert args.func(args) == 0
