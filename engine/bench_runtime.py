@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small model, K up to 10 (a smoke run)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--eager", action="store_true", help="use the eager PyTorch reference merge, not the fused one")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory part (timing only)")
     ap.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     global FUSED
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     src_mb = sum(f.stat().st_size for p in paths.values() for f in Path(p).glob("*.safetensors")) / 2**20
     model_mb = src_mb / 3
     mem = []
-    for k in ((1, 10) if a.quick else (1, 10, 100)):
+    for k in () if a.no_memory else ((1, 10) if a.quick else (1, 10, 100)):
         r = subprocess.run([sys.executable, "-m", "lazymerge.engine.bench_runtime", "--memory-child", str(k),
                             "--hidden", str(a.hidden), "--layers", str(a.layers), "--root", a.root,
                             "--cache-mb", str(a.cache_mb)] + (["--eager"] if a.eager else []),
