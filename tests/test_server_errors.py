@@ -302,7 +302,13 @@ def _run_jobs(model, prompts_per_job):
             for j in jobs:
                 j.sink = Sink()
             sched.submit_all(jobs)  # one batch
-            return [await _drain(j) for j in jobs], sched.depth()
+            results = [await _drain(j) for j in jobs]
+            # a client sees "done" inside the worker's step, just before the worker retires the batch: let it settle
+            for _ in range(200):
+                if sched.depth() == (0, 0):
+                    break
+                await asyncio.sleep(0.01)
+            return results, sched.depth()
         finally:
             sched.stop()
 
