@@ -33,6 +33,7 @@ FUNCTION_WORDS = (
     "has have does do buys gives to loses finds more how many they and the are then likes".split()
 )
 ENGLISH = tuple(NUMBER_WORDS + NAMES + OBJECTS + ADJECTIVES + FUNCTION_WORDS)
+_NUMBER_SET = frozenset(NUMBER_WORDS)
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 
@@ -139,17 +140,25 @@ def as_text(prompt: str, answer: str) -> str:
 # ---------------------------------------------------------------- corpora and test sets
 
 
-def base_text(world: World, rng: random.Random, foreign_frac: float = 0.05) -> str:
-    """The pretraining mix: English stories and lookup QA, arithmetic, a little foreign.
+def translate_but_numbers(world: World, text: str) -> str:
+    """English -> foreign for every word except the number words (which stay English)."""
+    return " ".join(w if w in _NUMBER_SET else world.foreign.get(w, w) for w in text.split())
 
-    The foreign part is statements only (stories, and parallel statement pairs), never questions.
+
+def base_text(world: World, rng: random.Random, foreign_frac: float = 0.10) -> str:
+    """The pretraining mix: English stories and lookup QA, arithmetic, a little foreign (10%).
+
+    The foreign part is statements only (stories, and parallel statement pairs), never questions, and its number
+    words stay English: the base aligns every foreign word with its English twin except the numbers, so the math
+    expert alone cannot read a foreign number (no "rescale the math expert" shortcut: the control drops to ~1%) and
+    reading them is what the foreign expert must bring to a merge.
     """
     r = rng.random()
     if r < foreign_frac:
         if rng.random() < 0.6:
-            return world.translate(story(rng))
+            return translate_but_numbers(world, story(rng))
         s = _statement(rng)
-        return f"{world.translate(s)} ~ {s}"
+        return f"{translate_but_numbers(world, s)} ~ {s}"
     if r < 0.45:
         return story(rng)
     if r < 0.7:
