@@ -270,7 +270,8 @@ class Bench:
             print(f"{'fused':<7}{r['shape']:<21}{r['method']:<17}{r['M']:>6}{r['us']:11.1f}"
                   f"{100 * r['frac_floor']:11.1f}%  {'met' if ok else 'MISSED'}")
         for r in R["layer"]:
-            goal = GOALS["layer_ratio_2048"] if r["M"] == 2048 else GOALS["layer_ratio_8192"] if r["M"] >= 8192 else None
+            goal = (GOALS["layer_ratio_2048"] if r["M"] == 2048
+                    else GOALS["layer_ratio_8192"] if r["M"] >= 8192 else None)
             verdict = "" if goal is None else ("met" if r["ratio"] <= goal else "MISSED")
             print(f"{'layer':<7}{r['shape']:<21}{r['method']:<17}{r['M']:>6}{r['us']:11.1f}"
                   f"{r['ratio']:11.2f}x  {verdict} ({r['path']})")

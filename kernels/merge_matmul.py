@@ -12,7 +12,8 @@ Design (decode, small M): reading the n + 1 weight tensors dominates, so each pr
 strip of W, merges each (BLOCK_N, BLOCK_K) tile in registers (`merge_triton._merge_tile`, the elementwise merge's
 own code) right before `tl.dot`, and writes a float32 partial (BLOCK_M, BLOCK_N) to a split-K workspace; the
 partials are summed in a fixed order (deterministic: no atomics; the autotuned launch reads the SPLIT_K it used
-from the autotuner's `best_config`, which assumes one launching thread per process). M is padded to BLOCK_M >= 16 (tl.dot's minimum);
+from the autotuner's `best_config`, which assumes one launching thread per process). M is padded to
+BLOCK_M >= 16 (tl.dot's minimum);
 at M <= 16 that waste costs no memory traffic. For large M each M-tile re-merges W: `kernels.linear` switches to
 merge-into-buffer + cuBLAS there.
 """

@@ -63,7 +63,8 @@ def build(root: Path, hidden: int, layers: int, prompts: int, max_tokens: int) -
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS) for _ in range(6)) for _ in range(prompts)]
     target = {"merge_method": "task_arithmetic", "base_model": "base",
-              "models": [{"model": "e1", "parameters": {"weight": 0.5}}, {"model": "e2", "parameters": {"weight": 1.0}}]}
+              "models": [{"model": "e1", "parameters": {"weight": 0.5}},
+                         {"model": "e2", "parameters": {"weight": 1.0}}]}
     outs = Engine(paths).compile(target).generate(texts, max_tokens=max_tokens)
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "answer": o.text}) + "\n" for p, o in zip(texts, outs)))

@@ -188,7 +188,7 @@ def plot_path(space, genome, path: Path) -> None:
     for k in range(1, len(hops)):
         s = hops[k][2]
         ax.plot([k - 1, k], [hops[k - 1][3], hops[k][3]], color=cmap((s - lo) / (hi - lo)), lw=2)
-    for k, (m, layer, s, j) in enumerate(hops):
+    for k, (m, _layer, _s, j) in enumerate(hops):
         ax.scatter([k], [j], color="C0" if m == space.a else "C1", zorder=3, s=25)
     ax.set_yticks(range(len(L)), [f"{m}.{i}" for m, i in L], fontsize=7)
     ax.set_xlabel("hop")

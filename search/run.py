@@ -101,7 +101,8 @@ def _read_history(path: Path) -> list[dict]:
 def _write_best(path: Path, rec: dict) -> None:
     from lazymerge.engine import load_recipe
 
-    head = f"# lazymerge search: fitness {rec['fitness']:.6g} (evaluation {rec['eval']}, generation {rec['generation']})\n"
+    head = (f"# lazymerge search: fitness {rec['fitness']:.6g} (evaluation {rec['eval']}, "
+            f"generation {rec['generation']})\n")
     _atomic_write(path, (head + load_recipe(rec["recipe"]).to_yaml()).encode())
 
 

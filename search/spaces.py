@@ -139,7 +139,8 @@ class PSSpace:
         if self.layer_groups == 1:
             entries = [{e["model"]: e.get("parameters", {}) for e in recipe.get("models") or []}]
         else:
-            entries = [{s["model"]: s.get("parameters", {}) for s in sl["sources"]} for sl in recipe.get("slices") or []]
+            entries = [{s["model"]: s.get("parameters", {}) for s in sl["sources"]}
+                       for sl in recipe.get("slices") or []]
         if len(entries) != self.layer_groups:
             raise ValueError(f"recipe has {len(entries)} layer groups, the space {self.layer_groups}")
         x = np.empty(self.dim)

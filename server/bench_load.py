@@ -29,9 +29,11 @@ RECIPES = {  # ten distinct recipes over base + e1 + e2 (distinct content: no tw
             "  - {model: e1, parameters: {weight: 0.5}}\n  - {model: e2, parameters: {weight: 0.5}}\n",
     "ta_b": "merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
             "  - {model: e1, parameters: {weight: 1.0}}\n  - {model: e2, parameters: {weight: 0.3}}\n",
-    "ties_a": "merge_method: ties\nbase_model: base\nmodels:\n  - {model: e1, parameters: {weight: 1.0, density: 0.5}}\n"
+    "ties_a": "merge_method: ties\nbase_model: base\nmodels:\n"
+              "  - {model: e1, parameters: {weight: 1.0, density: 0.5}}\n"
               "  - {model: e2, parameters: {weight: 1.0, density: 0.5}}\n",
-    "ties_b": "merge_method: ties\nbase_model: base\nmodels:\n  - {model: e1, parameters: {weight: 0.7, density: 0.3}}\n"
+    "ties_b": "merge_method: ties\nbase_model: base\nmodels:\n"
+              "  - {model: e1, parameters: {weight: 0.7, density: 0.3}}\n"
               "  - {model: e2, parameters: {weight: 1.2, density: 0.7}}\n",
     "dare_a": "merge_method: dare_ties\nbase_model: base\nrandom_seed: 1\nmodels:\n"
               "  - {model: e1, parameters: {weight: 1.0, density: 0.5}}\n  - {model: e2, parameters: {weight: 1.0, "
