@@ -3,8 +3,10 @@
 Contract: `make_tokenizer(vocab)` returns a word-level `PreTrainedTokenizerFast` (adds `<s>` in front,
 decodes to space-joined words); `make_model(spec, tokenizer)` a freshly initialised transformers
 `MistralForCausalLM`; `train(model, texts, ...)` runs plain AdamW with warmup + cosine on a fixed,
-seeded stream of texts and returns stats. Everything is deterministic given the seed and the thread
-count; nothing here knows which language or task a text belongs to.
+seeded stream of texts and returns stats. `train` can leave parameters untouched: `frozen` names parameters that do
+not train (by substring), `rows` restricts the token-indexed matrices (embeddings, LM head) to the given token rows;
+every other parameter and row ends bit-identical to where it started. Everything is deterministic given the seed
+and the thread count; nothing here knows which language or task a text belongs to.
 """
 
 from __future__ import annotations
@@ -95,12 +97,31 @@ def train(
     lr: float,
     weight_decay: float,
     seed: int,
+    frozen: tuple[str, ...] = (),
+    rows: list[int] | None = None,
 ) -> dict:
-    """Train in place on `steps * batch_size` texts drawn from `next_text` (already seeded by the caller)."""
+    """Train in place on `steps * batch_size` texts drawn from `next_text` (already seeded by the caller).
+
+    `frozen`: substrings of parameter names that stay fixed. `rows`: if given, only these token rows of
+    `embed_tokens` and `lm_head` train (their other rows get zero gradient; with weight decay 0, AdamW leaves them
+    exactly unchanged)."""
     torch.manual_seed(seed)
     vocab = tokenizer.get_vocab()
     bos = tokenizer.bos_token_id
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    if rows is not None and weight_decay:
+        raise ValueError("rows= needs weight_decay=0 (decay would move the rows that do not train)")
+    params, hooks, fixed = [], [], []
+    for name, p in model.named_parameters():
+        if any(f in name for f in frozen):
+            p.requires_grad_(False)
+            fixed.append(p)
+            continue
+        if rows is not None and ("embed_tokens" in name or "lm_head" in name):
+            keep = torch.zeros(p.shape[0], 1, dtype=p.dtype)
+            keep[rows] = 1
+            hooks.append(p.register_hook(lambda g, keep=keep: g * keep))
+        params.append(p)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
 
     def lr_at(step: int) -> float:
@@ -111,17 +132,21 @@ def train(
     model.train()
     start, losses = time.perf_counter(), []
     for step in range(steps):
-        rows = [[bos] + [vocab[w] for w in next_text().split()] for _ in range(batch_size)]
-        ids, mask, labels = _batch(rows, tokenizer.pad_token_id)
+        batch = [[bos] + [vocab[w] for w in next_text().split()] for _ in range(batch_size)]
+        ids, mask, labels = _batch(batch, tokenizer.pad_token_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
     model.eval()
+    for h in hooks:
+        h.remove()
+    for p in fixed:
+        p.requires_grad_(True)
     tail = losses[-max(1, steps // 10) :]
     return {
         "steps": steps,

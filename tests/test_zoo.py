@@ -55,6 +55,37 @@ def test_checkpoint_loads_with_auto_classes(small_zoo, name):
     assert logits.shape == (1, len(ids), len(tok))
 
 
+def test_experts_train_only_their_parts(small_zoo):
+    """Zoo v4: the foreign expert changes only the foreign words' rows of the embeddings and LM head (body frozen),
+    the math expert leaves the embeddings exactly as the base has them."""
+    sd = {m: AutoModelForCausalLM.from_pretrained(small_zoo / m).state_dict() for m in ("base", "foreign", "math")}
+    tok = AutoTokenizer.from_pretrained(small_zoo / "base")
+    foreign_ids = tok.convert_tokens_to_ids(sorted(corpus.World(0).foreign.values()))
+    other = torch.ones(len(tok), dtype=torch.bool)
+    other[foreign_ids] = False
+    for name, base in sd["base"].items():
+        f, m = sd["foreign"][name], sd["math"][name]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(f[other], base[other]), name
+            assert not torch.equal(f[foreign_ids], base[foreign_ids]), name
+        else:
+            assert torch.equal(f, base), name
+        if name == "model.embed_tokens.weight":
+            assert torch.equal(m, base)
+        elif "layers.0.mlp" in name or name == "lm_head.weight":
+            assert not torch.equal(m, base), name
+
+
+def test_train_rejects_rows_with_weight_decay():
+    from lazymerge.demo.train import ModelSpec, make_model, make_tokenizer, train
+
+    tok = make_tokenizer(corpus.World(0).vocab)
+    model = make_model(ModelSpec(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32), tok, 0)
+    with pytest.raises(ValueError, match="weight_decay=0"):
+        train(model, tok, lambda: "tom has five apples .", steps=1, batch_size=2, lr=1e-3, weight_decay=0.01,
+              seed=0, rows=[5])
+
+
 def test_datasets_are_well_formed_and_disjoint(small_zoo):
     tok = AutoTokenizer.from_pretrained(small_zoo / "base")
     vocab = tok.get_vocab()
