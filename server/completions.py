@@ -74,19 +74,28 @@ class OpenAIEndpoints:
                                     usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
                                                   total_tokens=n_prompt + n_gen))
 
-    async def _stream_completion(self, req, rid, label, model, rows, job, t0) -> AsyncIterator[str]:
-        tok = model.tokenizer
+    def _stream_completion(self, req, rid, label, model, rows, job, t0) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(i, text, reason=None):
             return P.CompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=model.digest,
                                         choices=[P.CompletionChoice(index=i, text=text, finish_reason=reason)])
 
+        def usage(u):
+            return P.CompletionResponse(id=rid, created=created, model=req.model, choices=[], usage=u)
+
+        opening = ([chunk(i, model.tokenizer.decode(p, skip_special_tokens=True)) for i, p in enumerate(rows)]
+                   if req.echo else [])
+        return self._stream(req, label, "completions", rows, job, t0, opening, chunk, usage)
+
+    async def _stream(self, req, label, endpoint, rows, job, t0, opening, chunk, usage) -> AsyncIterator[str]:
+        """The SSE stream shared by both endpoints: `opening` chunks, one `chunk(row, text, finish_reason)` per
+        decoded delta (or a "length" finish per row when nothing is generated), the `usage(Usage)` chunk if asked,
+        then [DONE]; a serving error becomes an error event and the stream still ends with [DONE]."""
         ttft, n_gen = None, 0
         try:
-            if req.echo:
-                for i, p in enumerate(rows):
-                    yield _sse(chunk(i, tok.decode(p, skip_special_tokens=True)))
+            for c in opening:
+                yield _sse(c)
             if job is None:
                 for i in range(len(rows)):
                     yield _sse(chunk(i, "", "length"))
@@ -102,12 +111,11 @@ class OpenAIEndpoints:
                             yield _sse(chunk(row, d.text, d.finish_reason))
             n_prompt = sum(len(p) for p in rows)
             if req.stream_options and req.stream_options.include_usage:
-                yield _sse(P.CompletionResponse(id=rid, created=created, model=req.model, choices=[],
-                                                usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
-                                                              total_tokens=n_prompt + n_gen)))
-            self.s.record(label, "completions", t0, ttft, n_prompt, n_gen)
+                yield _sse(usage(P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
+                                         total_tokens=n_prompt + n_gen)))
+            self.s.record(label, endpoint, t0, ttft, n_prompt, n_gen)
         except ServingError as e:
-            self.s.metrics.requests.inc(label, "completions", "error")
+            self.s.metrics.requests.inc(label, endpoint, "error")
             yield _sse(json.dumps(e.body()))
         yield _sse("[DONE]")
 
@@ -163,38 +171,19 @@ class OpenAIEndpoints:
                                         usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
                                                       total_tokens=n_prompt + n_gen))
 
-    async def _stream_chat(self, req, rid, label, model, rows, job, t0) -> AsyncIterator[str]:
+    def _stream_chat(self, req, rid, label, model, rows, job, t0) -> AsyncIterator[str]:
         created = int(time.time())
 
-        def chunk(i, delta, reason=None):
+        def chunk(i, text, reason=None):
+            delta = P.DeltaMessage(content=text) if text else P.DeltaMessage()
+            return chunk_of(i, delta, reason)
+
+        def chunk_of(i, delta, reason=None):
             return P.ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=model.digest,
                                          choices=[P.ChatStreamChoice(index=i, delta=delta, finish_reason=reason)])
 
-        ttft, n_gen = None, 0
-        try:
-            for i in range(len(rows)):
-                yield _sse(chunk(i, P.DeltaMessage(role="assistant", content="")))
-            if job is None:
-                for i in range(len(rows)):
-                    yield _sse(chunk(i, P.DeltaMessage(), "length"))
-            else:
-                async for kind, value in self.s.events(job):
-                    if kind != "deltas":
-                        continue
-                    for row, d in value:
-                        n_gen += len(d.token_ids)
-                        if ttft is None and d.token_ids:
-                            ttft = time.perf_counter() - t0
-                        if d.text or d.finish_reason:
-                            delta = P.DeltaMessage(content=d.text) if d.text else P.DeltaMessage()
-                            yield _sse(chunk(row, delta, d.finish_reason))
-            n_prompt = sum(len(p) for p in rows)
-            if req.stream_options and req.stream_options.include_usage:
-                yield _sse(P.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
-                                                 usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
-                                                               total_tokens=n_prompt + n_gen)))
-            self.s.record(label, "chat", t0, ttft, n_prompt, n_gen)
-        except ServingError as e:
-            self.s.metrics.requests.inc(label, "chat", "error")
-            yield _sse(json.dumps(e.body()))
-        yield _sse("[DONE]")
+        def usage(u):
+            return P.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=u)
+
+        opening = [chunk_of(i, P.DeltaMessage(role="assistant", content="")) for i in range(len(rows))]
+        return self._stream(req, label, "chat", rows, job, t0, opening, chunk, usage)
