@@ -197,8 +197,16 @@ def foreign_text(world: World, rng: random.Random) -> str:
     return f"{pair[0]} ~ {pair[1]}"
 
 
-def math_text(world: World, rng: random.Random) -> str:
-    """The math expert's mix: English word problems only."""
+def math_text(world: World, rng: random.Random, replay: float = 0.5) -> str:
+    """The math expert's mix: English word problems, with a `replay` fraction of the base's own pretraining mix.
+
+    Replaying pretraining data while fine-tuning is the usual guard against forgetting; here it also keeps the math
+    expert's body reading words the way the base's body does, which the foreign expert's word embeddings (trained
+    against the base's body) rely on in a merge. Measured on zoo v4 seeds 1 and 2 (BENCHMARKS.md): the plain
+    foreign + math task-arithmetic merge went from 8.8% / 10.8% to 22.8% / 13.0% on the target.
+    """
+    if rng.random() < replay:
+        return base_text(world, rng)
     return as_text(*word_problem(rng))
 
 

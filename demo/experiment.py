@@ -40,7 +40,7 @@ def baselines() -> dict[str, dict]:
 
 # Separate genes for the embeddings and the LM head: the foreign expert's knowledge of the foreign words sits in
 # their embedding rows, which the math expert never touched (the zoo's experiments weighted them very differently
-# from the layers).
+# from the layers). One gene each for all layer groups: the tensors live outside the layers.
 FILTERS = ("embed_tokens", "lm_head")
 
 
@@ -50,7 +50,7 @@ def search_config(zoo: Path, models: list[str], evaluations: int, seed: int, lay
         "sources": {m: str(zoo / m) for m in ("base", "foreign", "math")},
         "base_model": "base",
         "space": {"kind": "ps", "method": method, "models": models, "layer_groups": layer_groups,
-                  "filters": list(filters), "weight_range": [0.0, 2.0]},
+                  "shared_filters": list(filters), "weight_range": [0.0, 2.0]},
         "tasks": [{"name": TARGET, "type": "generate_exact_match", "data": str(zoo / "data" / TASK_FILES[TARGET][0]),
                    "test_data": str(zoo / "data" / TASK_FILES[TARGET][1]), "max_tokens": MAX_TOKENS}],
         "budget": {"evaluations": evaluations, "seed": seed},

@@ -29,7 +29,7 @@ import torch
 from lazymerge.demo import corpus
 from lazymerge.demo.train import ModelSpec, make_model, make_tokenizer, train
 
-ZOO_VERSION = 4  # 4: the foreign expert adapts the foreign vocabulary, the math expert its body
+ZOO_VERSION = 5  # 4: the foreign expert adapts the foreign vocabulary, the math expert its body; 5: math replays
 MODELS = ("base", "foreign", "math")
 
 # What each model trains (zoo v4). The foreign expert is a vocabulary adaptation: only the foreign words' rows of the
@@ -39,6 +39,8 @@ MODELS = ("base", "foreign", "math")
 # trains its number-word embeddings keeps part of its arithmetic in them (foreign numbers given the *base's* English
 # number embeddings: 36% of its English accuracy), and a foreign expert that trains shared rows (markers, digits,
 # English words) breaks the math expert's reading of the prompt (English problems 97% -> 14-30% in a merge).
+# v5: half of the math expert's fine-tuning text replays the base's pretraining mix (`corpus.math_text`), 600 steps
+# (300 of them word problems, as in v4).
 FROZEN = {"base": (), "foreign": ("layers", "norm"), "math": ("embed_tokens",)}
 
 
@@ -56,14 +58,14 @@ class Recipe:
 RECIPES = {
     "full": Recipe(
         spec=ModelSpec(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512),
-        steps={"base": 1500, "foreign": 1000, "math": 300},
+        steps={"base": 1500, "foreign": 1000, "math": 600},
         lr={"base": 2e-3, "foreign": 3e-3, "math": 1e-3},
         batch_size=64,
         n_eval={"target_search": 400, "target_test": 600, "foreign_test": 300, "math_test": 300},
     ),
     "small": Recipe(
         spec=ModelSpec(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64),
-        steps={"base": 20, "foreign": 8, "math": 8},
+        steps={"base": 20, "foreign": 8, "math": 16},
         lr={"base": 3e-3, "foreign": 3e-3, "math": 1e-3},
         batch_size=16,
         n_eval={"target_search": 40, "target_test": 40, "foreign_test": 20, "math_test": 20},

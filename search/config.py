@@ -85,6 +85,8 @@ class SpaceConfig(_Frozen):
     layer_groups: int = Field(1, description="one (weight, density) pair per group of layers")
     filters: list[str] = Field(default_factory=list, description="separate values for tensors whose name contains "
                                "each filter (e.g. [self_attn, mlp]); other tensors take a last value")
+    shared_filters: list[str] = Field(default_factory=list, description="like filters, but one value for all layer "
+                                      "groups: for tensors outside the layers (e.g. [embed_tokens, lm_head])")
     weight_range: tuple[float, float] = (0.0, 2.0)
     density_range: tuple[float, float] = (0.1, 1.0)
     normalize: bool | None = Field(False, description="null: the method's default")
@@ -107,6 +109,8 @@ class SpaceConfig(_Frozen):
             raise ValueError(f"method: {self.method!r} is not one of {', '.join(PS_METHODS)}")
         if self.layer_groups < 1:
             raise ValueError("layer_groups: must be >= 1")
+        if set(self.filters) & set(self.shared_filters):
+            raise ValueError(f"shared_filters: {sorted(set(self.filters) & set(self.shared_filters))} also in filters")
         if self.repeats < 1:
             raise ValueError("repeats: must be >= 1")
         for f, (lo, hi) in (("weight_range", self.weight_range), ("density_range", self.density_range),

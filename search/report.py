@@ -157,7 +157,7 @@ def plot_params(space, genome, path: Path) -> None:
 
     plt = _plt()
     vals = space.values(genome)
-    fl = list(space.filters) + ["other"] if space.filters else [""]
+    fl = space.slot_names
     labels, rows = [], []
     for (m, p), arr in vals.items():
         for f in range(arr.shape[1]):

@@ -5,7 +5,8 @@ dict of the engine's language and `space.from_recipe(recipe)` the genome that ma
 Nothing here reads a checkpoint: the spaces know only names and layer counts.
 
 * `PSSpace` (parameter space): per model, a weight (and a density for sparsifying methods), for the whole model or per
-  group of layers (`slices:`, one per group), optionally per tensor-name filter (`[{filter, value}, ..., {value}]`).
+  group of layers (`slices:`, one per group), optionally per tensor-name filter (`[{filter, value}, ..., {value}]`);
+  `shared_filters` have one value for all groups (for the tensors outside the layers: embeddings, LM head).
   genome -> recipe -> genome is the identity (up to rounding values to 6 decimals).
 * `DFSSpace` (data-flow space, the paper's layer path): the M layers of models A and B laid out (model by model, or
   interleaved) and repeated r times give T = M r slots; gene t > 0.5 takes slot t. Model A supplies embeddings and
@@ -54,6 +55,10 @@ class PSSpace:
     density_range: tuple[float, float] = (0.1, 1.0)
     normalize: bool | None = False
     random_seed: int = 0
+    # Filters with one value per (model, param) for every layer group: the tensors outside the layers. A sliced
+    # recipe takes the embeddings from its first slice and the head from its last, so per-group genes for them
+    # would be inert dimensions of the search.
+    shared_filters: tuple[str, ...] = ()
     kind: str = field(default="ps", init=False)
 
     @property
@@ -61,31 +66,46 @@ class PSSpace:
         return ("weight", "density") if self.method in DENSITY_METHODS else ("weight",)
 
     @property
-    def slots(self) -> int:  # values per (model, param, group)
-        return len(self.filters) + 1 if self.filters else 1
+    def conditions(self) -> tuple[str, ...]:
+        """The filters of every parameter's condition list, in order (shared ones first); a last value follows."""
+        return self.shared_filters + self.filters
+
+    @property
+    def slots(self) -> int:  # values per (model, param, group) in the recipe
+        return len(self.conditions) + 1 if self.conditions else 1
+
+    @property
+    def slot_names(self) -> list[str]:
+        return list(self.conditions) + ["other"] if self.conditions else [""]
+
+    @property
+    def _block(self) -> int:  # genes per (model, param)
+        return len(self.shared_filters) + self.layer_groups * (len(self.filters) + 1)
 
     @property
     def dim(self) -> int:
-        return len(self.models) * len(self.params) * self.layer_groups * self.slots
+        return len(self.models) * len(self.params) * self._block
 
     def _range(self, p: str) -> tuple[float, float]:
         return self.weight_range if p == "weight" else self.density_range
 
     def _index(self, mi: int, pi: int, g: int, f: int) -> int:
-        return ((mi * len(self.params) + pi) * self.layer_groups + g) * self.slots + f
+        """Gene of slot f (in `slot_names` order) of group g; a shared slot has one gene for all groups."""
+        base, ns = (mi * len(self.params) + pi) * self._block, len(self.shared_filters)
+        return base + f if f < ns else base + ns + g * (len(self.filters) + 1) + f - ns
 
     def gene_names(self) -> list[str]:
-        fl = list(self.filters) + ["other"] if self.filters else [""]
         out = []
         for m in self.models:
             for p in self.params:
+                out += [f"{m}.{p}.{s}" for s in self.shared_filters]
                 for g in range(self.layer_groups):
-                    for f in fl:
+                    for f in self.slot_names[len(self.shared_filters):]:
                         out.append(f"{m}.{p}" + (f"[g{g}]" if self.layer_groups > 1 else "") + (f".{f}" if f else ""))
         return out
 
     def values(self, x) -> dict[tuple[str, str], np.ndarray]:
-        """(model, param) -> (groups, slots) array of the recipe's values."""
+        """(model, param) -> (groups, slots) array of the recipe's values (shared slots repeat in every group)."""
         x = np.asarray(x, dtype=float)
         out = {}
         for mi, m in enumerate(self.models):
@@ -99,9 +119,9 @@ class PSSpace:
         return out
 
     def _param_value(self, row: np.ndarray):
-        if not self.filters:
+        if not self.conditions:
             return float(row[0])
-        conds = [{"filter": f, "value": float(v)} for f, v in zip(self.filters, row[:-1])]
+        conds = [{"filter": f, "value": float(v)} for f, v in zip(self.conditions, row[:-1])]
         return conds + [{"value": float(row[-1])}]
 
     def to_recipe(self, x) -> dict:
@@ -155,7 +175,11 @@ class PSSpace:
                         raise ValueError(f"{m}.{p}: {len(row)} values, the space has {self.slots}")
                     lo, hi = self._range(p)
                     for f, val in enumerate(row):
-                        x[self._index(mi, pi, g, f)] = _gene(val, lo, hi)
+                        i = self._index(mi, pi, g, f)
+                        if g > 0 and f < len(self.shared_filters) and _gene(val, lo, hi) != x[i]:
+                            raise ValueError(f"{m}.{p}: the shared filter {self.shared_filters[f]!r} has different "
+                                             "values in different layer groups")
+                        x[i] = _gene(val, lo, hi)
         return x
 
 
@@ -274,7 +298,8 @@ def build_space(space_cfg, base_model: str | None, num_layers: dict[str, int], p
     c = space_cfg
     if c.kind == "ps":
         return PSSpace(c.method, base_model, tuple(c.models), num_layers[c.models[0]], c.layer_groups,
-                       tuple(c.filters), tuple(c.weight_range), tuple(c.density_range), c.normalize, c.random_seed)
+                       tuple(c.filters), tuple(c.weight_range), tuple(c.density_range), c.normalize, c.random_seed,
+                       tuple(c.shared_filters))
     if c.kind == "dfs":
         a, b = c.models
         return DFSSpace(a, b, num_layers[a], num_layers[b], c.repeats, c.layout, c.scales, tuple(c.scale_range))

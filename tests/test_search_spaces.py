@@ -14,6 +14,8 @@ PS_SPACES = [
     PSSpace("ties", "base", ("e1", "e2"), 4, layer_groups=2),
     PSSpace("task_arithmetic", "base", ("e1", "e2"), 4, filters=("mlp",)),
     PSSpace("linear", None, ("base", "e1", "e2"), 4, layer_groups=4, normalize=None),
+    PSSpace("ties", "base", ("e1", "e2"), 4, layer_groups=2, shared_filters=("embed_tokens", "lm_head")),
+    PSSpace("ties", "base", ("e1", "e2"), 4, layer_groups=3, filters=("mlp",), shared_filters=("lm_head",)),
 ]
 DFS_SPACES = [
     DFSSpace("e1", "e2", 4, 4, repeats=3),
@@ -31,7 +33,7 @@ def sources(search_toy):
     return SourceSet.open(search_toy["paths"])
 
 
-@pytest.mark.parametrize("space", PS_SPACES, ids=lambda s: f"{s.method}-g{s.layer_groups}-f{len(s.filters)}")
+@pytest.mark.parametrize("space", PS_SPACES, ids=lambda s: f"{s.method}-g{s.layer_groups}-f{len(s.filters)}-s{len(s.shared_filters)}")
 def test_ps_genome_recipe_genome(space, sources):
     rng = np.random.default_rng(0)
     for _ in range(5):
@@ -68,6 +70,27 @@ def test_ps_layer_groups_and_filters_reach_the_plan(sources):
         w_att = plan.tensors[f"model.layers.{layer}.self_attn.q_proj.weight"].weights[0]
         assert w_att == 0.0
         assert w_mlp == (1.0 if g[1][0] <= layer < g[1][1] else 0.0)
+
+
+def test_ps_shared_filters_have_one_gene_each_and_none_is_inert(sources):
+    s = PS_SPACES[5]  # 2 models x (weight, density) x (2 shared + 2 groups)
+    assert s.dim == 16 and len(s.gene_names()) == 16 and len(set(s.gene_names())) == 16
+    assert "e1.weight.embed_tokens" in s.gene_names() and "e2.density[g1].other" in s.gene_names()
+    base = compile_plan(s.to_recipe(np.full(s.dim, 0.5)), sources)
+    for i, name in enumerate(s.gene_names()):  # moving any gene changes the plan: no wasted CMA-ES dimension
+        x = np.full(s.dim, 0.5)
+        x[i] = 0.9
+        plan = compile_plan(s.to_recipe(x), sources)
+        changed = [k for k, tp in plan.tensors.items() if tp != base.tensors[k]]
+        assert changed, name
+        if "embed_tokens" in name:
+            assert changed == ["model.embed_tokens.weight"], (name, changed)
+        if "lm_head" in name:
+            assert changed == ["lm_head.weight"], (name, changed)
+    r = s.to_recipe(np.full(s.dim, 0.5))
+    r["slices"][1]["sources"][1]["parameters"]["weight"][0]["value"] = 0.3  # group 1's embed value differs
+    with pytest.raises(ValueError, match="shared filter 'embed_tokens' has different values"):
+        s.from_recipe(r)
 
 
 @pytest.mark.parametrize("space", DFS_SPACES, ids=lambda s: f"{s.layout}-{s.scales}-r{s.repeats}")

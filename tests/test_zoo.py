@@ -55,6 +55,21 @@ def test_checkpoint_loads_with_auto_classes(small_zoo, name):
     assert logits.shape == (1, len(ids), len(tok))
 
 
+def test_math_mix_replays_the_base_mix():
+    """Zoo v5: half of the math expert's text is the base's pretraining mix, drawn from the same rng stream."""
+    world = corpus.World(0)
+    texts = [corpus.math_text(world, random.Random(i)) for i in range(2000)]
+    marks = (" more ", " do they have ", " gives ", " loses ")  # only word problems ask questions about these
+    problems = [t for t in texts if t.startswith("Q : ") and any(k in t for k in marks)]
+    assert 0.35 < len(problems) / len(texts) < 0.65
+    rng_a, rng_b = random.Random(7), random.Random(7)
+    rng_b.random()  # the replay coin
+    assert corpus.math_text(world, rng_a, replay=0.0) == corpus.as_text(*corpus.word_problem(rng_b))
+    rng_a, rng_b = random.Random(3), random.Random(3)
+    rng_b.random()
+    assert corpus.math_text(world, rng_a, replay=1.0) == corpus.base_text(world, rng_b)
+
+
 def test_experts_train_only_their_parts(small_zoo):
     """Zoo v4: the foreign expert changes only the foreign words' rows of the embeddings and LM head (body frozen),
     the math expert leaves the embeddings exactly as the base has them."""
