@@ -43,6 +43,9 @@ def _bad(toy, tmp_path):
         "dfs needs two": ({**g, "space": {"kind": "dfs", "models": ["e1"]}}, "space.models: a dfs space takes two"),
         "bad method": ({**g, "space": {**g["space"], "method": "slerp"}}, "space.method: 'slerp'"),
         "density range": ({**g, "space": {**g["space"], "density_range": [0.0, 1.0]}}, "space.density_range"),
+        "filter shared and not": ({**g, "space": {**g["space"], "filters": ["mlp", "lm_head"],
+                                                  "shared_filters": ["lm_head"]}},
+                                  "shared_filters: ['lm_head'] also in filters"),
         "no tasks": ({**g, "tasks": []}, "tasks: empty list"),
         "ps+dfs without ps": ({**g, "space": {"kind": "ps+dfs", "models": ["e1"]}}, "space.ps_recipe"),
         "bad jsonl": ({**g, "tasks": [{**t0, "data": str(nojson)}]}, "nojson.jsonl:2: not JSON"),
@@ -69,7 +72,7 @@ def test_good_config_loads(search_toy, tmp_path):
 
 @pytest.mark.parametrize("case", ["unknown source", "unknown base", "missing dataset", "missing test split",
                                   "empty dataset", "budget 0", "no budget", "missing checkpoint", "unknown task type",
-                                  "unknown field", "dfs needs two", "bad method", "density range", "no tasks",
+                                  "unknown field", "dfs needs two", "bad method", "density range", "filter shared and not", "no tasks",
                                   "ps+dfs without ps", "bad jsonl", "bad choice"])
 def test_bad_config_names_the_field(search_toy, tmp_path, case):
     cfg, msg = _bad(search_toy, tmp_path)[case]
