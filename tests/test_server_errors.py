@@ -449,6 +449,19 @@ def _gate(model, after_steps=1):
     return gate, pulled, closed
 
 
+def _record_jobs(scheduler) -> list:
+    """Make `scheduler.submit_all` also append every submitted job to the returned list (undo: del
+    scheduler.submit_all)."""
+    jobs, orig = [], scheduler.submit_all
+
+    def submit_all(js):
+        orig(js)
+        jobs.extend(js)
+
+    scheduler.submit_all = submit_all
+    return jobs
+
+
 def test_compare_queues_all_recipes_or_none(server_sources, server_recipes):
     """A comparison whose rows do not all fit in the queue is refused with 429 and leaves no job behind (before the
     fix its first recipe's job was queued and ran for nobody)."""
@@ -480,13 +493,7 @@ def test_compare_cancels_the_other_recipes_when_one_fails(server_sources, server
             yield  # a generator
 
         bad.stream = fail
-        jobs, orig = [], serving.scheduler.submit_all
-
-        def submit_all(js):
-            orig(js)
-            jobs.extend(js)
-
-        serving.scheduler.submit_all = submit_all
+        jobs = _record_jobs(serving.scheduler)
         try:
             body = {"prompts": ["the cat"], "recipes": ["ta_e1", "ta_e2"], "max_tokens": 12, "temperature": 0}
             assert_error(c.post("/v1/compare", json=body), 500, contains="broken recipe")
@@ -506,13 +513,7 @@ def test_server_survives_client_disconnect_and_errors(client, server_sources, se
     serving = client.app.state.serving
     model = serving.registry.get("ties").model
     gate, pulled, closed = _gate(model)
-    jobs, orig = [], serving.scheduler.submit_all
-
-    def submit_all(js):
-        orig(js)
-        jobs.extend(js)
-
-    serving.scheduler.submit_all = submit_all
+    jobs = _record_jobs(serving.scheduler)
     try:
         with client.stream("POST", "/v1/completions", json={"model": "ties", "prompt": "the cat", "max_tokens": 20,
                                                             "temperature": 0, "stream": True}) as r:
