@@ -55,9 +55,28 @@ def _cmd_demo(args) -> int:
     recipes = {f"{k}-default": r for k, r in baselines().items()}
     recipes["evolved"] = (out / f"seed{seeds[0]}" / "evolved.yaml").read_text()
     recipes["control-math-alone"] = (out / f"seed{seeds[0]}" / "control.yaml").read_text()
-    serve_blocking({m: str(zoo / m) for m in ("base", "foreign", "math")}, recipes, args.host, args.port,
+    port = _free_port(args.host, args.port, say)
+    serve_blocking({m: str(zoo / m) for m in ("base", "foreign", "math")}, recipes, args.host, port,
                    db=str(out / "votes.sqlite"))
     return 0
+
+
+def _free_port(host: str, port: int, say) -> int:
+    """`port` if it can be bound on `host`, else 0 (any free port; the server prints the one it binds)."""
+    import socket
+
+    if port == 0:
+        return 0
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            say(f"port {port} on {host} is not available ({e.strerror}); serving on a free port instead "
+                "(choose one with --port N, e.g. `make demo ARGS=\"--port 8080\"`)")
+            return 0
+    return port
 
 
 def _mean(tables: list[dict]) -> dict:
@@ -95,5 +114,5 @@ def register(sub) -> None:
     p.add_argument("--no-serve", action="store_true", help="stop after the table")
     p.add_argument("--json", action="store_true", help="print the table as JSON on stdout's last line")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="A/B page port (default 8000; a free one if taken; 0: any)")
     p.set_defaults(func=_cmd_demo)

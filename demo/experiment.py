@@ -105,9 +105,9 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
 
 
 def _yaml(recipe: dict) -> str:
-    from lazymerge.engine import load_recipe
+    from lazymerge.search.run import recipe_text
 
-    return load_recipe(recipe).to_yaml()
+    return recipe_text(recipe)  # a search's best recipe names its sources by absolute folder: runs anywhere
 
 
 def format_table(table: dict) -> str:

@@ -153,27 +153,41 @@ def plot_fitness(history: list[dict], path: Path) -> None:
 
 
 def plot_params(space, genome, path: Path) -> None:
+    """One heatmap per parameter (weight, density, ...): rows are (model, filter), columns layer groups; each panel
+    has its own colour scale spanning the parameter's search range, so weights (0-2) and densities (0-1) are not
+    read against each other's colours."""
     import numpy as np
 
     plt = _plt()
     vals = space.values(genome)
     fl = space.slot_names
-    labels, rows = [], []
-    for (m, p), arr in vals.items():
-        for f in range(arr.shape[1]):
-            labels.append(f"{m} {p}" + (f" [{fl[f]}]" if fl[f] else ""))
-            rows.append(arr[:, f])
-    data = np.array(rows)
-    fig, ax = plt.subplots(figsize=(max(4.5, 2.2 + 0.9 * data.shape[1]), 1.2 + 0.4 * len(rows)))
-    im = ax.imshow(data, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xticks(range(data.shape[1]), [f"group {g}" for g in range(data.shape[1])])
-    for i in range(data.shape[0]):
-        for j in range(data.shape[1]):
-            ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(im, ax=ax)
-    ax.set_title("evolved parameters (best candidate)", fontsize=10)
-    fig.tight_layout()
+    params = list(dict.fromkeys(p for _, p in vals))
+    panels = []
+    for p in params:
+        labels, rows = [], []
+        for (m, q), arr in vals.items():
+            if q != p:
+                continue
+            for f in range(arr.shape[1]):
+                labels.append(f"{m}" + (f" [{fl[f]}]" if fl[f] else ""))
+                rows.append(arr[:, f])
+        panels.append((p, labels, np.array(rows)))
+    n_rows = max(len(lab) for _, lab, _ in panels)
+    n_groups = panels[0][2].shape[1]
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, layout="constrained",
+                             figsize=(len(panels) * max(4.0, 2.6 + 0.9 * n_groups), 1.6 + 0.4 * n_rows))
+    for ax, (p, labels, data) in zip(axes[0], panels):
+        lo, hi = space._range(p)
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xticks(range(data.shape[1]), [f"group {g}" for g in range(data.shape[1])], fontsize=8)
+        for i in range(data.shape[0]):
+            for j in range(data.shape[1]):
+                dark = (data[i, j] - lo) / (hi - lo) < 0.6
+                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", color="w" if dark else "k", fontsize=8)
+        fig.colorbar(im, ax=ax, label=f"{p} (range {lo:g}-{hi:g})")
+        ax.set_title(p, fontsize=10)
+    fig.suptitle("evolved parameters (best candidate)", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
