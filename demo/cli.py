@@ -57,8 +57,25 @@ def _cmd_demo(args) -> int:
     recipes["control-math-alone"] = (out / f"seed{seeds[0]}" / "control.yaml").read_text()
     port = _free_port(args.host, args.port, say)
     serve_blocking({m: str(zoo / m) for m in ("base", "foreign", "math")}, recipes, args.host, port,
-                   db=str(out / "votes.sqlite"))
+                   db=str(out / "votes.sqlite"), examples=example_prompts(zoo),
+                   featured=("evolved", best_baseline(tables[0])))
     return 0
+
+
+def example_prompts(zoo: Path, n: int = 4) -> list[str]:
+    """The first `n` prompts of the held-out target split: the form of prompt the zoo's models understand."""
+    from .experiment import TARGET, TASK_FILES
+
+    lines = (zoo / "data" / TASK_FILES[TARGET][1]).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["prompt"] for line in lines[:n] if line.strip()]
+
+
+def best_baseline(table: dict) -> str:
+    """The served name of the untuned baseline with the best held-out target score (e.g. `ties-default`)."""
+    t = table["target_task"]
+    rows = [r for r in table["rows"] if r["kind"] == "baseline"]
+    best = max(rows, key=lambda r: r["scores"][t])
+    return best["model"].removesuffix(" (default)") + "-default"
 
 
 def _free_port(host: str, port: int, say) -> int:

@@ -167,6 +167,9 @@ def run_search(config, out_dir, workers: int | None = None, quiet: bool = False,
     max_gens = cfg.budget.generations or math.ceil(cfg.budget.evaluations / popsize)
     if cfg.budget.generations and cfg.budget.evaluations:
         max_gens = min(max_gens, math.ceil(cfg.budget.evaluations / popsize))
+    if cfg.budget.evaluations and max_gens * popsize != cfg.budget.evaluations and not quiet and gen == 0:
+        print(f"budget: {cfg.budget.evaluations} evaluations -> {max_gens} whole generations of {popsize} = "
+              f"{max_gens * popsize} candidates (CMA-ES ranks whole generations)", flush=True)
     done = {(h["generation"], h["index"]): h for h in history}
     best = max(history, key=lambda h: h["fitness"], default=None)  # first of equals: max keeps the first
     progress = Progress(max_gens * popsize, max_gens, quiet=quiet)
