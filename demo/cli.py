@@ -22,12 +22,14 @@ def _cmd_demo(args) -> int:
         t0 = time.time()
         zoo = build_zoo(Path(args.zoo) / f"seed{s}", seed=s, size=size)
         say(f"zoo seed {s}: {zoo} ({time.time() - t0:.0f} s)")
+        spaces = tuple(x.strip() for x in args.spaces.split(",") if x.strip())
         table = run_experiment(zoo, out / f"seed{s}", evaluations=args.evaluations, layer_groups=args.layer_groups,
-                               seed=s, quiet=args.json)
+                               seed=s, quiet=args.json, spaces=spaces, say=say)
         c = claim(table)
         table["claim"] = c
         tables.append(table)
-        say(f"\nseed {s} — held-out accuracy (%), search took {table['seconds']:.0f} s")
+        say(f"\nseed {s} — held-out accuracy (%), searches and scoring took {table['seconds']:.0f} s; best evolved "
+            f"by search-split fitness: {table['best_space']} ({table['search_fitness']})")
         say(format_table(table))
         say(f"evolved vs best source {c['vs_sources']:+.1f}, vs best baseline {c['vs_baselines']:+.1f}, "
             f"vs control {c['vs_control']:+.1f} points -> claim {'holds' if c['holds'] else 'does NOT hold'}")
@@ -54,6 +56,8 @@ def _cmd_demo(args) -> int:
     zoo = Path(args.zoo) / f"seed{seeds[0]}"
     recipes = {f"{k}-default": r for k, r in baselines().items()}
     recipes["evolved"] = (out / f"seed{seeds[0]}" / "evolved.yaml").read_text()
+    for f in sorted((out / f"seed{seeds[0]}").glob("evolved_*.yaml")):
+        recipes[f.stem.replace("_", "-")] = f.read_text()
     recipes["control-math-alone"] = (out / f"seed{seeds[0]}" / "control.yaml").read_text()
     port = _free_port(args.host, args.port, say)
     serve_blocking({m: str(zoo / m) for m in ("base", "foreign", "math")}, recipes, args.host, port,
@@ -127,6 +131,8 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=int, default=1, help="run this many seeds and report each and the mean")
     p.add_argument("--evaluations", type=int, default=150, help="CMA-ES candidates per search")
     p.add_argument("--layer-groups", type=int, default=2, help="weight per source per group of layers")
+    p.add_argument("--spaces", default="ps,dfs,dfs_w1,ps_dfs",
+                   help="evolved rows to search: ps (always), dfs, dfs_w1 (W fixed to 1), ps_dfs")
     p.add_argument("--small", action="store_true", help="the seconds-sized zoo (tests; accuracies are meaningless)")
     p.add_argument("--no-serve", action="store_true", help="stop after the table")
     p.add_argument("--json", action="store_true", help="print the table as JSON on stdout's last line")

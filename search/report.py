@@ -193,10 +193,19 @@ def plot_params(space, genome, path: Path) -> None:
 
 
 def plot_path(space, genome, path: Path) -> None:
+    """The evolved layer path (hop by hop: which layer, coloured by the scale on the hidden state entering it) and,
+    for a space with a scaling matrix, W itself (W[i, j]: the scale when a hop goes from layer i to layer j)."""
+    import numpy as np
+
     plt = _plt()
     hops = space.hops(genome)
     L = space.layers
-    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(hops) + 2), 0.3 * len(L) + 1.8))
+    matrix = space.scales == "matrix"
+    width = max(7, 0.35 * len(hops) + 2)
+    fig, axes = plt.subplots(1, 2 if matrix else 1, squeeze=False, layout="constrained",
+                             figsize=(width + (0.35 * len(L) + 3 if matrix else 0), 0.3 * len(L) + 2.2),
+                             gridspec_kw={"width_ratios": [width, 0.35 * len(L) + 3]} if matrix else None)
+    ax = axes[0][0]
     cmap = plt.get_cmap("coolwarm")
     lo, hi = space.scale_range
     for k in range(1, len(hops)):
@@ -210,7 +219,17 @@ def plot_path(space, genome, path: Path) -> None:
                  fontsize=9)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi))
     fig.colorbar(sm, ax=ax, label="scale")
-    fig.tight_layout()
+    if matrix:
+        W = np.array([[space._w(genome, i, j) for j in range(space.M)] for i in range(space.M)])
+        wx = axes[0][1]
+        im = wx.imshow(W, cmap="coolwarm", vmin=lo, vmax=hi)
+        names = [f"{m}.{i}" for m, i in L]
+        wx.set_xticks(range(len(L)), names, fontsize=6, rotation=90)
+        wx.set_yticks(range(len(L)), names, fontsize=6)
+        wx.set_xlabel("to layer j")
+        wx.set_ylabel("from layer i")
+        wx.set_title("scaling matrix W", fontsize=9)
+        fig.colorbar(im, ax=wx, label="W[i, j]")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
