@@ -30,6 +30,8 @@ def _cmd_demo(args) -> int:
         tables.append(table)
         say(f"\nseed {s} — held-out accuracy (%), searches and scoring took {table['seconds']:.0f} s; best evolved "
             f"by search-split fitness: {table['best_space']} ({table['search_fitness']})")
+        pf = table["platform"]
+        say(f"zoo v{pf['zoo_version']} content {pf['zoo_content_hash']}, {pf['cpu']}, torch {pf['torch']}")
         say(format_table(table))
         say(f"evolved vs best source {c['vs_sources']:+.1f}, vs best baseline {c['vs_baselines']:+.1f}, "
             f"vs control {c['vs_control']:+.1f} points -> claim {'holds' if c['holds'] else 'does NOT hold'}")

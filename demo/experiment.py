@@ -146,7 +146,8 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
             cache[key] = {k: round(100 * v, 1) for k, v in scores.items()}
         rows.append({"model": name, "kind": kind, "scores": dict(cache[key])})
     table = {"target_task": TARGET, "rows": rows, "seconds": round(time.time() - t0, 1),
-             "evaluations": evolved.evaluations, "zoo": str(zoo), "best_space": best_key,
+             "evaluations": evolved.evaluations, "zoo": str(zoo), "platform": platform_facts(zoo),
+             "best_space": best_key,
              "search_fitness": {k: round(100 * searches[k].best_fitness, 1) for k in evolved_keys}}
     (out / "results.json").write_text(json.dumps(table, indent=2))
     (out / "evolved.yaml").write_text(_yaml(searches[best_key].best_recipe))
@@ -155,6 +156,29 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
     (out / "control.yaml").write_text(_yaml(control.best_recipe))
     plot_results(table, out / "results.png")
     return table
+
+
+def platform_facts(zoo: Path) -> dict:
+    """What a rebuilt zoo's numbers depend on: the zoo's content hash (its manifest), the CPU and torch's version
+    (floating-point paths differ between CPUs and thread counts, and training amplifies them)."""
+    import platform
+
+    import torch
+
+    try:
+        manifest = json.loads((Path(zoo) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"zoo_content_hash": str(manifest.get("content_hash", ""))[:16], "zoo_version": manifest.get("version"),
+            "cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _yaml(recipe: dict) -> str:
