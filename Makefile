@@ -17,8 +17,9 @@ install-dev: install
 	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will skip"; }
 
+# options pass through: make demo ARGS="--port 8080 --seeds 3"
 demo: install
-	$(PY) -m lazymerge.cli demo
+	$(PY) -m lazymerge.cli demo $(ARGS)
 
 test: install-dev
 	$(PY) -m pytest -p no:cacheprovider tests

@@ -22,12 +22,16 @@ def _cmd_demo(args) -> int:
         t0 = time.time()
         zoo = build_zoo(Path(args.zoo) / f"seed{s}", seed=s, size=size)
         say(f"zoo seed {s}: {zoo} ({time.time() - t0:.0f} s)")
+        spaces = tuple(x.strip() for x in args.spaces.split(",") if x.strip())
         table = run_experiment(zoo, out / f"seed{s}", evaluations=args.evaluations, layer_groups=args.layer_groups,
-                               seed=s, quiet=args.json)
+                               seed=s, quiet=args.json, spaces=spaces, say=say)
         c = claim(table)
         table["claim"] = c
         tables.append(table)
-        say(f"\nseed {s} — held-out accuracy (%), search took {table['seconds']:.0f} s")
+        say(f"\nseed {s} — held-out accuracy (%), searches and scoring took {table['seconds']:.0f} s; best evolved "
+            f"by search-split fitness: {table['best_space']} ({table['search_fitness']})")
+        pf = table["platform"]
+        say(f"zoo v{pf['zoo_version']} content {pf['zoo_content_hash']}, {pf['cpu']}, torch {pf['torch']}")
         say(format_table(table))
         say(f"evolved vs best source {c['vs_sources']:+.1f}, vs best baseline {c['vs_baselines']:+.1f}, "
             f"vs control {c['vs_control']:+.1f} points -> claim {'holds' if c['holds'] else 'does NOT hold'}")
@@ -54,10 +58,48 @@ def _cmd_demo(args) -> int:
     zoo = Path(args.zoo) / f"seed{seeds[0]}"
     recipes = {f"{k}-default": r for k, r in baselines().items()}
     recipes["evolved"] = (out / f"seed{seeds[0]}" / "evolved.yaml").read_text()
+    for f in sorted((out / f"seed{seeds[0]}").glob("evolved_*.yaml")):
+        recipes[f.stem.replace("_", "-")] = f.read_text()
     recipes["control-math-alone"] = (out / f"seed{seeds[0]}" / "control.yaml").read_text()
-    serve_blocking({m: str(zoo / m) for m in ("base", "foreign", "math")}, recipes, args.host, args.port,
-                   db=str(out / "votes.sqlite"))
+    port = _free_port(args.host, args.port, say)
+    serve_blocking({m: str(zoo / m) for m in ("base", "foreign", "math")}, recipes, args.host, port,
+                   db=str(out / "votes.sqlite"), examples=example_prompts(zoo),
+                   featured=("evolved", best_baseline(tables[0])))
     return 0
+
+
+def example_prompts(zoo: Path, n: int = 4) -> list[str]:
+    """The first `n` prompts of the held-out target split: the form of prompt the zoo's models understand."""
+    from .experiment import TARGET, TASK_FILES
+
+    lines = (zoo / "data" / TASK_FILES[TARGET][1]).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["prompt"] for line in lines[:n] if line.strip()]
+
+
+def best_baseline(table: dict) -> str:
+    """The served name of the untuned baseline with the best held-out target score (e.g. `ties-default`)."""
+    t = table["target_task"]
+    rows = [r for r in table["rows"] if r["kind"] == "baseline"]
+    best = max(rows, key=lambda r: r["scores"][t])
+    return best["model"].removesuffix(" (default)") + "-default"
+
+
+def _free_port(host: str, port: int, say) -> int:
+    """`port` if it can be bound on `host`, else 0 (any free port; the server prints the one it binds)."""
+    import socket
+
+    if port == 0:
+        return 0
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            say(f"port {port} on {host} is not available ({e.strerror}); serving on a free port instead "
+                "(choose one with --port N, e.g. `make demo ARGS=\"--port 8080\"`)")
+            return 0
+    return port
 
 
 def _mean(tables: list[dict]) -> dict:
@@ -91,9 +133,11 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=int, default=1, help="run this many seeds and report each and the mean")
     p.add_argument("--evaluations", type=int, default=150, help="CMA-ES candidates per search")
     p.add_argument("--layer-groups", type=int, default=2, help="weight per source per group of layers")
+    p.add_argument("--spaces", default="ps,dfs,dfs_w1,ps_dfs",
+                   help="evolved rows to search: ps (always), dfs, dfs_w1 (W fixed to 1), ps_dfs")
     p.add_argument("--small", action="store_true", help="the seconds-sized zoo (tests; accuracies are meaningless)")
     p.add_argument("--no-serve", action="store_true", help="stop after the table")
     p.add_argument("--json", action="store_true", help="print the table as JSON on stdout's last line")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="A/B page port (default 8000; a free one if taken; 0: any)")
     p.set_defaults(func=_cmd_demo)

@@ -8,10 +8,18 @@
    the TIES search reached 31.7%);
 2. runs the *control*: the same search over the math expert's weights alone (no foreign expert) — the confound the
    feasibility prototype found (rescaling the math expert's layers alone already beats the raw math expert);
-3. scores every source, the untuned baselines (plain average, TIES and DARE-TIES at default settings), the control
-   and the evolved merge on the held-out test split of the intersection task and on each expert's own task;
-4. returns the table as {"target_task", "rows": [{"model", "kind", "scores": {task: accuracy %}}]} and writes it
+3. runs the paper's data-flow searches (DFS, `spaces`): a layer path through the foreign expert (model A: embeddings,
+   head, first and last layer) and the math expert (B), their M layers laid out and repeated r = 3 times, an
+   indicator per slot and the M x M scaling matrix W on the hidden state entering each hop; the same with W fixed to
+   1 (the paper's ablation); and PS+DFS, a path whose model A is the evolved PS merge;
+4. scores every source, the untuned baselines (plain average, TIES and DARE-TIES at default settings), the control
+   and each evolved model on the held-out test split of the intersection task and on each expert's own task; the
+   row of kind `evolved` repeats the evolved model with the best *search-split* fitness (chosen without looking at
+   the held-out split);
+5. returns the table as {"target_task", "rows": [{"model", "kind", "scores": {task: accuracy %}}]} and writes it
    with plots under `out_dir`. Nothing but run records is written: every model is evaluated lazily.
+
+Row kinds: source, baseline, control, evolved_ps, evolved_dfs, evolved_dfs_w1, evolved_ps_dfs, evolved.
 """
 
 from __future__ import annotations
@@ -45,17 +53,28 @@ FILTERS = ("embed_tokens", "lm_head")
 
 
 def search_config(zoo: Path, models: list[str], evaluations: int, seed: int, layer_groups: int,
-                  method: str = "ties", threads: int = 2, filters=FILTERS) -> dict:
+                  method: str = "ties", threads: int = 2, filters=FILTERS, space: dict | None = None) -> dict:
+    """A search over the zoo on the target's search split: the PS space by default, or `space` as given."""
     return {
         "sources": {m: str(zoo / m) for m in ("base", "foreign", "math")},
         "base_model": "base",
-        "space": {"kind": "ps", "method": method, "models": models, "layer_groups": layer_groups,
-                  "shared_filters": list(filters), "weight_range": [0.0, 2.0]},
+        "space": space or {"kind": "ps", "method": method, "models": models, "layer_groups": layer_groups,
+                           "shared_filters": list(filters), "weight_range": [0.0, 2.0]},
         "tasks": [{"name": TARGET, "type": "generate_exact_match", "data": str(zoo / "data" / TASK_FILES[TARGET][0]),
                    "test_data": str(zoo / "data" / TASK_FILES[TARGET][1]), "max_tokens": MAX_TOKENS}],
         "budget": {"evaluations": evaluations, "seed": seed},
         "runtime": {"threads": threads},
     }
+
+
+# The paper's DFS: model A (here the foreign expert, which reads the prompt's language) gives embeddings, head, first
+# and last layer; A's and B's layers laid out in sequence and repeated r = 3 times; W scales the hidden state.
+SPACES = ("ps", "dfs", "dfs_w1", "ps_dfs")
+DFS_SPACES = {"dfs": {"kind": "dfs", "models": ["foreign", "math"], "repeats": 3, "scales": "matrix"},
+              "dfs_w1": {"kind": "dfs", "models": ["foreign", "math"], "repeats": 3, "scales": "ones"},
+              "ps_dfs": {"kind": "ps+dfs", "models": ["math"], "repeats": 3, "scales": "matrix"}}
+ROW_NAMES = {"ps": "evolved merge (PS)", "dfs": "evolved path (DFS)", "dfs_w1": "evolved path, W = 1 (DFS)",
+             "ps_dfs": "evolved PS+DFS"}
 
 
 def held_out_tasks(zoo: Path):
@@ -66,7 +85,9 @@ def held_out_tasks(zoo: Path):
 
 
 def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, layer_groups: int = 2, seed: int = 0,
-                   quiet: bool = False, threads: int = 2) -> dict:
+                   quiet: bool = False, threads: int = 2, spaces: tuple[str, ...] = SPACES, say=None) -> dict:
+    """Run the searches of `spaces` (a subset of SPACES, "ps" always included) and the control on `zoo`; score every
+    row on the held-out splits. `say` (a print-like function) gets one line per phase."""
     import torch
 
     from lazymerge.engine import Engine
@@ -75,11 +96,32 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
 
     zoo, out = Path(zoo), Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    say = say or (lambda *a: None)
     t0 = time.time()
-    evolved = run_search(search_config(zoo, ["foreign", "math"], evaluations, seed, layer_groups, threads=threads),
-                         out / "search_ps", quiet=quiet, summary=False)
-    control = run_search(search_config(zoo, ["math"], evaluations, seed, layer_groups, threads=threads),
-                         out / "search_control", quiet=quiet, summary=False)
+    unknown = set(spaces) - set(SPACES)
+    if unknown:
+        raise ValueError(f"unknown search spaces {sorted(unknown)}; known: {', '.join(SPACES)}")
+    searches = {}
+
+    def search(key: str, cfg: dict, run_dir: str):
+        t = time.time()
+        say(f"search {key}: {cfg['space']['kind']} space, {evaluations} evaluations ...")
+        searches[key] = run_search(cfg, out / run_dir, quiet=quiet, summary=False)
+        say(f"search {key}: best search-split fitness {searches[key].best_fitness:.3f} ({time.time() - t:.0f} s)")
+
+    search("ps", search_config(zoo, ["foreign", "math"], evaluations, seed, layer_groups, threads=threads),
+           "search_ps")
+    search("control", search_config(zoo, ["math"], evaluations, seed, layer_groups, threads=threads),
+           "search_control")
+    for key in ("dfs", "dfs_w1", "ps_dfs"):
+        if key not in spaces:
+            continue
+        space = dict(DFS_SPACES[key])
+        if key == "ps_dfs":
+            space["ps_recipe"] = searches["ps"].best_recipe
+        search(key, search_config(zoo, [], evaluations, seed, layer_groups, threads=threads, space=space),
+               f"search_{key}")
+    evolved, control = searches["ps"], searches["control"]
     torch.set_num_threads(threads)
     eng = Engine({m: zoo / m for m in ("base", "foreign", "math")}, policy="cached", cache_bytes=256 << 20,
                  allow_open=False)
@@ -90,24 +132,59 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
         models.append((m, "source", identity))
     models += [(f"{k} (default)", "baseline", r) for k, r in baselines().items()]
     models.append(("math alone, evolved", "control", control.best_recipe))
-    models.append(("evolved merge (PS)", "evolved", evolved.best_recipe))
-    rows = []
+    evolved_keys = [k for k in SPACES if k in searches]
+    for k in evolved_keys:
+        models.append((ROW_NAMES[k], f"evolved_{k}", searches[k].best_recipe))
+    best_key = max(evolved_keys, key=lambda k: searches[k].best_fitness)  # first of equals: PS
+    models.append(("best evolved (by search split)", "evolved", searches[best_key].best_recipe))
+    say(f"scoring {len(models)} models on the held-out splits ...")
+    rows, cache = [], {}
     for name, kind, recipe in models:
-        scores = evaluate_recipe(eng, recipe, tasks)
-        rows.append({"model": name, "kind": kind, "scores": {k: round(100 * v, 1) for k, v in scores.items()}})
+        key = json.dumps(recipe, sort_keys=True)
+        if key not in cache:
+            scores = evaluate_recipe(eng, recipe, tasks)
+            cache[key] = {k: round(100 * v, 1) for k, v in scores.items()}
+        rows.append({"model": name, "kind": kind, "scores": dict(cache[key])})
     table = {"target_task": TARGET, "rows": rows, "seconds": round(time.time() - t0, 1),
-             "evaluations": evolved.evaluations, "zoo": str(zoo)}
+             "evaluations": evolved.evaluations, "zoo": str(zoo), "platform": platform_facts(zoo),
+             "best_space": best_key,
+             "search_fitness": {k: round(100 * searches[k].best_fitness, 1) for k in evolved_keys}}
     (out / "results.json").write_text(json.dumps(table, indent=2))
-    (out / "evolved.yaml").write_text(_yaml(evolved.best_recipe))
+    (out / "evolved.yaml").write_text(_yaml(searches[best_key].best_recipe))
+    for k in evolved_keys:
+        (out / f"evolved_{k}.yaml").write_text(_yaml(searches[k].best_recipe))
     (out / "control.yaml").write_text(_yaml(control.best_recipe))
     plot_results(table, out / "results.png")
     return table
 
 
-def _yaml(recipe: dict) -> str:
-    from lazymerge.engine import load_recipe
+def platform_facts(zoo: Path) -> dict:
+    """What a rebuilt zoo's numbers depend on: the zoo's content hash (its manifest), the CPU and torch's version
+    (floating-point paths differ between CPUs and thread counts, and training amplifies them)."""
+    import platform
 
-    return load_recipe(recipe).to_yaml()
+    import torch
+
+    try:
+        manifest = json.loads((Path(zoo) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"zoo_content_hash": str(manifest.get("content_hash", ""))[:16], "zoo_version": manifest.get("version"),
+            "cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _yaml(recipe: dict) -> str:
+    from lazymerge.search.run import recipe_text
+
+    return recipe_text(recipe)  # a search's best recipe names its sources by absolute folder: runs anywhere
 
 
 def format_table(table: dict) -> str:

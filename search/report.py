@@ -153,36 +153,59 @@ def plot_fitness(history: list[dict], path: Path) -> None:
 
 
 def plot_params(space, genome, path: Path) -> None:
+    """One heatmap per parameter (weight, density, ...): rows are (model, filter), columns layer groups; each panel
+    has its own colour scale spanning the parameter's search range, so weights (0-2) and densities (0-1) are not
+    read against each other's colours."""
     import numpy as np
 
     plt = _plt()
     vals = space.values(genome)
     fl = space.slot_names
-    labels, rows = [], []
-    for (m, p), arr in vals.items():
-        for f in range(arr.shape[1]):
-            labels.append(f"{m} {p}" + (f" [{fl[f]}]" if fl[f] else ""))
-            rows.append(arr[:, f])
-    data = np.array(rows)
-    fig, ax = plt.subplots(figsize=(max(4.5, 2.2 + 0.9 * data.shape[1]), 1.2 + 0.4 * len(rows)))
-    im = ax.imshow(data, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xticks(range(data.shape[1]), [f"group {g}" for g in range(data.shape[1])])
-    for i in range(data.shape[0]):
-        for j in range(data.shape[1]):
-            ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(im, ax=ax)
-    ax.set_title("evolved parameters (best candidate)", fontsize=10)
-    fig.tight_layout()
+    params = list(dict.fromkeys(p for _, p in vals))
+    panels = []
+    for p in params:
+        labels, rows = [], []
+        for (m, q), arr in vals.items():
+            if q != p:
+                continue
+            for f in range(arr.shape[1]):
+                labels.append(f"{m}" + (f" [{fl[f]}]" if fl[f] else ""))
+                rows.append(arr[:, f])
+        panels.append((p, labels, np.array(rows)))
+    n_rows = max(len(lab) for _, lab, _ in panels)
+    n_groups = panels[0][2].shape[1]
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, layout="constrained",
+                             figsize=(len(panels) * max(4.0, 2.6 + 0.9 * n_groups), 1.6 + 0.4 * n_rows))
+    for ax, (p, labels, data) in zip(axes[0], panels):
+        lo, hi = space._range(p)
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xticks(range(data.shape[1]), [f"group {g}" for g in range(data.shape[1])], fontsize=8)
+        for i in range(data.shape[0]):
+            for j in range(data.shape[1]):
+                dark = (data[i, j] - lo) / (hi - lo) < 0.6
+                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", color="w" if dark else "k", fontsize=8)
+        fig.colorbar(im, ax=ax, label=f"{p} (range {lo:g}-{hi:g})")
+        ax.set_title(p, fontsize=10)
+    fig.suptitle("evolved parameters (best candidate)", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_path(space, genome, path: Path) -> None:
+    """The evolved layer path (hop by hop: which layer, coloured by the scale on the hidden state entering it) and,
+    for a space with a scaling matrix, W itself (W[i, j]: the scale when a hop goes from layer i to layer j)."""
+    import numpy as np
+
     plt = _plt()
     hops = space.hops(genome)
     L = space.layers
-    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(hops) + 2), 0.3 * len(L) + 1.8))
+    matrix = space.scales == "matrix"
+    width = max(7, 0.35 * len(hops) + 2)
+    fig, axes = plt.subplots(1, 2 if matrix else 1, squeeze=False, layout="constrained",
+                             figsize=(width + (0.35 * len(L) + 3 if matrix else 0), 0.3 * len(L) + 2.2),
+                             gridspec_kw={"width_ratios": [width, 0.35 * len(L) + 3]} if matrix else None)
+    ax = axes[0][0]
     cmap = plt.get_cmap("coolwarm")
     lo, hi = space.scale_range
     for k in range(1, len(hops)):
@@ -196,7 +219,17 @@ def plot_path(space, genome, path: Path) -> None:
                  fontsize=9)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi))
     fig.colorbar(sm, ax=ax, label="scale")
-    fig.tight_layout()
+    if matrix:
+        W = np.array([[space._w(genome, i, j) for j in range(space.M)] for i in range(space.M)])
+        wx = axes[0][1]
+        im = wx.imshow(W, cmap="coolwarm", vmin=lo, vmax=hi)
+        names = [f"{m}.{i}" for m, i in L]
+        wx.set_xticks(range(len(L)), names, fontsize=6, rotation=90)
+        wx.set_yticks(range(len(L)), names, fontsize=6)
+        wx.set_xlabel("to layer j")
+        wx.set_ylabel("from layer i")
+        wx.set_title("scaling matrix W", fontsize=9)
+        fig.colorbar(im, ax=wx, label="W[i, j]")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -4,6 +4,10 @@
 
     best.yaml        the best recipe so far (mergekit-compatible YAML), rewritten on each improvement
     history.jsonl    one line per evaluated candidate: eval, generation, index, fitness, scores, genome, recipe, timings
+
+Recipes on disk (best.yaml, history.jsonl) name every source by its absolute folder, not by its config key, so they
+run from any working directory (`lazymerge merge best.yaml OUT`, `mergekit-yaml best.yaml OUT`); a layer path
+that mergekit cannot run says so in a comment. `SearchResult.best_recipe` is the same self-contained recipe.
     optimizer.pkl    the optimizer's checkpoint (CMA-ES state + numpy RNG state), rewritten after each generation
     (at the end)     summary.json, fitness.png, and params.png (PS) or path.png (DFS)
 
@@ -98,12 +102,28 @@ def _read_history(path: Path) -> list[dict]:
     return [json.loads(line) for line in keep.decode().splitlines() if line.strip()]
 
 
-def _write_best(path: Path, rec: dict) -> None:
-    from lazymerge.engine import load_recipe
+def self_contained(recipe: dict, cfg: SearchConfig) -> dict:
+    """`recipe` (naming sources by their config keys) with every source named by its absolute folder, so that the
+    file runs from any working directory with `lazymerge merge` and with mergekit (engine/refs.py)."""
+    from lazymerge.engine.refs import rename_models
 
+    paths = {k: str(Path(v).resolve()) for k, v in cfg.source_paths().items()}
+    return rename_models(recipe, paths)
+
+
+def recipe_text(recipe: dict, head: str = "") -> str:
+    """YAML of a self-contained recipe, with `head` (comment lines) and the note for recipes mergekit cannot run."""
+    from lazymerge.engine import load_recipe
+    from lazymerge.engine.refs import mergekit_note
+
+    note = mergekit_note(recipe)
+    return head + (note + "\n" if note else "") + load_recipe(recipe).to_yaml()
+
+
+def _write_best(path: Path, rec: dict) -> None:
     head = (f"# lazymerge search: fitness {rec['fitness']:.6g} (evaluation {rec['eval']}, "
             f"generation {rec['generation']})\n")
-    _atomic_write(path, (head + load_recipe(rec["recipe"]).to_yaml()).encode())
+    _atomic_write(path, recipe_text(rec["recipe"], head).encode())
 
 
 def run_search(config, out_dir, workers: int | None = None, quiet: bool = False, summary: bool = True,
@@ -147,6 +167,9 @@ def run_search(config, out_dir, workers: int | None = None, quiet: bool = False,
     max_gens = cfg.budget.generations or math.ceil(cfg.budget.evaluations / popsize)
     if cfg.budget.generations and cfg.budget.evaluations:
         max_gens = min(max_gens, math.ceil(cfg.budget.evaluations / popsize))
+    if cfg.budget.evaluations and max_gens * popsize != cfg.budget.evaluations and not quiet and gen == 0:
+        print(f"budget: {cfg.budget.evaluations} evaluations -> {max_gens} whole generations of {popsize} = "
+              f"{max_gens * popsize} candidates (CMA-ES ranks whole generations)", flush=True)
     done = {(h["generation"], h["index"]): h for h in history}
     best = max(history, key=lambda h: h["fitness"], default=None)  # first of equals: max keeps the first
     progress = Progress(max_gens * popsize, max_gens, quiet=quiet)
@@ -171,7 +194,8 @@ def run_search(config, out_dir, workers: int | None = None, quiet: bool = False,
                         todo.append(k)
                 for k, res in zip(todo, pool.map([recipes[k] for k in todo])):
                     rec = {"eval": gen * popsize + k, "generation": gen, "index": k, "fitness": res.fitness,
-                           "scores": res.scores, "genome": [float(v) for v in X[k]], "recipe": recipes[k],
+                           "scores": res.scores, "genome": [float(v) for v in X[k]],
+                           "recipe": self_contained(recipes[k], cfg),
                            "wall_s": round(res.merge_s + res.eval_s, 4), "merge_s": round(res.merge_s, 4),
                            "eval_s": round(res.eval_s, 4), "time": time.time()}
                     hf.write(json.dumps(rec) + "\n")

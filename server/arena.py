@@ -127,5 +127,11 @@ class Arena:
         return P.VoteResponse(battle_id=b.id, winner=req.winner, recipes=dict(b.names),
                               leaderboard=self.leaderboard().data)
 
+    def config(self) -> P.ArenaConfig:
+        c = self.s.config
+        names = {e.name for e in self.s.registry.entries()}
+        featured = list(c.featured) if c.featured and all(n in names for n in c.featured) else None
+        return P.ArenaConfig(examples=list(c.examples), featured=featured)
+
     def leaderboard(self) -> P.Leaderboard:
         return P.Leaderboard(data=[P.LeaderboardEntry(**r) for r in self.s.votes.leaderboard()])

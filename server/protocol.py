@@ -298,6 +298,12 @@ class Leaderboard(BaseModel):
     data: list[LeaderboardEntry]
 
 
+class ArenaConfig(BaseModel):
+    object: Literal["arena.config"] = "arena.config"
+    examples: list[str] = Field(description="Example prompts of the form the served models understand.")
+    featured: list[str] | None = Field(None, description="The two recipes the page opens on, or null.")
+
+
 class VoteResponse(BaseModel):
     battle_id: str
     winner: Literal["A", "B", "tie"]

@@ -97,6 +97,11 @@ async def leaderboard(request: Request):
     return serving(request).arena.leaderboard()
 
 
+@router.get("/v1/arena/config", response_model=P.ArenaConfig)
+async def arena_config(request: Request):
+    return serving(request).arena.config()
+
+
 @router.get("/", include_in_schema=False)
 async def index():
     return FileResponse(STATIC / "index.html")

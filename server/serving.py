@@ -46,6 +46,8 @@ class ServerConfig:
     batch_window_s: float = 0.002  # an idle worker waits this long for simultaneous requests to batch
     num_threads: int | None = None  # torch intra-op threads (None: torch's default)
     cpu_fused: bool | None = None  # the compiled CPU merge (kernels/merge_cpu.py); None: the engine's default
+    examples: list[str] = field(default_factory=list)  # example prompts the A/B page offers (the demo's held-out)
+    featured: tuple[str, str] | None = None  # the two recipes the A/B page opens on
 
 
 @dataclass

@@ -18,19 +18,30 @@ def test_demo_small_end_to_end(tmp_path):
     kinds = [row["kind"] for row in table["rows"]]
     assert kinds.count("source") == 3 and kinds.count("baseline") == 3
     assert kinds.count("control") == 1 and kinds.count("evolved") == 1
+    for k in ("evolved_ps", "evolved_dfs", "evolved_dfs_w1", "evolved_ps_dfs"):
+        assert kinds.count(k) == 1, k
     for row in table["rows"]:
         assert set(row["scores"]) == {"target", "foreign", "math"}
         assert all(0.0 <= v <= 100.0 for v in row["scores"].values())
     run = tmp_path / "runs" / "seed0"
     for f in ("results.json", "results.png", "evolved.yaml", "control.yaml", "search_ps/best.yaml",
-              "search_ps/history.jsonl", "search_ps/fitness.png", "search_ps/params.png", "search_control/best.yaml"):
+              "search_ps/history.jsonl", "search_ps/fitness.png", "search_ps/params.png", "search_control/best.yaml",
+              "search_dfs/path.png", "search_dfs_w1/path.png", "search_ps_dfs/path.png", "evolved_ps.yaml",
+              "evolved_dfs.yaml", "evolved_dfs_w1.yaml", "evolved_ps_dfs.yaml"):
         assert (run / f).exists(), f
     history = [json.loads(line) for line in (run / "search_ps" / "history.jsonl").read_text().splitlines()]
     assert len(history) >= 8
     # the evolved recipe is a real, loadable mergekit-style recipe over the zoo's experts
-    from lazymerge.engine import load_recipe
+    from pathlib import Path
 
-    rec = load_recipe((run / "evolved.yaml").read_text())
-    models = {m.model for m in rec.models} if rec.models else {s.model for sl in rec.slices for s in sl.sources}
-    assert models == {"base", "foreign", "math"} or models == {"foreign", "math"}
-    assert "seed 0" in r.stderr and "| evolved merge (PS) | evolved |" in r.stderr
+    from lazymerge.engine import load_recipe
+    from lazymerge.engine.refs import model_names
+
+    rec = load_recipe((run / "evolved_ps.yaml").read_text()).to_dict()
+    names = {Path(m).name for m in model_names(rec)}  # sources named by absolute folder: the file runs anywhere
+    assert names == {"base", "foreign", "math"} or names == {"foreign", "math"}
+    assert all(Path(m).is_absolute() for m in model_names(rec))
+    dfs = load_recipe((run / "evolved_dfs.yaml").read_text())
+    assert dfs.merge_method == "path" and Path(dfs.base_model).name == "foreign"
+    assert "seed 0" in r.stderr and "| evolved merge (PS) | evolved_ps |" in r.stderr
+    assert "search dfs:" in r.stderr  # one line per phase

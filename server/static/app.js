@@ -23,14 +23,33 @@ function setVoting(on) { for (const id of ["vote-A", "vote-tie", "vote-B"]) $(id
 
 async function loadModels() {
   const models = (await (await api("/v1/models")).json()).data;
+  const arena = await (await api("/v1/arena/config")).json();
   for (const [i, sel] of [[0, $("recipe-1")], [1, $("recipe-2")]]) {
     sel.innerHTML = "";
     const any = new Option("(random)", "");
     sel.add(any);
     for (const m of models) sel.add(new Option(m.id + (m.kind === "source" ? " (source)" : ""), m.id));
     const recipes = models.filter((m) => m.kind === "recipe");
-    const pick = (recipes.length >= 2 ? recipes : models)[i];
+    const pick = arena.featured ? { id: arena.featured[i] } : (recipes.length >= 2 ? recipes : models)[i];
     if (pick) sel.value = pick.id;
+  }
+  showExamples(arena.examples);
+}
+
+// Example prompts of the form the served models understand: a click puts one in the prompt box.
+function showExamples(examples) {
+  const box = $("examples");
+  box.innerHTML = "";
+  box.hidden = examples.length === 0;
+  if (!examples.length) return;
+  box.appendChild(document.createTextNode("Try: "));
+  for (const text of examples) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "example";
+    b.textContent = text;
+    b.addEventListener("click", () => { $("prompt").value = text; $("prompt").focus(); });
+    box.appendChild(b);
   }
 }
 
