@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import CheckpointError, Source, check_compatible
+from .lora import open_source, source_identity, split_reference
 from .methods import SPARSIFY_PARAMS, Family, Sparsify
 from .params import resolve
 from .recipe import Recipe, RecipeError, load_recipe
@@ -108,7 +109,7 @@ class SourceSet:
         srcs = {}
         for name, p in paths.items():
             try:
-                srcs[name] = Source.open(p)
+                srcs[name] = open_source(p)  # a folder, or BASE+ADAPTER (engine/lora.py)
             except CheckpointError as e:
                 raise CheckpointError(f"source {name!r}: {e}") from None
         check_compatible(srcs)
@@ -121,33 +122,47 @@ class SourceSet:
         return name in self.sources
 
     def resolve(self, ref: str, where: str) -> str:
-        """The source name a recipe's model reference denotes (opening it if allowed)."""
+        """The source name a recipe's model reference denotes (opening it if allowed). A reference is a name, a
+        checkpoint folder, or mergekit's `BASE+LORA` (a PEFT adapter applied lazily, engine/lora.py)."""
         if ref in self.sources:
             return ref
-        cands = [Path(ref)]
-        if self.base_dir is not None and not Path(ref).is_absolute():
-            cands.insert(0, self.base_dir / ref)
-        for c in cands:
-            try:
-                rp = c.expanduser().resolve()
-            except OSError:
-                continue
-            for name, src in self.sources.items():
-                if src.path == rp:
-                    return name
+        try:
+            parts = [p for p in split_reference(ref) if p is not None]
+        except ValueError as e:
+            raise RecipeError(f"{where}: {e}") from None
+        cands = [self._candidates(p) for p in parts]
+        for name, src in self.sources.items():
+            ident = source_identity(src)
+            if len(ident) == len(parts) and all(want in c for want, c in zip(ident, cands)):
+                return name
         if not self.allow_open:
             known = ", ".join(sorted(self.sources)) or "(none)"
             raise RecipeError(f"{where}: unknown source {ref!r}; registered sources: {known}")
+        found = [next((c for c in cs if c.exists()), None) for cs in cands]
+        if all(found):
+            try:
+                src = open_source("+".join(str(f) for f in found))
+            except CheckpointError as e:
+                raise RecipeError(f"{where}: {e}") from None
+            check_compatible({**self.sources, ref: src})
+            self.sources[ref] = src
+            return ref
+        missing = parts[found.index(None)]
+        raise RecipeError(f"{where}: unknown source {ref!r} (not a registered name, and no such folder"
+                          + (f": {missing!r})" if len(parts) > 1 else ")"))
+
+    def _candidates(self, ref: str) -> list[Path]:
+        """Resolved folders a path-like reference may mean: relative to the recipe's folder first, then as given."""
+        cands = [Path(ref)]
+        if self.base_dir is not None and not Path(ref).is_absolute():
+            cands.insert(0, self.base_dir / ref)
+        out = []
         for c in cands:
-            if c.exists():
-                try:
-                    src = Source.open(c)
-                except CheckpointError as e:
-                    raise RecipeError(f"{where}: {e}") from None
-                check_compatible({**self.sources, ref: src})
-                self.sources[ref] = src
-                return ref
-        raise RecipeError(f"{where}: unknown source {ref!r} (not a registered name, and no such folder)")
+            try:
+                out.append(c.expanduser().resolve())
+            except OSError:
+                continue
+        return out
 
 
 def _digest(obj) -> str:
