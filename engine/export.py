@@ -1,9 +1,10 @@
 """Export a recipe as a standalone Hugging Face checkpoint, streaming tensor by tensor.
 
 `export(plan, out_dir)` writes config.json, sharded `model-XXXXX-of-YYYYY.safetensors` with an index (or one
-`model.safetensors` when it fits one shard), and the tokenizer files of the recipe's tokenizer source. At most one
-shard's worth of merged tensors is held in memory at a time, never the whole model. Layer paths whose hops scale the
-hidden state cannot be expressed as a plain checkpoint and are refused (scales of 1 export as layer stacking).
+`model.safetensors` when it fits one shard), and the tokenizer files of the recipe's tokenizer source (re-saved
+with the recipe's `chat_template` when it gives one). At most one shard's worth of merged tensors is held in memory
+at a time, never the whole model. Layer paths whose hops scale the hidden state cannot be expressed as a plain
+checkpoint and are refused (scales of 1 export as layer stacking).
 """
 
 from __future__ import annotations
@@ -67,5 +68,12 @@ def export(plan: ModelPlan, out_dir: str | Path, merger: Merger | None = None, s
     for f in TOKENIZER_FILES:
         if (tok_dir / f).exists():
             shutil.copy(tok_dir / f, out / f)
+    if plan.chat_template is not None:
+        # the recipe's chat_template: the tokenizer re-saved with it, as mergekit does (merge.py _copy_tokenizer)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        tok.chat_template = plan.chat_template
+        tok.save_pretrained(str(out))
     (out / "lazymerge_recipe.yaml").write_text(plan.recipe.to_yaml())
     return out

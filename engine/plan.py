@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat_template import resolve_chat_template
 from .checkpoint import CheckpointError, Source, check_compatible
 from .lora import open_source, source_identity, split_reference
 from .methods import SPARSIFY_PARAMS, Family, Sparsify
@@ -79,8 +80,9 @@ class ModelPlan:
     tensors: dict[str, TensorPlan]  # output tensor name -> plan, in checkpoint order
     layer_scales: list[float]  # per output layer: factor on the hidden state entering it
     tokenizer_source: str  # source name
-    dtype: str
+    dtype: str  # the output's dtype (export, config): the recipe's out_dtype, else dtype, else the reference's
     sources: "SourceSet"
+    chat_template: str | None = None  # the recipe's chat_template resolved to Jinja text (None: the tokenizer's own)
 
     @property
     def num_layers(self) -> int:
@@ -310,18 +312,28 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
 
     tensors: dict[str, TensorPlan] = {}
 
+    def planner(gname: str) -> _Planner:
+        """A slice with its own `base_model` (mergekit's OutputSliceDefinition.base_model) plans against it."""
+        sb = r.slices[int(gname.removeprefix(f"{prefix}slices[")[:-1])].base_model if r.slices else None
+        if sb is None:
+            return P
+        S.resolve(sb, f"{gname}.base_model")
+        return _Planner(r.model_copy(update={"base_model": sb}), S)
+
     def plan_nonlayer(names, gname, entries, sparams):
+        GP = planner(gname)
         models = [(src, params) for src, params, _ in entries]
         for name in names:
             if name == "lm_head.weight" and ref.tied_embeddings:
                 continue
             shape = (vocab,) + tuple(ref.shape(name)[1:]) if name in PRE_TENSORS + POST_TENSORS[1:] else ref.shape(name)
-            tensors[name] = plan_group(P, name, name, models, sparams, 0.0, vocab, gname, shape)
+            tensors[name] = plan_group(GP, name, name, models, sparams, 0.0, vocab, gname, shape)
 
     g0 = groups[0]
     plan_nonlayer(PRE_TENSORS, *g0)
     out_layer = 0
     for gname, entries, sparams in groups:
+        GP = planner(gname)
         if entries[0][2] is None:
             n_layers, starts = ref.num_layers, [0] * len(entries)
         else:
@@ -337,12 +349,16 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
                 for (src, params, _), st in zip(entries, starts):
                     per_model.append((src, params, f"model.layers.{st + i}.{suffix}"))
                 shape = S[first_src].shape(name)
-                tensors[out_name] = _plan_layer_tensor(P, out_name, per_model, sparams, t, gname, shape)
+                tensors[out_name] = _plan_layer_tensor(GP, out_name, per_model, sparams, t, gname, shape)
             out_layer += 1
-    plan_nonlayer(POST_TENSORS, *groups[-1])
+    # final norm and LM head: the last slice's sources, only as many as the first slice has (mergekit 0.1.5's
+    # MergePlanner.plan_module zips them with the first slice's weight list); an empty last slice ([n, n]) thus
+    # picks the model(s) they come from
+    gname, entries, sparams = groups[-1]
+    plan_nonlayer(POST_TENSORS, gname, entries[: len(groups[0][1])], sparams)
     cfg = dict(ref.config)
     cfg["num_hidden_layers"] = out_layer
-    dtype = r.dtype or _dtype_of(ref.config)
+    dtype = r.out_dtype or r.dtype or _dtype_of(ref.config)
     tok = _tokenizer_source(r, S, base or ref_src)
     return ModelPlan(r, _fix_config(cfg, dtype, [None] * out_layer), tensors, [1.0] * out_layer, tok, dtype, S)
 
@@ -399,9 +415,17 @@ def compile_plan(recipe: str | dict | Path | Recipe, sources: SourceSet) -> Mode
         if r.method.family is Family.path:
             from .path import path_plan  # noqa: PLC0415  (path.py builds on this module)
 
-            return path_plan(r, sources)
-        return _merge_plan(r, sources)
+            plan = path_plan(r, sources)
+        else:
+            plan = _merge_plan(r, sources)
     except CheckpointError as e:
         raise RecipeError(str(e)) from None
+    if r.chat_template is not None:
+        # `auto`: one vote per source the merge reads, the base's first (engine/chat_template.py)
+        used = ([sources.resolve(r.base_model, "base_model")] if r.base_model else []) + [
+            ref.source for p in plan.tensors.values() for ref in p.refs()]
+        dirs = [sources[n].path for n in dict.fromkeys(used)]
+        plan.chat_template = resolve_chat_template(r.chat_template, dirs)
+    return plan
 
 

@@ -38,10 +38,18 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .chat_template import check_chat_template
 from .methods import GLOBAL_PARAMS, METHODS, SPARSIFY_PARAMS, TENSOR_PARAMS, Family, get_method
 from .params import all_numbers, check_value
 
 DTYPES = ("float32", "float16", "bfloat16")
+# fields of mergekit 0.1.5's MergeConfiguration that lazymerge refuses, and why (README lists them)
+UNSUPPORTED_FIELDS = {
+    "modules": "mergekit's per-module merges (`modules:`, for multi-module models) are not supported; "
+               "use `models:` or `slices:`",
+    "tokenizer": "mergekit's `tokenizer:` block (a merged or extended vocabulary, added tokens, padding) is not "
+                 "supported; use `tokenizer_source: base` or a model",
+}
 
 
 class RecipeError(ValueError):
@@ -65,14 +73,17 @@ class SliceSource(_Frozen):
     @field_validator("layer_range")
     @classmethod
     def _range(cls, v):
-        if v[0] < 0 or v[1] <= v[0]:
-            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        # [n, n] is an empty slice: mergekit uses a final one to take the final norm and LM head from its model
+        if v[0] < 0 or v[1] < v[0]:
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start <= end")
         return v
 
 
 class Slice(_Frozen):
     sources: list[SliceSource]
     parameters: dict[str, Any] = Field(default_factory=dict)
+    base_model: Optional[str] = None  # mergekit: this slice's base, instead of the recipe's
+    residual_weight: Optional[float] = None  # accepted as mergekit 0.1.5 does: it has no effect there
 
     @model_validator(mode="after")
     def _lengths(self):
@@ -115,10 +126,22 @@ class Recipe(_Frozen):
     slices: Optional[list[Slice]] = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Optional[str] = None
+    out_dtype: Optional[str] = None  # mergekit: the written dtype (merging computes as `dtype` says)
     tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None  # mergekit: auto | a built-in name | Jinja text (engine/chat_template.py)
+    name: Optional[str] = None  # mergekit-multi's document name: accepted, no effect on the merge
     random_seed: int = 0
     definitions: Optional[dict[str, "Recipe"]] = None
     path: Optional[list[Hop]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data):
+        if isinstance(data, dict):
+            for key, why in UNSUPPORTED_FIELDS.items():
+                if key in data:
+                    raise ValueError(f"{key}: {why}")
+        return data
 
     @model_validator(mode="after")
     def _validate(self):
@@ -141,8 +164,15 @@ def _validate_recipe(r: Recipe) -> None:
     if r.merge_method not in METHODS:
         raise ValueError(f"merge_method: unknown method {r.merge_method!r}; known: {', '.join(sorted(METHODS))}")
     m = r.method
-    if r.dtype is not None and r.dtype not in DTYPES:
-        raise ValueError(f"dtype: {r.dtype!r} is not one of {', '.join(DTYPES)}")
+    for key in ("dtype", "out_dtype"):
+        value = getattr(r, key)
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"{key}: {value!r} is not one of {', '.join(DTYPES)}")
+    if r.chat_template is not None:
+        try:
+            check_chat_template(r.chat_template)
+        except ValueError as e:
+            raise ValueError(f"chat_template: {e}") from None
     if m.family is Family.path:
         if not r.path:
             raise ValueError("path: merge_method 'path' needs a non-empty `path` of hops")
@@ -160,7 +190,7 @@ def _validate_recipe(r: Recipe) -> None:
         raise ValueError("models/slices: give exactly one of `models` or `slices`")
     if r.models is not None and not r.models:
         raise ValueError("models: empty list")
-    if m.needs_base and r.base_model is None:
+    if m.needs_base and r.base_model is None and not (r.slices and all(s.base_model for s in r.slices)):
         raise ValueError(f"base_model: merge_method {m.name!r} needs a base_model")
 
     # global parameters
@@ -183,7 +213,8 @@ def _validate_recipe(r: Recipe) -> None:
         names = [e[1] for e in entries]
         if len(set(names)) != len(names):
             raise ValueError(f"{gname}: a model is listed twice")
-        n_models = len(set(names) | ({r.base_model} if m.needs_base and r.base_model else set()))
+        gbase = _group_base(r, gname)
+        n_models = len(set(names) | ({gbase} if m.needs_base and gbase else set()))
         if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
             want = m.min_models if m.max_models == m.min_models else f"{m.min_models}..{m.max_models or 'n'}"
             raise ValueError(f"{gname}: merge_method {m.name!r} takes {want} models (base included), got {n_models}")
@@ -191,10 +222,18 @@ def _validate_recipe(r: Recipe) -> None:
             _check_params(params, f"{where}.parameters", m, tensor_known)
         if m.family is Family.task_arithmetic or m.family is Family.linear:
             for where, name, params in entries:
-                if name == r.base_model and m.family is Family.task_arithmetic:
+                if name == gbase and m.family is Family.task_arithmetic:
                     continue
                 if "weight" not in params and "weight" not in r.parameters and not _slice_has(r, gname, "weight"):
                     raise ValueError(f"{where}.parameters.weight: required by {m.name!r}")
+
+
+def _group_base(r: Recipe, gname: str) -> str | None:
+    """The base model of a model group: a slice's own `base_model` (mergekit's OutputSliceDefinition), else the
+    recipe's."""
+    if gname.startswith("slices["):
+        return r.slices[int(gname[7:-1])].base_model or r.base_model
+    return r.base_model
 
 
 def _slice_has(r: Recipe, gname: str, key: str) -> bool:
