@@ -291,6 +291,11 @@ def load_recipe(src: str | dict | Path | Recipe) -> Recipe:
     if isinstance(src, str):
         try:
             data = yaml.safe_load(src)
+        except yaml.composer.ComposerError as e:
+            if "single document" in str(e):
+                raise RecipeError("a recipe is one YAML document, this text has several (mergekit-multi's "
+                                  "multi-document form is not supported)") from None
+            raise RecipeError(f"recipe is not valid YAML: {e}") from None
         except yaml.YAMLError as e:
             raise RecipeError(f"recipe is not valid YAML: {e}") from None
     else:

@@ -7,6 +7,7 @@ The adapters are built here with PEFT's `get_peft_model` on the tiny test family
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -150,6 +151,13 @@ def test_lora_source_by_name_and_reference(fam, loras):
     assert S.resolve(str(fam["e1"]), "models[0].model") == "e1"
     with pytest.raises(RecipeError, match=r"models\[0\]\.model: unknown source"):
         S.resolve(f"{fam['e2']}+{loras['plain'][0]}", "models[0].model")
+    # relative folders, each part relative to the recipe's folder (the CLI's base_dir)
+    root = fam["e1"].parent
+    adapter = loras["plain"][0]
+    S2 = SourceSet(allow_open=True, base_dir=root)
+    rel = f"e1+{os.path.relpath(adapter, root)}"
+    name = S2.resolve(rel, "models[0].model")
+    assert S2[name].path == fam["e1"] and S2[name].adapter_path == adapter
 
 
 def test_lora_errors(fam, loras, tmp_path):

@@ -173,6 +173,11 @@ def test_recipe_form_errors(extra, match):
         load_recipe(text)
 
 
+def test_multi_document_yaml_is_refused():
+    with pytest.raises(RecipeError, match="one YAML document, this text has several"):
+        load_recipe("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n---\nname: b\n")
+
+
 def test_reversed_layer_range_is_refused():
     with pytest.raises(RecipeError, match=r"slices\.0\.sources\.0\.layer_range: .*0 <= start <= end"):
         load_recipe("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [3, 1]}]}]")
