@@ -104,10 +104,11 @@ class LoraSource(Source):
         if d is not None:
             a = self._adapter_tensor(d.a).float()
             b = self._adapter_tensor(d.b).float()
-            delta = b @ a
+            delta = b @ a  # (out, r) @ (r, in)
             if d.embedding or d.fan_in_fan_out:
-                delta = delta.T
-            w = (w.float() + delta * d.scale).to(w.dtype)
+                delta = delta.T.contiguous()
+            # PEFT's order: (B @ A) * scale, then + W (float addition commutes exactly); in place, one buffer
+            w = delta.mul_(d.scale).add_(w).to(w.dtype)
         owner = self.bias_of.get(name)
         if owner is not None:
             lb = self._adapter_tensor(self.deltas[owner].bias).float()
