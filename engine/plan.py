@@ -8,8 +8,11 @@ Conventions (documented in README):
 * `models:` form: output layer l is the merge of layer l of every model, gradients at t = l / (L - 1).
 * `slices:` form: output layers are the slices in order; a slice's i-th layer merges layer start_s + i of each of
   its sources, gradients at t = i / (n - 1) (t = 1 for a one-layer slice, as mergekit). Embeddings come from the
-  first slice's sources, final norm and LM head from the last slice's; all non-layer tensors use t = 0 (a
+  first slice's sources, final norm and LM head from the last slice's (its first k sources, k = the first slice's
+  source count, as mergekit's planner pairs them); an empty slice (`layer_range: [n, n]`) adds no layer but can
+  supply those. A slice's own `base_model` replaces the recipe's for it. All non-layer tensors use t = 0 (a
   gradient's first value).
+* Model references: a source name, a checkpoint folder, or `BASE+ADAPTER` (a LoRA input, engine/lora.py).
 * `path`: see engine/path.py (one output layer per hop; scales on the hidden state entering a hop).
 * Vocabulary: the output vocabulary is the reference model's (base_model, else the first model); larger
   embeddings / LM heads are cropped to it (as mergekit does), smaller ones are an error.
