@@ -59,13 +59,16 @@ def loras(fam, families, tmp_path_factory):
     bf = families["mistral_bf16"]
     out["bf16"] = _make_lora(bf["e1"], root / "bf16", root / "bf16_merged", 3, r=4, lora_alpha=16,
                              target_modules=["q_proj", "up_proj"])
+    qw = families["qwen2"]  # attention biases: lora_bias adds scale * B's bias to them
+    out["bias"] = _make_lora(qw["e1"], root / "bias", root / "bias_merged", 4, r=4, lora_alpha=8,
+                             target_modules=["q_proj", "v_proj"], lora_bias=True)
     return out
 
 
-@pytest.mark.parametrize("which,base", [("plain", "e1"), ("rslora", "e2"), ("bf16", "e1")])
+@pytest.mark.parametrize("which,base", [("plain", "e1"), ("rslora", "e2"), ("bf16", "e1"), ("bias", "e1")])
 def test_lora_source_equals_peft_merge(fam, families, loras, which, base):
     """Every tensor of BASE+ADAPTER equals PEFT's merge_and_unload bit for bit (dtype included)."""
-    root = families["mistral_bf16"] if which == "bf16" else fam
+    root = {"bf16": families["mistral_bf16"], "bias": families["qwen2"]}.get(which, fam)
     adapter, merged = loras[which]
     src = open_source(f"{root[base]}+{adapter}")
     ref = open_source(merged)
