@@ -181,3 +181,13 @@ def test_multi_document_yaml_is_refused():
 def test_reversed_layer_range_is_refused():
     with pytest.raises(RecipeError, match=r"slices\.0\.sources\.0\.layer_range: .*0 <= start <= end"):
         load_recipe("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [3, 1]}]}]")
+
+
+def test_slice_base_model_is_a_model_reference():
+    """Search records rewrite every model reference to a folder; a slice's own base_model is one."""
+    from lazymerge.engine.refs import model_names, rename_models
+
+    r = yaml.safe_load(_sub(CASES["slice_base_model_out_dtype"], {"base": "b", "e1": "x", "e2": "y"}))
+    assert model_names(r) == {"b", "x", "y"}
+    out = rename_models(r, {"b": "/m/b", "y": "/m/y"})
+    assert [s["base_model"] for s in out["slices"]] == ["/m/b", "/m/y"]
