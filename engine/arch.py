@@ -136,9 +136,12 @@ def meta_model(cfg: dict, attn_implementation: str = "sdpa", device: torch.devic
                dtype: torch.dtype = torch.float32) -> nn.Module:
     """The architecture's own model: parameters on `meta`, buffers real on `device` (transformers' initialization,
     built under default dtype `dtype` as `from_pretrained(dtype=...)` does)."""
-    config = hf_config(cfg, attn_implementation)
+    config = hf_config(cfg)
     archs = cfg.get("architectures") or [None]
     cls = causal_lm_class(config, archs[0])
+    if attn_implementation == "sdpa" and not getattr(cls, "_supports_sdpa", False):
+        attn_implementation = "eager"  # what from_pretrained falls back to for such a class
+    config._attn_implementation = attn_implementation
     old = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)
