@@ -94,6 +94,7 @@ class Source:
     tensors: dict[str, TensorInfo]
     fingerprint: str
     _maps: dict[Path, _Mapped] = field(default_factory=dict, repr=False)
+    _layout: Architecture | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Source":
@@ -155,7 +156,9 @@ class Source:
     @property
     def layout(self) -> Architecture:
         """How transformers builds this checkpoint's model (engine/arch.py): layers, embeddings, head, conversions."""
-        return analyze(self.config, {n: i.shape for n, i in self.tensors.items()}, str(self.path))
+        if self._layout is None:
+            self._layout = analyze(self.config, {n: i.shape for n, i in self.tensors.items()}, str(self.path))
+        return self._layout
 
     @property
     def num_layers(self) -> int:

@@ -76,6 +76,7 @@ class ModelPlan:
     tokenizer_source: str  # source name
     dtype: str
     sources: "SourceSet"
+    _layout: Architecture | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_layers(self) -> int:
@@ -84,7 +85,9 @@ class ModelPlan:
     @property
     def layout(self) -> Architecture:
         """The output checkpoint's architecture facts (engine/arch.py): layers, embeddings, head, conversions."""
-        return analyze(self.config, {n: p.shape for n, p in self.tensors.items()}, "merged model")
+        if self._layout is None:
+            self._layout = analyze(self.config, {n: p.shape for n, p in self.tensors.items()}, "merged model")
+        return self._layout
 
     def digest(self) -> str:
         h = hashlib.sha256()
