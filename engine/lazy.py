@@ -89,7 +89,8 @@ def _embedding_hooks(module: nn.Embedding, b: _Binding, plan: TensorPlan) -> Non
     state = {}
 
     def pre(mod, args, kwargs):
-        ids = args[0] if args else kwargs["input"]
+        key = None if args else next(iter(kwargs))  # the ids: first positional argument, or the only keyword one
+        ids = args[0] if args else kwargs[key]
         full = provider.full_rows(plan)
         if full is not None:
             b.put(mod, {"weight": full})
@@ -100,7 +101,7 @@ def _embedding_hooks(module: nn.Embedding, b: _Binding, plan: TensorPlan) -> Non
         mod.padding_idx = None  # row indices are remapped; padding_idx only matters for gradients
         if args:
             return (inverse,) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "input": inverse}
+        return args, {**kwargs, key: inverse}
 
     def post(mod, args, kwargs, output):
         if "padding_idx" in state:

@@ -11,6 +11,10 @@ Conventions (documented in README):
   first slice's sources, final norm and LM head from the last slice's; all non-layer tensors use t = 0 (a
   gradient's first value).
 * `path`: see engine/path.py (one output layer per hop; scales on the hidden state entering a hop).
+* Tensor names are the checkpoints' own; which tensors form decoder layer i, which come before / after the layers,
+  and which are the embedding and output head come from transformers (engine/arch.py, `Source.layout`). The planned
+  output must be exactly what its architecture loads (`check_output`). An output head is planned when any source of
+  the merge has an untied one (a tied source contributes its embedding), as mergekit's optional `lm_head`.
 * Vocabulary: the output vocabulary is the reference model's (base_model, else the first model); larger
   embeddings / LM heads are cropped to it (as mergekit does), smaller ones are an error.
 """
