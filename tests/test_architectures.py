@@ -268,3 +268,16 @@ def test_path_refused_where_layers_are_not_interchangeable(tmp_path):
     with pytest.raises(RecipeError, match="path: the merged model is not a valid qwen3_moe checkpoint"):
         compile_plan({"merge_method": "path", "base_model": "e1",
                       "path": [{"model": "e1", "layer": 1}, {"model": "e2", "layer": 0}]}, S)
+
+
+def test_single_file_wins_over_an_index_as_in_transformers(arch_family, tmp_path):
+    import shutil
+
+    d = tmp_path / "both"
+    shutil.copytree(arch_family("llama")["base"], d)
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+    src = Source.open(d)  # transformers' from_pretrained reads model.safetensors and never looks at the index
+    ref = load_hf(d)
+    for name, p in ref.named_parameters():
+        assert torch.equal(src.get(name), p.detach()), name
