@@ -118,7 +118,7 @@ class LazyModel:
         ids = {eos} if eos is not None else set()
         ids |= set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else [])
         self.eos_ids = ids
-        params = inspect.signature(self.module.model.forward).parameters
+        params = inspect.signature(self.module.base_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @property

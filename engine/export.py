@@ -60,8 +60,7 @@ def export(plan: ModelPlan, out_dir: str | Path, merger: Merger | None = None, s
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    cfg = dict(plan.config)
-    cfg["tie_word_embeddings"] = "lm_head.weight" not in plan.tensors
+    cfg = dict(plan.config)  # the planner sets tie_word_embeddings: tied iff no output head tensor is written
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tok_dir = plan.sources[plan.tokenizer_source].path
     for f in TOKENIZER_FILES:

@@ -11,6 +11,10 @@ Conventions (documented in README):
   first slice's sources, final norm and LM head from the last slice's; all non-layer tensors use t = 0 (a
   gradient's first value).
 * `path`: see engine/path.py (one output layer per hop; scales on the hidden state entering a hop).
+* Tensor names are the checkpoints' own; which tensors form decoder layer i, which come before / after the layers,
+  and which are the embedding and output head come from transformers (engine/arch.py, `Source.layout`). The planned
+  output must be exactly what its architecture loads (`check_output`). An output head is planned when any source of
+  the merge has an untied one (a tied source contributes its embedding), as mergekit's optional `lm_head`.
 * Vocabulary: the output vocabulary is the reference model's (base_model, else the first model); larger
   embeddings / LM heads are cropped to it (as mergekit does), smaller ones are an error.
 """
@@ -19,18 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .arch import Architecture, analyze
 from .checkpoint import CheckpointError, Source, check_compatible
 from .methods import SPARSIFY_PARAMS, Family, Sparsify
 from .params import resolve
 from .recipe import Recipe, RecipeError, load_recipe
-
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-PRE_TENSORS = ("model.embed_tokens.weight",)
-POST_TENSORS = ("model.norm.weight", "lm_head.weight")
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,18 @@ class ModelPlan:
     tokenizer_source: str  # source name
     dtype: str
     sources: "SourceSet"
+    _layout: Architecture | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_scales)
+
+    @property
+    def layout(self) -> Architecture:
+        """The output checkpoint's architecture facts (engine/arch.py): layers, embeddings, head, conversions."""
+        if self._layout is None:
+            self._layout = analyze(self.config, {n: p.shape for n, p in self.tensors.items()}, "merged model")
+        return self._layout
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -174,14 +182,18 @@ class _Planner:
         return p
 
 
+def _is_head(S: SourceSet, name: str) -> bool:
+    return any(src.layout.head_key == name for src in S.sources.values())
+
+
 def _ref_rows(S: SourceSet, src: str, name: str, vocab: int | None, where: str) -> TensorRef:
     s = S[src]
-    if name == "lm_head.weight" and s.tied_embeddings:
-        name = "model.embed_tokens.weight"
+    if name not in s.tensors and s.tied_embeddings and _is_head(S, name):
+        name = s.embed_name  # a tied source's output head is its embedding (mergekit: lm_head's tied_names)
     if name not in s.tensors:
         raise RecipeError(f"{where}: source {src!r} has no tensor {name!r}")
     rows = None
-    if vocab is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
+    if vocab is not None and name in s.layout.vocab_keys:
         have = s.shape(name)[0]
         if have < vocab:
             raise RecipeError(f"{where}: source {src!r} has a vocabulary of {have} < {vocab} of the reference model")
@@ -259,8 +271,17 @@ def plan_group(P: _Planner, out_name: str, in_name: str, models: list[tuple[str,
 
 
 def _layer_names(src: Source, layer: int) -> list[str]:
-    pre = f"model.layers.{layer}."
-    return [n for n in src.tensors if n.startswith(pre)]
+    """The checkpoint tensors of decoder layer `layer` of `src`, in checkpoint order."""
+    return list(src.layout.layer_keys[layer])
+
+
+def _head_key(S: SourceSet, srcs: list[str]) -> str | None:
+    """The output head tensor of a merge of `srcs`: present when any of them has an untied head (mergekit: lm_head is
+    `optional`, written when any input has it; a tied input contributes its embedding)."""
+    for src in srcs:
+        if S[src].layout.head_key is not None:
+            return S[src].layout.head_key
+    return None
 
 
 def _dtype_of(cfg: dict) -> str:
@@ -294,17 +315,19 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
                                   f"{S[src].num_layers} layers")
 
     tensors: dict[str, TensorPlan] = {}
+    lay = ref.layout
+    vocab_keys = set(lay.vocab_keys)
 
     def plan_nonlayer(names, gname, entries, sparams):
         models = [(src, params) for src, params, _ in entries]
         for name in names:
-            if name == "lm_head.weight" and ref.tied_embeddings:
-                continue
-            shape = (vocab,) + tuple(ref.shape(name)[1:]) if name in PRE_TENSORS + POST_TENSORS[1:] else ref.shape(name)
+            shape = next(S[src].shape(name) for src in [ref_src] + [m for m, _ in models] if name in S[src].tensors)
+            if name in vocab_keys or name == head:
+                shape = (vocab,) + tuple(shape[1:])
             tensors[name] = plan_group(P, name, name, models, sparams, 0.0, vocab, gname, shape)
 
     g0 = groups[0]
-    plan_nonlayer(PRE_TENSORS, *g0)
+    plan_nonlayer(lay.pre_keys, *g0)
     out_layer = 0
     for gname, entries, sparams in groups:
         if entries[0][2] is None:
@@ -315,21 +338,37 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
         for i in range(n_layers):
             t = i / (n_layers - 1) if n_layers > 1 else 1.0  # mergekit: t = 1 for one layer
             first_src, _, _ = entries[0]
+            first_lay = S[first_src].layout
             for name in _layer_names(S[first_src], starts[0] + i):
-                suffix = LAYER_RE.match(name).group(2)
-                out_name = f"model.layers.{out_layer}.{suffix}"
+                out_name = first_lay.rename_layer(name, out_layer)
                 per_model = []
                 for (src, params, _), st in zip(entries, starts):
-                    per_model.append((src, params, f"model.layers.{st + i}.{suffix}"))
+                    per_model.append((src, params, S[src].layout.rename_layer(name, st + i)))
                 shape = S[first_src].shape(name)
                 tensors[out_name] = _plan_layer_tensor(P, out_name, per_model, sparams, t, gname, shape)
             out_layer += 1
-    plan_nonlayer(POST_TENSORS, *groups[-1])
+    last = groups[-1]
+    head = _head_key(S, [src for src, _, _ in last[1]] + ([base] if base is not None else []))
+    post = [k for k in lay.post_keys if k != lay.head_key] + ([head] if head is not None else [])
+    plan_nonlayer(post, *last)
     cfg = dict(ref.config)
     cfg["num_hidden_layers"] = out_layer
+    cfg["tie_word_embeddings"] = head is None
     dtype = r.dtype or _dtype_of(ref.config)
     tok = _tokenizer_source(r, S, base or ref_src)
-    return ModelPlan(r, _fix_config(cfg, dtype, [None] * out_layer), tensors, [1.0] * out_layer, tok, dtype, S)
+    plan = ModelPlan(r, _fix_config(cfg, dtype, [None] * out_layer), tensors, [1.0] * out_layer, tok, dtype, S)
+    return check_output(plan, prefix.rstrip(".") or "recipe")
+
+
+def check_output(plan: ModelPlan, where: str) -> ModelPlan:
+    """Raise RecipeError unless the planned tensors are exactly what the output architecture loads (transformers'
+    own rules: engine/arch.py), e.g. a layer moved to an index where the architecture expects a different layer."""
+    try:
+        _ = plan.layout
+    except CheckpointError as e:
+        raise RecipeError(f"{where}: the merged model is not a valid {plan.config.get('model_type')} checkpoint: "
+                          f"{e}") from None
+    return plan
 
 
 def _plan_layer_tensor(P, out_name, per_model, sparams, t, gname, shape):

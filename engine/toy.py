@@ -37,14 +37,16 @@ def make_tokenizer(extra_words: tuple[str, ...] = ()):
 
 
 def tiny_config(arch: str = "mistral", vocab_size: int = 80, hidden: int = 32, layers: int = 3, heads: int = 4,
-                kv_heads: int = 2, intermediate: int = 64, tie: bool = False, dtype: str = "float32"):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+                kv_heads: int = 2, intermediate: int = 64, tie: bool = False, dtype: str = "float32", **extra):
+    """A tiny config of transformers model type `arch` (any: "llama", "gemma3_text", "qwen3_moe", ...), built by the
+    architecture's own config class; `extra` sets any further field (experts, multipliers, layer types...)."""
+    from transformers import AutoConfig
 
-    cls = {"mistral": MistralConfig, "llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     kw = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
               num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=256,
-              tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg = cls(**kw)
+              head_dim=hidden // heads, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw.update(extra)
+    cfg = AutoConfig.for_model(arch, **kw)
     cfg.dtype = dtype
     return cfg
 
@@ -54,10 +56,12 @@ def make_model(config, seed: int):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # non-trivial norms so that merging them matters
+    with torch.no_grad():  # non-trivial norms and biases so that merging them matters
         for n, p in model.named_parameters():
-            if "norm" in n:
+            if "norm" in n and p.dim() == 1 and not n.endswith("bias"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif n.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
     return model.eval()
 
 

@@ -83,17 +83,49 @@ class WeightProvider:
         self.merges += 1
         return merged_linear(x, base, xs, spec, aux=aux, bias=bias, out_buffer=buf)
 
-    def rows(self, plan: TensorPlan, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` (any shape) of the merged tensor: embedding lookups merge only the rows they need."""
+    def full_rows(self, plan: TensorPlan) -> torch.Tensor | None:
+        """The whole merged matrix when it costs no merge (an identity tensor, or cached); else None."""
         t = self._identity(plan)
         if t is None and self.policy == "cached":
             t = self.weight(plan)
+        return t
+
+    def some_rows(self, plan: TensorPlan, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (1-D, unique) of the merged tensor, merging only those rows: (len(rows), ...)."""
+        self.merges += 1
+        return self.merger.merge(plan, rows=rows).to(self.dtype)
+
+    def rows(self, plan: TensorPlan, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape) of the merged tensor: embedding lookups merge only the rows they need."""
+        t = self.full_rows(plan)
         if t is not None:
             return torch.nn.functional.embedding(ids, t)
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        self.merges += 1
-        part = self.merger.merge(plan, rows=uniq).to(self.dtype)
-        return part[inverse]
+        return self.some_rows(plan, uniq)[inverse]
+
+    def group(self, group, plans: tuple[TensorPlan, ...], config) -> dict[str, torch.Tensor]:
+        """{parameter name: tensor} of an `arch.Group`: one merged tensor as is, or several merged checkpoint
+        tensors turned into parameters by transformers' conversion ops (e.g. per-expert tensors stacked into one
+        (E, out, in) parameter). Under the cached policy the built parameters are cached, not their parts."""
+        if group.converter is None:
+            return {group.params[0]: self.weight(plans[0])}
+        key = ("group",) + tuple(p.key for p in plans) + (self.dtype,)
+        if self.policy == "cached":
+            hit = self.cache.get(key)
+            if hit is not None:
+                return dict(zip(group.params, hit))
+        parts = []
+        for p in plans:
+            t = self._identity(p)
+            if t is None:
+                self.merges += 1
+                t = self.merger.merge(p).to(self.dtype)
+            parts.append(t)
+        built = group.build(parts, config)
+        out = {n: built[n].to(self.dtype) for n in group.params}
+        if self.policy == "cached":
+            self.cache.put(key, tuple(out[n] for n in group.params))
+        return out
 
     def stats(self) -> dict:
         c = self.cache
