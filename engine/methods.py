@@ -160,8 +160,14 @@ INT_PARAMS = ("max_iter",)
 
 
 def global_params(m: MethodDef) -> dict[str, object]:
-    """Global (whole-merge) parameters of method `m`: name -> default (None: required)."""
+    """Global (whole-merge) parameters of method `m`: name -> default (None: required, except normalize and
+    rescale, whose None is the method's default_normalize / default_rescale)."""
     return METHOD_GLOBAL_PARAMS.get(m.name, GLOBAL_PARAMS[m.family])
+
+
+def required_global_params(m: MethodDef) -> list[str]:
+    """Global parameters a recipe of method `m` must give (slerp's and nearswap's `t`)."""
+    return [k for k, v in global_params(m).items() if v is None and k not in ("normalize", "rescale")]
 
 
 def get_method(name: str) -> MethodDef:

@@ -48,6 +48,7 @@ from .methods import (
     Sparsify,
     get_method,
     global_params,
+    required_global_params,
 )
 from .params import all_numbers, check_value
 
@@ -177,8 +178,8 @@ def _validate_recipe(r: Recipe) -> None:
     tensor_known = set(TENSOR_PARAMS[m.family]) | set(SPARSIFY_PARAMS.get(m.sparsify, {}))
     known_global = set(global_params(m)) | tensor_known
     _check_params(r.parameters, "parameters", m, known_global)
-    for key, default in global_params(m).items():
-        if default is None and key not in r.parameters and (
+    for key in required_global_params(m):
+        if key not in r.parameters and (
                 r.slices is None or not all(key in s.parameters for s in r.slices)):
             raise ValueError(f"parameters.{key}: {m.name} needs `{key}`")
 
