@@ -8,7 +8,9 @@ before any tensor is read.
 mergekit form (see README for the whole language)::
 
     merge_method: dare_ties          # linear | slerp | task_arithmetic | ties | dare_ties | dare_linear |
-    base_model: base                 # breadcrumbs | breadcrumbs_ties | della | della_linear | passthrough
+    base_model: base                 # breadcrumbs | breadcrumbs_ties | della | della_linear | passthrough |
+                                     # nuslerp | multislerp | karcher | model_stock | sce | arcee_fusion |
+                                     # nearswap | ram | ramplus_tl (engine/methods.py)
     models:                          # or `slices:` with `sources: [{model, layer_range, parameters}]`
       - model: math
         parameters: {weight: [0.2, 0.8], density: 0.5}
