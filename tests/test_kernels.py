@@ -405,7 +405,9 @@ def test_merge_matmul_matches_reference(M, mode, dtype):
 
 @kernel_test
 @pytest.mark.parametrize("N,K,n,mode", [(7, 341, 5, "breadcrumbs"), (1, 1023, 2, "della"), (70, 33, 1, "passthrough"),
-                                        (65, 130, 8, "dare_linear")])
+                                        (65, 130, 8, "dare_linear"), (9, 77, 3, "rows_delta"), (33, 65, 2, "cols_combine"),
+                                        (13, 40, 1, "nearswap"), (17, 33, 3, "sce"), (11, 50, 1, "arcee_fusion"),
+                                        (5, 129, 3, "ramplus_tl")])
 def test_merge_matmul_odd_shapes(N, K, n, mode):
     base, xs = make_inputs((N, K), n, torch.bfloat16, seed=N)
     spec, srcs, aux = build(mode, base, xs)
@@ -446,7 +448,7 @@ def test_merged_linear_reference_on_cpu_without_triton(monkeypatch):
 
 # -- GPU only: large shapes, autotuned launches -------------------------------------------------------------------------
 @gpu
-@pytest.mark.parametrize("mode", ["linear", "task_arithmetic", "ties", "breadcrumbs", "dare_ties", "della"])
+@pytest.mark.parametrize("mode", ["linear", "task_arithmetic", "ties", "breadcrumbs", "dare_ties", "della"] + NEW_MODES)
 def test_cuda_merge_large(mode):
     base, xs = make_inputs((1024, 4096), 3, torch.bfloat16, seed=7)
     spec, srcs, aux = build(mode, base, xs)
