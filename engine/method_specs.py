@@ -113,12 +113,12 @@ def _prepare_arcee(m, p: TensorPlan, base, x, width: int, numel: int):
         j = sample_indices(mask_keys(p.seed, p.mask_name or p.out_name, 0), ARCEE_SAMPLE, numel)
         j = j.to(base.device)
         d = x.reshape(-1)[j].float() - base.reshape(-1)[j].float()
-        imp = d.abs() * kl[j // width]
+        imp = d.abs() * torch.index_select(kl, 0, j // width)
     else:
         imp = torch.empty(numel, dtype=torch.float32, device=base.device)
         for s, e, b, (xc,) in _chunks(base, [x]):
             r = torch.arange(s, e, device=b.device) // width
-            imp[s:e] = (xc.float() - b).abs() * kl[r]
+            imp[s:e] = (xc.float() - b).abs() * torch.index_select(kl, 0, r)
     thr = ms.arcee_threshold(imp)
     spec = MergeSpec("delta", keep="fusion", weights=(1.0,), scales=(1.0,), t_in=(thr,), row_width=width,
                      consensus=False, normalize=False)

@@ -90,6 +90,11 @@ def row_of(spec: MergeSpec, idx: torch.Tensor) -> torch.Tensor:
     return idx // spec.row_width if spec.row_layout != "col" else idx % spec.row_width
 
 
+def _gather(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """v[r] for a 1-D vector (index_select: ~100x faster than advanced indexing on the CPU here)."""
+    return torch.index_select(v, 0, r.reshape(-1)).reshape(r.shape)
+
+
 def source_variance(ds: list[torch.Tensor]) -> torch.Tensor:
     """float32 variance over sources (population, as torch.var(unbiased=False)) of float32 deltas `ds`: Welford
     in float64, rounded once to float32 (bit-identical to torch.var's CPU result for up to 8 sources)."""
@@ -118,7 +123,7 @@ def keep_mask(spec: MergeSpec, i: int, d: torch.Tensor, idx: torch.Tensor | None
             keep &= ~((a > spec.t_out[i]) | ((a == spec.t_out[i]) & (idx <= spec.c_out[i])))
         return keep
     if spec.keep == "fusion":
-        return (d.abs() * aux_i[row_of(spec, idx)]) >= spec.t_in[0]
+        return (d.abs() * _gather(aux_i, row_of(spec, idx))) >= spec.t_in[0]
     u = uniform(idx, spec.keys[i])
     if spec.keep == "random":
         return u < spec.densities[i]
@@ -159,7 +164,7 @@ def _delta_chunk(base, xs, spec, idx, auxs):
             if shared is not None:
                 d = d * shared
             elif spec.row_layout:
-                w = auxs[i][row_of(spec, idx)]
+                w = _gather(auxs[i], row_of(spec, idx))
             else:
                 k = keep_mask(spec, i, d, idx, None if auxs is None else auxs[i])
                 if k is not None:
@@ -207,9 +212,9 @@ def _nearswap_chunk(base, x, t: float):
 def _combine_chunk(xs, spec, idx=None, auxs=None):
     if spec.row_layout:
         r = row_of(spec, idx)
-        acc = xs[0].float() * auxs[0][r]
+        acc = xs[0].float() * _gather(auxs[0], r)
         for a, x in zip(auxs[1:], xs[1:]):
-            acc += x.float() * a[r]
+            acc += x.float() * _gather(a, r)
     else:
         acc = xs[0].float() * spec.coeffs[0]
         for c, x in zip(spec.coeffs[1:], xs[1:]):
