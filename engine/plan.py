@@ -273,12 +273,17 @@ def _plan_stats_method(P: _Planner, out_name, in_name, models, g, chain, ref, ba
     fam = m.family
     options = tuple((k, _cast_option(k, g(k, d))) for k, d in global_params(m).items())
     non_base = [(src, params) for src, params in models if src != base]
+    listed = base is None or base in dict(models)
     if fam is Family.karcher:
-        srcs = [src for src, _ in models] + ([base] if base is not None and base not in dict(models) else [])
+        # `models:` form: mergekit adds an unlisted base to the inputs (karcher has no base role: an ordinary input)
+        srcs = [src for src, _ in models] + ([] if listed or P.r.models is None else [base])
         if len(srcs) == 1:
             return P.finish(TensorPlan(out_name, Family.passthrough, m.name, shape, None, (ref(srcs[0]),),
                                        weights=(1.0,)))
         return P.finish(TensorPlan(out_name, fam, m.name, shape, None, tuple(ref(s) for s in srcs), options=options))
+    if not listed and P.r.models is None:
+        raise RecipeError(f"{where}: base_model {base!r} is not one of the slice's sources (mergekit 0.1.5 refuses "
+                          f"a base that is not an input of the slice)")
     ws = ()
     if "weight" in TENSOR_PARAMS[fam]:
         ws = tuple(float(_param(chain(params), "weight", in_name, t, None, where))

@@ -156,6 +156,15 @@ base_model: BASE
 models: [{model: E1}, {model: E2}]
 parameters: {max_iter: 20, tol: 1.0e-6}
 """,
+    "karcher_slices": """
+merge_method: karcher
+base_model: BASE
+slices:
+  - sources:
+      - {model: E1, layer_range: [0, 2]}
+      - {model: E2, layer_range: [1, 3]}
+      - {model: E3, layer_range: [0, 2]}
+""",
     "model_stock": """
 merge_method: model_stock
 base_model: BASE
