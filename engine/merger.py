@@ -8,7 +8,10 @@ lookups). It splits the work as the kernels want it:
    per-(source, tensor) *magnitude order* (|delta| sorted once, stable, descending, with the flat indices), so a
    new density costs a lookup, not a sort: the kept set is exactly the first k = int(density * numel) of that order,
    i.e. mergekit's top-k with ties at the cut broken towards the lower flat index. DELLA's per-row ranks are cached
-   the same way.
+   the same way. The other mergekit methods keep no per-element statistic: the spherical ones and model_stock cache
+   the inputs' Gram matrix (O(rows * n^2), engine/method_stats.py), sce computes its variance cut through
+   `_topk_cut` (a selection, no sort) and drops the variance, arcee_fusion keeps a per-row KL, ramplus_tl a factor
+   per model.
 2. `kernels.merge.merge(...)`: the elementwise pass (Triton on CUDA, the PyTorch reference on CPU).
 
 Source tensors are read through `TensorStore`: zero-copy views of the memory-mapped files on the CPU, one resident
@@ -28,6 +31,8 @@ from lazymerge.kernels.merge import MergeSpec, keep_mask
 from lazymerge.kernels.merge import merge as merge_kernel
 from lazymerge.kernels.rng import MAX_INDEX, mask_keys
 
+from . import method_specs
+from . import method_stats as ms
 from .methods import Family, Sparsify
 from .plan import SourceSet, TensorPlan, TensorRef
 
@@ -163,6 +168,8 @@ class Merger:
             return MergeSpec("combine", coeffs=p.weights, divisor=sum(p.weights) if p.normalize else 1.0), None
         if p.family is Family.slerp:
             return MergeSpec("combine", coeffs=self._slerp_coeffs(p)), None
+        if p.family is not Family.task_arithmetic:
+            return method_specs.prepare(self, p)
         n = len(p.inputs)
         numel = math.prod(p.shape)
         if numel >= MAX_INDEX:
@@ -177,7 +184,7 @@ class Merger:
                 if dens >= 1:
                     k_in, k_out = numel, 0
                 elif p.sparsify is Sparsify.magnitude:
-                    k_in, k_out = int(dens * numel), 0
+                    k_in, k_out = max(1, int(dens * numel)), 0  # mergekit keeps at least one element
                 else:
                     target, n_top = int(dens * numel), int(p.gammas[i] * numel)
                     n_bot = numel - target - n_top
@@ -254,6 +261,37 @@ class Merger:
         theta_t = theta0 * t
         return (math.sin(theta0 - theta_t) / s_t0, math.sin(theta_t) / s_t0)
 
+    # -- nuslerp, multislerp, karcher, model_stock, sce, arcee_fusion, nearswap, ram ---------------------------------
+    def _gram(self, refs: tuple[TensorRef, ...], base: TensorRef | None, layout: str) -> torch.Tensor:
+        """Gram matrix of the inputs (or of their deltas to `base`), cached: O(rows * n^2), independent of the
+        recipe's numbers (a new weight costs no pass over the tensors)."""
+        S = self.store.sources
+        key = ("gram", layout, None if base is None else (S[base.source].fingerprint, base.name, base.rows)) + tuple(
+            (S[r.source].fingerprint, r.name, r.rows) for r in refs)
+        G = self.stats.get(key)
+        if G is None:
+            b = self.store.get(base) if base is not None else None
+            G = ms.gram([self.store.get(r) for r in refs], b, layout)
+            self.stats.put(key, G)
+        return G
+
+    def _topk_cut(self, scores: torch.Tensor, k: int) -> tuple[float, int]:
+        """(threshold, tie cutoff index) selecting exactly the k largest of the flat float32 `scores`, ties at the
+        cut going to the lower flat index (the rule of `keep_mask`'s top-k). Every top-k cut of a statistic that is
+        not cached (sce's variance) goes through here: a selection (kthvalue + counts), no sort."""
+        m = scores.numel()
+        if k <= 0:
+            return math.inf, -1
+        if k >= m:
+            return -1.0, -1
+        t = float(torch.kthvalue(scores.reshape(-1), m - k + 1).values)
+        above = int((scores > t).sum())
+        eq = (scores.reshape(-1) == t).nonzero().reshape(-1)
+        need = k - above
+        if need == eq.numel():
+            return t, MAX_INDEX
+        return t, int(eq[need - 1])
+
     # -- the merge ---------------------------------------------------------------------------------------------
     def merge(self, plan: TensorPlan, rows: torch.Tensor | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
@@ -266,8 +304,8 @@ class Merger:
             width = math.prod(plan.shape[1:])
             xs = [x[rows] for x in xs]
             base = base[rows] if base is not None else None
-            aux = [a[rows] for a in aux] if aux is not None else None
-            if spec.mode == "delta" and spec.keep != "all":
+            aux = [a[rows] for a in aux] if aux is not None and not spec.aux_per_row else aux
+            if spec.needs_index:
                 index = rows.reshape(-1, 1) * width + torch.arange(width, device=rows.device)
                 index = index.reshape(xs[0].shape)
         if spec.mode == "delta" and not xs:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .arch import Architecture, analyze
 from .checkpoint import CheckpointError, Source, check_compatible
-from .methods import SPARSIFY_PARAMS, Family, Sparsify
+from .methods import SPARSIFY_PARAMS, TENSOR_PARAMS, Family, Sparsify, global_params
 from .params import resolve
 from .recipe import Recipe, RecipeError, load_recipe
 
@@ -62,7 +62,11 @@ class TensorPlan:
     t: float = 0.0
     seed: int = 0
     mask_name: str = ""  # the tensor name DARE/DELLA masks are keyed by (default: out_name)
+    options: tuple[tuple[str, float | bool], ...] = ()  # the method's global parameters (nuslerp, sce, ram, ...)
     key: str = field(default="", compare=False)
+
+    def option(self, name: str):
+        return dict(self.options)[name]
 
     def refs(self) -> tuple[TensorRef, ...]:
         return ((self.base,) if self.base is not None else ()) + self.inputs
@@ -172,10 +176,10 @@ class _Planner:
 
     def finish(self, p: TensorPlan) -> TensorPlan:
         d = {k: getattr(p, k) for k in ("family", "method", "shape", "weights", "densities", "gammas", "epsilons",
-                                        "sparsify", "consensus", "normalize", "rescale", "lam", "t")}
+                                        "sparsify", "consensus", "normalize", "rescale", "lam", "t", "options")}
         d["base"] = self.fp(p.base) if p.base else None
         d["inputs"] = [self.fp(x) for x in p.inputs]
-        if p.sparsify in (Sparsify.random, Sparsify.della):
+        if p.sparsify in (Sparsify.random, Sparsify.della) or p.family is Family.arcee_fusion:
             d["seed"] = p.seed
             d["mask_name"] = p.mask_name or p.out_name  # masks depend on the tensor name
         object.__setattr__(p, "key", _digest(d))
@@ -244,6 +248,8 @@ def plan_group(P: _Planner, out_name: str, in_name: str, models: list[tuple[str,
             raise RecipeError(f"{where}: slerp needs base_model and exactly one other model, got {others}")
         tt = float(g("t", None))
         return P.finish(TensorPlan(out_name, fam, m.name, shape, None, (ref(base), ref(others[0])), t=tt))
+    if fam is not Family.task_arithmetic:
+        return _plan_stats_method(P, out_name, in_name, models, g, chain, ref, base, t, where, shape)
     # generalized task arithmetic
     normalize = bool(g("normalize", m.default_normalize))
     rescale = bool(g("rescale", m.default_rescale))
@@ -268,6 +274,46 @@ def plan_group(P: _Planner, out_name: str, in_name: str, models: list[tuple[str,
                                densities=tuple(ds), gammas=tuple(gs), epsilons=tuple(es), sparsify=m.sparsify,
                                consensus=m.consensus.value == "sum", normalize=normalize, rescale=rescale, lam=lam,
                                seed=r.random_seed))
+
+
+def _plan_stats_method(P: _Planner, out_name, in_name, models, g, chain, ref, base, t, where, shape) -> TensorPlan:
+    """Plan one tensor of nuslerp, multislerp, karcher, model_stock, sce, arcee_fusion, nearswap, ram, ramplus_tl.
+
+    Inputs follow mergekit's order: the listed models, the base (if given) added when not listed; `base` is the
+    base's TensorRef for methods that treat it apart (None for karcher, for which it is an ordinary input)."""
+    m = P.r.method
+    fam = m.family
+    options = tuple((k, _cast_option(k, g(k, d))) for k, d in global_params(m).items())
+    non_base = [(src, params) for src, params in models if src != base]
+    listed = base is None or base in dict(models)
+    if fam is Family.karcher:
+        # `models:` form: mergekit adds an unlisted base to the inputs (karcher has no base role: an ordinary input)
+        srcs = [src for src, _ in models] + ([] if listed or P.r.models is None else [base])
+        if len(srcs) == 1:
+            return P.finish(TensorPlan(out_name, Family.passthrough, m.name, shape, None, (ref(srcs[0]),),
+                                       weights=(1.0,)))
+        return P.finish(TensorPlan(out_name, fam, m.name, shape, None, tuple(ref(s) for s in srcs), options=options))
+    if not listed and P.r.models is None:
+        raise RecipeError(f"{where}: base_model {base!r} is not one of the slice's sources (mergekit 0.1.5 refuses "
+                          f"a base that is not an input of the slice)")
+    ws = ()
+    if "weight" in TENSOR_PARAMS[fam]:
+        ws = tuple(float(_param(chain(params), "weight", in_name, t, None, where))
+                   for _, params in non_base)
+    ins = tuple(ref(src) for src, _ in non_base)
+    bref = ref(base) if base is not None else None
+    if not ins or (fam is Family.multislerp and len(ins) == 1):
+        # mergekit: sce/ram of the base alone is the base; multislerp of one model is that model (base or not)
+        only = ins[0] if ins else bref
+        return P.finish(TensorPlan(out_name, Family.passthrough, m.name, shape, None, (only,), weights=(1.0,)))
+    return P.finish(TensorPlan(out_name, fam, m.name, shape, bref, ins, weights=ws, options=options,
+                               seed=P.r.random_seed))
+
+
+def _cast_option(key: str, value):
+    if isinstance(value, bool):
+        return value
+    return int(value) if key == "max_iter" else float(value)
 
 
 def _layer_names(src: Source, layer: int) -> list[str]:

@@ -32,14 +32,36 @@ def _mix(x):
     return x ^ (x >> 15)
 
 
-def _delta(b, xs, aux, n_all, w, sc, t_in, c_in, t_out, c_out, dens, eps, k1, k2, lam, div_all, *,
-           keep: str, consensus: bool, normalize: bool):
+def _delta(b, xs, aux, n_all, w, sc, t_in, c_in, t_out, c_out, dens, eps, k1, k2, lam, div_all, row_width, div_min, *,
+           keep: str, consensus: bool, normalize: bool, consensus_raw: bool = False, div_floor: bool = False):
     b = b.float()
     idx = torch.arange(b.numel(), dtype=torch.int64, device=b.device)
-    parts = []
+    parts, raw = [], []
+    if keep == "vartopk":  # sce: the cut on the variance over the sources (float64 Welford, as merge.source_variance)
+        mean = torch.zeros_like(b, dtype=torch.float64)
+        m2 = torch.zeros_like(mean)
+        for i, x in enumerate(xs):
+            xd = (x.float() - b).double()
+            delta = xd - mean
+            mean = mean + delta / (i + 1)
+            m2 = m2 + delta * (xd - mean)
+        var = (m2 / len(xs)).float()
+        shared = (var > t_in[0]) | ((var == t_in[0]) & (idx <= c_in[0]))
+    if keep == "ram":
+        count = torch.zeros_like(b)
+        for i, x in enumerate(xs):
+            count = count + ((x.float() - b).abs() > eps[i])
     for i, x in enumerate(xs):
         d = x.float() - b
-        if keep == "topk":
+        if keep == "ram":
+            k = d.abs() > eps[i]
+            parts.append(torch.where(k, torch.where(count == 1, d * sc[i], d / count), 0.0))
+            continue
+        if keep == "vartopk":
+            d = d * shared
+        elif keep == "fusion":
+            d = d * ((d.abs() * aux[0][idx // row_width]) >= t_in[0])
+        elif keep == "topk":
             a = d.abs()
             k = (a > t_in[i]) | ((a == t_in[i]) & (idx <= c_in[i]))
             k = k & ~((a > t_out[i]) | ((a == t_out[i]) & (idx <= c_out[i])))
@@ -48,20 +70,22 @@ def _delta(b, xs, aux, n_all, w, sc, t_in, c_in, t_out, c_out, dens, eps, k1, k2
             u = (_mix(_mix(idx ^ k1[i]) ^ k2[i]) >> 8).to(torch.float32) * (2.0**-24)
             p = dens[i] if keep == "random" else (dens[i] - eps[i]) + aux[i].float() * (2.0 * eps[i])
             d = d * (u < p)
+        raw.append(d)
         d = d * sc[i]
         parts.append(d * w[i])
     if consensus:
-        total = parts[0]
-        for p in parts[1:]:
+        votes = raw if consensus_raw else parts
+        total = votes[0]
+        for p in votes[1:]:
             total = total + p
         pos = total >= 0
         mixed = torch.zeros_like(b)
         div = torch.zeros_like(b)
         for i, p in enumerate(parts):
-            c = torch.where(pos, p > 0, p < 0)
+            c = torch.where(pos, votes[i] > 0, votes[i] < 0)
             mixed = mixed + p * c
             div = div + c * w[i]
-        div = torch.where(div == 0, 1.0, div)
+        div = torch.clamp(div, min=div_min) if div_floor else torch.where(div == 0, 1.0, div)
     else:
         mixed = parts[0]
         for p in parts[1:]:
@@ -74,25 +98,30 @@ def _delta(b, xs, aux, n_all, w, sc, t_in, c_in, t_out, c_out, dens, eps, k1, k2
 
 def merge_delta_fused(base, sources, spec, aux=None) -> torch.Tensor:
     """Fused delta-mode merge of whole tensors (no row `index`); float32 of the inputs' shape."""
-    key = (spec.keep, spec.consensus, spec.normalize, len(sources), aux is not None)
+    div_floor = spec.consensus and spec.div_min > 0
+    key = (spec.keep, spec.consensus, spec.normalize, len(sources), aux is not None, spec.consensus_raw, div_floor)
     fn = _COMPILED.get(key)
     if fn is None:
         import functools
 
         fn = _COMPILED[key] = torch.compile(
-            functools.partial(_delta, keep=spec.keep, consensus=spec.consensus, normalize=spec.normalize),
+            functools.partial(_delta, keep=spec.keep, consensus=spec.consensus, normalize=spec.normalize,
+                              consensus_raw=spec.consensus_raw, div_floor=div_floor),
             dynamic=True, fullgraph=True)
     n = len(sources)
     dev = base.device
-    f32 = lambda v, default=0.0: torch.tensor(list(v) if v else [default] * n, dtype=torch.float32, device=dev)  # noqa: E731
-    i64 = lambda v: torch.tensor(list(v) if v else [-1] * n, dtype=torch.int64, device=dev)  # noqa: E731
+    f32 = lambda v, default=0.0: torch.tensor((list(v) + [default] * n)[:n] if v else [default] * n,  # noqa: E731
+                                              dtype=torch.float32, device=dev)
+    i64 = lambda v: torch.tensor((list(v) + [-1] * n)[:n] if v else [-1] * n, dtype=torch.int64,  # noqa: E731
+                                 device=dev)
     div_all = sum(spec.weights)
     div_all = 1.0 if abs(div_all) < 1e-8 else div_all
     keys = spec.keys or ((0, 0),) * n
     out = fn(base.reshape(-1), [s.reshape(-1) for s in sources], [a.reshape(-1) for a in aux] if aux else None, n,
              f32(spec.weights), f32(spec.scales, 1.0), f32(spec.t_in), i64(spec.c_in), f32(spec.t_out),
              i64(spec.c_out), f32(spec.densities), f32(spec.eps), i64(k[0] for k in keys), i64(k[1] for k in keys),
-             torch.tensor(spec.lam, device=dev), torch.tensor(div_all, device=dev))
+             torch.tensor(spec.lam, device=dev), torch.tensor(div_all, device=dev), spec.row_width,
+             torch.tensor(spec.div_min, device=dev))
     return out.view(base.shape)
 
 

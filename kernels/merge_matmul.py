@@ -36,6 +36,7 @@ from .merge_triton import (
     pointer_args,
     spec_flags,
     spec_tables,
+    uses_aux,
 )
 
 
@@ -57,10 +58,11 @@ def _merge_matmul_kernel(
     # strides (weights and aux are contiguous (N, K); workspace is contiguous (SPLIT_K, M, N))
     stride_xm, stride_xk,
     # scalars of the merge, and the autotune bucket of M
-    div, lam, m_bucket,
+    div, lam, row_width, div_min, m_bucket,
     # meta-parameters: the spec's switches
     N_SOURCES: tl.constexpr, MODE: tl.constexpr, KEEP: tl.constexpr, CONSENSUS: tl.constexpr,
-    NORMALIZE: tl.constexpr, DIVIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    NORMALIZE: tl.constexpr, DIVIDE: tl.constexpr, ROWS: tl.constexpr, CONSENSUS_RAW: tl.constexpr,
+    DIV_FLOOR: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     # meta-parameters: tiling
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -83,8 +85,9 @@ def _merge_matmul_kernel(
         w_offs = offs_n[:, None] * K + offs_k[None, :]  # (BLOCK_N, BLOCK_K) int64 flat index into W
         w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
         w = _merge_tile(B, X0, X1, X2, X3, X4, X5, X6, X7, A0, A1, A2, A3, A4, A5, A6, A7,
-                        F, I, w_offs, w_offs, w_mask, div, lam,
-                        N_SOURCES, MODE, KEEP, CONSENSUS, NORMALIZE, DIVIDE)  # (BLOCK_N, BLOCK_K) float32
+                        F, I, w_offs, w_offs, w_mask, div, lam, row_width, div_min,
+                        N_SOURCES, MODE, KEEP, CONSENSUS, NORMALIZE, DIVIDE, ROWS, CONSENSUS_RAW,
+                        DIV_FLOOR)  # (BLOCK_N, BLOCK_K) float32
         if UPCAST_DOT:  # interpreter: its bf16 tl.dot and bf16 cast are broken; float32 dot of the same values
             if x.dtype == tl.bfloat16:
                 w = _round_bf16(w)
@@ -124,7 +127,8 @@ def _prune(configs, named_args, **kwargs):
 
 _merge_matmul_kernel_tuned = triton.autotune(
     configs=_matmul_configs(),
-    key=["m_bucket", "N", "K", "N_SOURCES", "MODE", "KEEP", "CONSENSUS", "NORMALIZE", "DIVIDE"],
+    key=["m_bucket", "N", "K", "N_SOURCES", "MODE", "KEEP", "CONSENSUS", "NORMALIZE", "DIVIDE", "ROWS",
+         "CONSENSUS_RAW", "DIV_FLOOR"],
     prune_configs_by={"early_config_prune": _prune},
 )(_merge_matmul_kernel)
 
@@ -163,7 +167,7 @@ def merge_matmul_triton(x: torch.Tensor, base: torch.Tensor | None, sources: lis
         return x.new_empty(*lead, N)
     flags = spec_flags(spec)
     ftab, itab, div, lam = spec_tables(spec, x.device)
-    b, xs, a = pointer_args(base, sources, aux if flags["KEEP"] == 3 else None)
+    b, xs, a = pointer_args(base, sources, aux if uses_aux(flags) else None)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     m_bucket = 1 if M <= 1 else (16 if M <= 16 else min(triton.next_power_of_2(M), 4096))
     if autotuning():
@@ -176,7 +180,8 @@ def merge_matmul_triton(x: torch.Tensor, base: torch.Tensor | None, sources: lis
         ws = torch.empty((cfg["SPLIT_K"], M, N), dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         kernel = _merge_matmul_kernel
-    kernel[grid](x2, b, *xs, *a, ftab, itab, ws, M, N, K, x2.stride(0), x2.stride(1), div, lam, m_bucket,
+    kernel[grid](x2, b, *xs, *a, ftab, itab, ws, M, N, K, x2.stride(0), x2.stride(1), div, lam, spec.row_width,
+                 float(spec.div_min), m_bucket,
                  **flags, DOT_PRECISION=precision, UPCAST_DOT=interpreting(), enable_fp_fusion=False, **cfg)
     if autotuning():  # the launch just made used best_config; its slices [0, SPLIT_K) are all written
         split = _merge_matmul_kernel_tuned.best_config.kwargs["SPLIT_K"]

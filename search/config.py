@@ -28,7 +28,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PS_METHODS = ("dare_ties", "ties", "task_arithmetic", "linear", "dare_linear", "della", "breadcrumbs_ties")
+from lazymerge.engine.methods import get_method
+
+# Methods a weight (and density) genome drives: the task-arithmetic family, linear, and the spherical methods with
+# per-model weights (nuslerp: two models, t = w_1 / (w_0 + w_1); multislerp). The other mergekit methods have no
+# per-model number to search (karcher, model_stock, sce, arcee_fusion, nearswap, ram, ramplus_tl).
+PS_METHODS = ("dare_ties", "ties", "task_arithmetic", "linear", "dare_linear", "della", "breadcrumbs_ties", "nuslerp",
+              "multislerp")
 TASK_TYPES = ("generate_exact_match", "multiple_choice", "answer_loglik")
 EXTRACTORS = ("last_number", "exact", "first_line")
 
@@ -109,6 +115,8 @@ class SpaceConfig(_Frozen):
             raise ValueError(f"method: {self.method!r} is not one of {', '.join(PS_METHODS)}")
         if self.layer_groups < 1:
             raise ValueError("layer_groups: must be >= 1")
+        if self.kind == "ps" and self.method == "nuslerp" and len(self.models) != 2:
+            raise ValueError(f"models: nuslerp merges exactly two models (besides the base), got {len(self.models)}")
         if set(self.filters) & set(self.shared_filters):
             raise ValueError(f"shared_filters: {sorted(set(self.filters) & set(self.shared_filters))} also in filters")
         if self.repeats < 1:
@@ -208,7 +216,7 @@ class SearchConfig(_Frozen):
         for i, m in enumerate(self.space.models):
             if m not in self.sources and not (self.space.kind == "ps+dfs" and m == "ps"):
                 raise ValueError(f"space.models[{i}]: unknown source {m!r}; sources: {', '.join(self.sources)}")
-        if self.space.kind == "ps" and self.space.method != "linear" and self.base_model is None:
+        if self.space.kind == "ps" and get_method(self.space.method).needs_base and self.base_model is None:
             raise ValueError(f"base_model: method {self.space.method!r} needs a base model")
         if not self.tasks:
             raise ValueError("tasks: empty list")

@@ -18,6 +18,11 @@ SPECS = {
                                   c_out=(-1, 100, -1), scales=(1.0, 1.2, 1.0), consensus=True, normalize=True),
     "della_linear": MergeSpec("delta", weights=(0.7, 0.5, 0.3), keep="della", densities=(0.5, 0.3, 1.0),
                               eps=(0.1, 0.2, 0.0), keys=KEYS, scales=(2.0, 1.0, 1.1), lam=1.3),
+    # issue 13: sce (variance cut, consensus on unweighted deltas, divisor floor), ram(plus), arcee_fusion
+    "sce": MergeSpec("delta", weights=(0.5, 0.3, 0.2), keep="vartopk", t_in=(4e-5,), c_in=(20_000,),
+                     scales=(1.0,) * 3, consensus=True, consensus_raw=True, normalize=True, div_min=1e-6),
+    "ramplus_tl": MergeSpec("delta", weights=(1.0,) * 3, keep="ram", eps=(0.005,) * 3, scales=(1.1, 1.0, 0.9)),
+    "arcee_fusion": MergeSpec("delta", weights=(1.0,), keep="fusion", t_in=(0.004,), scales=(1.0,), row_width=N),
 }
 
 
@@ -28,6 +33,8 @@ def test_fused_cpu_merge_equals_reference(name):
     xs = [(b + 0.01 * torch.randn(N, generator=g)).to(torch.bfloat16) for _ in range(3)]
     xs[0][:50] = b[:50].to(torch.bfloat16)  # exact zeros in a delta
     aux = [torch.rand(N, generator=g) for _ in range(3)] if name.startswith("della") else None
+    if name == "arcee_fusion":
+        xs, aux = xs[:1], [torch.tensor([1.3])]  # one row: its KL
     want = merge_reference(b, xs, SPECS[name], aux=aux)
     got = merge_cpu.merge_delta_fused(b, xs, SPECS[name], aux=aux)
     assert torch.equal(got, want), f"{int((got != want).sum())} elements differ"
