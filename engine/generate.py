@@ -2,9 +2,11 @@
 stop strings, max tokens and EOS. Each row of a batch has its own sampling settings.
 
 `stream(model, prompts, params)` yields, after every decoding step, the list of `Delta`s (new text per row, and
-whether the row finished). Text that might be the beginning of a stop string, or that ends in a partly decoded
-multi-byte character (byte-level tokenizers), is held back until it is certain, so what is streamed never has to
-be taken back. `generate` collects the stream into `Completion`s.
+whether the row finished). The text is the decode of the new tokens in the context of the prompt (a SentencePiece
+leading space survives: prompt text + completion text == the decode of prompt + completion), produced
+incrementally (`detokenize`: O(1) per token, not a re-decode of the row). Text that might be the beginning of a
+stop string, or that ends in a partly decoded multi-byte character (byte-level tokenizers), is held back until it
+is certain, so what is streamed never has to be taken back. `generate` collects the stream into `Completion`s.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+
+from .detokenize import IncrementalDetokenizer
 
 
 class UsageError(ValueError):
@@ -82,7 +86,9 @@ def stream(model, prompts: list[list[int]], params: list[SamplingParams]) -> Ite
         else:
             gens.append(None)
     out_ids: list[list[int]] = [[] for _ in range(B)]
-    sent = [0] * B
+    detok = [IncrementalDetokenizer(tok, p) for p in prompts]
+    held = [""] * B  # decoded text not yet streamed: it might be the start of a stop string
+    longest = [max((len(s) for s in p.stop), default=0) for p in params]
     done = [p.max_tokens == 0 for p in params]
     if all(done):
         yield [Delta(i, "", [], "length") for i in range(B)]
@@ -101,21 +107,20 @@ def stream(model, prompts: list[list[int]], params: list[SamplingParams]) -> Ite
             reason = None
             if t in eos:
                 reason = "stop"
+                new = detok[i].flush()
             else:
                 out_ids[i].append(t)
-            text = tok.decode(out_ids[i], skip_special_tokens=True)
-            stops = params[i].stop
-            hit = min((text.find(s) for s in stops if s in text), default=-1)
+                if len(out_ids[i]) >= params[i].max_tokens:
+                    reason = "length"
+                new = detok[i].push(t) + (detok[i].flush() if reason else "")
+            # no stop string starts in the text already streamed (see `safe`), so the held text plus the new
+            # text is all that needs searching: O(longest stop + new text) per step
+            text = held[i] + new
+            hit = min((text.find(s) for s in params[i].stop if s in text), default=-1)
             if hit >= 0:
                 text, reason = text[:hit], "stop"
-            elif reason is None and len(out_ids[i]) >= params[i].max_tokens:
-                reason = "length"
-            safe = len(text) if reason or not stops else max(sent[i], len(text) - max(len(s) for s in stops) + 1)
-            if not reason:  # a token may end inside a multi-byte character: wait for the rest of it
-                while safe > sent[i] and text[safe - 1] == "\ufffd":
-                    safe -= 1
-            piece = text[sent[i]:safe]
-            sent[i] = max(sent[i], safe)
+            safe = len(text) if reason else max(0, len(text) - longest[i] + 1) if longest[i] else len(text)
+            piece, held[i] = text[:safe], text[safe:]
             if reason:
                 done[i] = True
             deltas.append(Delta(i, piece, [t] if t not in eos else [], reason))
