@@ -47,6 +47,7 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" once finished
+    eos_token: int | None = None  # the EOS token that ended the row (not in token_ids, not in the text)
 
 
 @dataclass
@@ -123,7 +124,7 @@ def stream(model, prompts: list[list[int]], params: list[SamplingParams]) -> Ite
             piece, held[i] = text[:safe], text[safe:]
             if reason:
                 done[i] = True
-            deltas.append(Delta(i, piece, [t] if t not in eos else [], reason))
+            deltas.append(Delta(i, piece, [t] if t not in eos else [], reason, t if t in eos else None))
         if deltas:
             yield deltas
         if all(done):

@@ -62,7 +62,8 @@ class OpenAIEndpoints:
         choices = [P.CompletionChoice(index=i, text=echo_text(tok, p, o.token_ids) + o.text if req.echo else o.text,
                                       finish_reason=o.finish_reason) for i, (p, o) in enumerate(zip(rows, outs))]
         if req.logprobs is not None:
-            seqs = [p + o.token_ids for p, o in zip(rows, outs)]
+            # the EOS token that ended a row is scored too (vLLM does): lm-eval's echo parsing drops the last token
+            seqs = [p + o.token_ids + ([o.eos_token] if o.eos_token is not None else []) for p, o in zip(rows, outs)]
             scores = await self.s.score(label, model, seqs, req.logprobs)
             for c, p, s in zip(choices, rows, scores):
                 start = 0 if req.echo else len(p)

@@ -55,6 +55,7 @@ class RowOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
+    eos_token: int | None = None  # the EOS token that ended the row (scored with `logprobs`, as vLLM does)
 
 
 def _stops(stop) -> tuple[str, ...]:
@@ -85,8 +86,10 @@ class MergeServing:
         from .arena import Arena
         from .compare import Comparison
         from .completions import OpenAIEndpoints
+        from .tokenizer import TokenizerEndpoints
 
         self.arena = Arena(self)
+        self.tokenizers = TokenizerEndpoints(self)
         self.comparison = Comparison(self)
         self.openai = OpenAIEndpoints(self)
 
@@ -238,6 +241,8 @@ class MergeServing:
                 o.token_ids += d.token_ids
                 if d.finish_reason:
                     o.finish_reason = d.finish_reason
+                if d.eos_token is not None:
+                    o.eos_token = d.eos_token
         return out, ttft
 
     async def score(self, label: str, model, seqs: list[list[int]], top_k: int) -> list:
