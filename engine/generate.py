@@ -30,6 +30,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # report each sampled token's log-probability and its top-k alternatives (k >= 0)
 
     def __post_init__(self):
         if self.max_tokens < 0:
@@ -48,6 +49,7 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" once finished
     eos_token: int | None = None  # the EOS token that ended the row (not in token_ids, not in the text)
+    logprobs: list[tuple[float, dict[int, float]]] | None = None  # per token of token_ids: (logprob, top-k)
 
 
 @dataclass
@@ -105,6 +107,11 @@ def stream(model, prompts: list[list[int]], params: list[SamplingParams]) -> Ite
                 continue
             t = _sample(logits[i].float(), params[i], gens[i])
             next_tokens.append(t)
+            lps = None
+            if params[i].logprobs is not None and t not in eos:  # the model's distribution, before temperature
+                lp = torch.log_softmax(logits[i].float(), dim=-1)
+                v, k = lp.topk(min(params[i].logprobs, lp.shape[-1])) if params[i].logprobs else (lp[:0], lp[:0])
+                lps = [(float(lp[t]), dict(zip(k.tolist(), v.tolist())))]
             reason = None
             if t in eos:
                 reason = "stop"
@@ -124,7 +131,7 @@ def stream(model, prompts: list[list[int]], params: list[SamplingParams]) -> Ite
             piece, held[i] = text[:safe], text[safe:]
             if reason:
                 done[i] = True
-            deltas.append(Delta(i, piece, [t] if t not in eos else [], reason, t if t in eos else None))
+            deltas.append(Delta(i, piece, [t] if t not in eos else [], reason, t if t in eos else None, lps))
         if deltas:
             yield deltas
         if all(done):

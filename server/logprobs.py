@@ -20,15 +20,9 @@ from . import protocol as P
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-def echo_text(tok, prompt: list[int], gen: list[int]) -> str:
-    """The prompt's text as it reads before the generated text (with the separator the tokenizer puts between)."""
-    ptext = tok.decode(prompt, skip_special_tokens=True)
-    if not gen:
-        return ptext
-    full, first = tok.decode(prompt + gen[:1], skip_special_tokens=True), tok.decode(gen[:1], skip_special_tokens=True)
-    if full.startswith(ptext) and full.endswith(first) and len(full) - len(first) >= len(ptext):
-        return full[:len(full) - len(first)]
-    return ptext
+def echo_text(tok, prompt: list[int]) -> str:
+    """The prompt's text as echoed before the completion (whose text carries its own leading separator)."""
+    return tok.decode(prompt, skip_special_tokens=True)
 
 
 @functools.lru_cache(maxsize=16)
@@ -99,13 +93,12 @@ def top_tokens(tok, alternatives: dict[int, float] | None, k: int,
     return out
 
 
-def completion_logprobs(tok, seq: list[int], scores, start: int, k: int, base: int) -> P.CompletionLogprobs:
-    """Positions start.. of `seq` (scored as `scores`); `base` is the text offset of position `start`."""
+def completion_logprobs(tok, seq: list[int], scores, start: int, k: int) -> P.CompletionLogprobs:
+    """Positions start.. of `seq` (scored as `scores`). `text_offset` of a token: the length of the decode of the
+    tokens before it (from the prompt's start, as OpenAI counts, echoed or not), i.e. where its text begins."""
     part = seq[start:]
     tokens = tok.batch_decode([[t] for t in part])
-    prefix = tok.batch_decode([part[:i + 1] for i in range(len(part))], skip_special_tokens=True)
-    single = tok.batch_decode([[t] for t in part], skip_special_tokens=True)
-    offsets = [base + max(0, len(pf) - len(s)) for pf, s in zip(prefix, single)]
+    offsets = [len(x) for x in tok.batch_decode([seq[:j] for j in range(start, len(seq))], skip_special_tokens=True)]
     tops = [top_tokens(tok, d, k) for d in scores.top[start:]]
     return P.CompletionLogprobs(text_offset=offsets, token_logprobs=scores.logprobs[start:], tokens=tokens,
                                 top_logprobs=[None if t is None else {x: v for x, v, _ in t} for t in tops])
@@ -116,6 +109,27 @@ def chat_logprobs(tok, scores, start: int, k: int) -> P.ChoiceLogprobs:
     ids = scores.token_ids
     texts = token_texts(tok, ids, start)
     for i, ((s, raw), lp, d) in enumerate(zip(texts, scores.logprobs[start:], scores.top[start:]), start):
+        alts = top_tokens(tok, d, k, ids[max(0, i - 4):i]) or []
+        tops = [P.TopLogprob(token=x, bytes=list(b), logprob=v) for x, v, b in alts]
+        content.append(P.TokenLogprob(token=s, bytes=list(raw), logprob=lp, top_logprobs=tops))
+    return P.ChoiceLogprobs(content=content)
+
+
+def stream_completion_logprobs(tok, token_ids: list[int], lps, k: int, offset: int) -> P.CompletionLogprobs:
+    """A streamed completions chunk's logprobs: its tokens (decoded alone, as `completion_logprobs` does), each
+    with (logprob, {id: logprob} top-k) from the decoding loop; `offset` is the text offset of the chunk's text."""
+    tops = [top_tokens(tok, d, k) for _, d in lps]
+    return P.CompletionLogprobs(text_offset=[offset] * len(token_ids), token_logprobs=[lp for lp, _ in lps],
+                                tokens=tok.batch_decode([[t] for t in token_ids]),
+                                top_logprobs=[{x: v for x, v, _ in t} if t is not None else None for t in tops])
+
+
+def stream_chat_logprobs(tok, context: list[int], token_ids: list[int], lps, k: int) -> P.ChoiceLogprobs:
+    """A streamed chat chunk's logprobs: each token after `context` (the ids before it) with its own bytes."""
+    ids = context[-4:] + token_ids
+    start = len(ids) - len(token_ids)
+    content = []
+    for i, ((s, raw), (lp, d)) in enumerate(zip(token_texts(tok, ids, start), lps), start):
         alts = top_tokens(tok, d, k, ids[max(0, i - 4):i]) or []
         tops = [P.TopLogprob(token=x, bytes=list(b), logprob=v) for x, v, b in alts]
         content.append(P.TokenLogprob(token=s, bytes=list(raw), logprob=lp, top_logprobs=tops))

@@ -170,7 +170,8 @@ class MergeServing:
             raise bad_request(f"token ids must be in [0, {vocab})", param=param)
         return ids
 
-    def sampling(self, max_tokens: int, temperature: float, top_p: float, seed, stop, rows: int) -> list:
+    def sampling(self, max_tokens: int, temperature: float, top_p: float, seed, stop, rows: int,
+                 logprobs: int | None = None) -> list:
         from lazymerge.engine import SamplingParams
 
         if max_tokens > self.config.max_tokens:
@@ -181,7 +182,8 @@ class MergeServing:
                               f"{self.config.max_batch_size}", param="n")
         stops = _stops(stop)
         return [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                               seed=None if seed is None else seed + i, stop=stops) for i in range(rows)]
+                               seed=None if seed is None else seed + i, stop=stops, logprobs=logprobs)
+                for i in range(rows)]
 
     @staticmethod
     def unsupported(req) -> None:
