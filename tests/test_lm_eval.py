@@ -150,3 +150,14 @@ def test_same_metrics_three_ways(setup):
     assert 0 < ours[0]["toy_gen"]["exact_match,strip"] < 1  # a real comparison, not two zeros
     assert ours[1] == pytest.approx(hf[1], abs=1e-4) and remote[1] == pytest.approx(hf[1], abs=1e-4)
     assert ours[2] == hf[2] == remote[2]
+
+
+def test_lm_eval_resolves_the_model_name_in_a_fresh_interpreter():
+    """What `lm_eval --model lazymerge` does first: resolve the name in lm-eval's registry, with nothing of lazymerge
+    imported beforehand (the `lm_eval.models` entry point, bridged for lm-eval 0.4.13 by lazymerge-lm_eval.pth)."""
+    code = ("import sys; from lm_eval.api.registry import get_model; cls = get_model('lazymerge'); "
+            "print(cls.__module__, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split()[0] == "lazymerge.engine.harness", (
+        "lm-eval does not find lazymerge: install it with `make install` (an editable install needs "
+        f"`python -m lazymerge.lm_eval_plugin`)\n{r.stderr[-1500:]}")
