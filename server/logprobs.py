@@ -94,11 +94,13 @@ def top_tokens(tok, alternatives: dict[int, float] | None, k: int,
 
 
 def completion_logprobs(tok, seq: list[int], scores, start: int, k: int) -> P.CompletionLogprobs:
-    """Positions start.. of `seq` (scored as `scores`). `text_offset` of a token: the length of the decode of the
-    tokens before it (from the prompt's start, as OpenAI counts, echoed or not), i.e. where its text begins."""
+    """Positions start.. of `seq` (scored as `scores`). `tokens` are decoded alone; a token's `text_offset` is where
+    that text ends up in the decode of `seq` (counted from the prompt's start, as OpenAI does, echoed or not)."""
     part = seq[start:]
     tokens = tok.batch_decode([[t] for t in part])
-    offsets = [len(x) for x in tok.batch_decode([seq[:j] for j in range(start, len(seq))], skip_special_tokens=True)]
+    prefix = tok.batch_decode([seq[:j + 1] for j in range(start, len(seq))], skip_special_tokens=True)
+    single = tok.batch_decode([[t] for t in part], skip_special_tokens=True)
+    offsets = [max(0, len(pf) - len(s)) for pf, s in zip(prefix, single)]
     tops = [top_tokens(tok, d, k) for d in scores.top[start:]]
     return P.CompletionLogprobs(text_offset=offsets, token_logprobs=scores.logprobs[start:], tokens=tokens,
                                 top_logprobs=[None if t is None else {x: v for x, v, _ in t} for t in tops])
