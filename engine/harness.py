@@ -69,8 +69,8 @@ class LazymergeLM(TemplateLM):
             if engine is None:
                 from .api import Engine
 
-                engine = Engine(device=str(device or "cpu"), dtype=dtype, policy=policy,
-                                cache_bytes=int(float(cache_mb) * (1 << 20)))
+                engine = Engine(device=str(device or "cpu"), dtype=None if dtype in (None, "auto") else str(dtype),
+                                policy=policy, cache_bytes=int(float(cache_mb) * (1 << 20)))
             if isinstance(recipe, str) and "\n" not in recipe and recipe.endswith((".yaml", ".yml")):
                 recipe = Path(recipe)
             model = engine.compile(recipe)
