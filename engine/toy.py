@@ -36,6 +36,46 @@ def make_tokenizer(extra_words: tuple[str, ...] = ()):
     return fast
 
 
+def make_metaspace_tokenizer():
+    """A SentencePiece-style word-level tokenizer (Llama/Mistral's Metaspace pre-tokenizer and decoder, prepend
+    scheme "first"): each word is one token "\u2581word"; decoding drops the space of a decode's first token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(WORDS) + [":", "user", "assistant"] + [str(d) for d in range(10)]
+    vocab = {w: i for i, w in enumerate(SPECIAL)}
+    for w in words:
+        vocab.setdefault("\u2581" + w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_bytelevel_tokenizer(text: str = ""):
+    """A GPT-2-style byte-level BPE tokenizer: the 256 byte symbols, plus merges learned on `text` (and the toy
+    words), so that multi-byte characters are split over several tokens unless a merge joins them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(WORDS), text], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+TOKENIZERS = {"word": make_tokenizer, "metaspace": make_metaspace_tokenizer, "bytelevel": make_bytelevel_tokenizer}
+
+
 def tiny_config(arch: str = "mistral", vocab_size: int = 80, hidden: int = 32, layers: int = 3, heads: int = 4,
                 kv_heads: int = 2, intermediate: int = 64, tie: bool = False, dtype: str = "float32", **extra):
     """A tiny config of transformers model type `arch` (any: "llama", "gemma3_text", "qwen3_moe", ...), built by the
@@ -84,11 +124,12 @@ def save(model, tokenizer, path: Path, dtype: str = "float32", shards: bool = Fa
 
 
 def make_family(root: Path, arch: str = "mistral", n_experts: int = 2, seed: int = 0, dtype: str = "float32",
-                shards: bool = False, **cfg_kw) -> dict[str, Path]:
-    """Write base + experts under `root`; returns {"base": path, "e1": path, ...}."""
+                shards: bool = False, tokenizer: str = "word", **cfg_kw) -> dict[str, Path]:
+    """Write base + experts under `root`; returns {"base": path, "e1": path, ...}. `tokenizer`: "word" (whitespace
+    word-level), "metaspace" (SentencePiece-style) or "bytelevel" (GPT-2-style byte-level BPE)."""
     import copy
 
-    tok = make_tokenizer()
+    tok = TOKENIZERS[tokenizer]()
     cfg = tiny_config(arch, vocab_size=len(tok), **cfg_kw)
     base = make_model(cfg, seed)
     out = {"base": save(copy.deepcopy(base), tok, Path(root) / "base", dtype, shards)}

@@ -59,8 +59,8 @@ class OutputCheck(_Frozen):
 
 class TaskConfig(_Frozen):
     name: str
-    type: Literal["generate_exact_match", "multiple_choice", "answer_loglik"]
-    data: str = Field(description="JSONL used for fitness: {prompt, answer[, choices]} per line")
+    type: Literal["generate_exact_match", "multiple_choice", "answer_loglik", "lm_eval"]
+    data: str | None = Field(None, description="JSONL used for fitness: {prompt, answer[, choices]} per line")
     test_data: str | None = Field(None, description="held-out JSONL, only for the final summary")
     weight: float = 1.0
     limit: int | None = Field(None, description="use only the first N examples")
@@ -73,8 +73,36 @@ class TaskConfig(_Frozen):
     per_token: bool = Field(True, description="mean per-token log-likelihood (else per answer)")
     # multiple_choice
     length_normalize: bool = Field(False, description="compare choices by log-likelihood per character")
+    # lm-evaluation-harness task (search/lm_eval_tasks.py): `{lm_eval: TASK, metric: acc, limit: N, weight: W}`
+    lm_eval: str | None = Field(None, description="an lm-eval task name; its first `limit` documents are the "
+                                "search split, the next `test_limit` the held-out split")
+    metric: str = Field("acc", description="lm_eval: the metric ('acc', or with its filter: 'exact_match,strip')")
+    include_path: str | None = Field(None, description="lm_eval: a folder of task YAMLs (relative to the config)")
+    test_limit: int | None = Field(None, description="lm_eval: held-out documents after the first `limit` "
+                                   "(default: as many as `limit`)")
 
-    @field_validator("limit", "max_tokens")
+    @model_validator(mode="before")
+    @classmethod
+    def _lm_eval_defaults(cls, v):
+        if isinstance(v, dict) and v.get("lm_eval") is not None:
+            v = {"name": v["lm_eval"], "type": "lm_eval", **v}
+        return v
+
+    @model_validator(mode="after")
+    def _kind(self):
+        if self.type == "lm_eval":
+            if self.lm_eval is None:
+                raise ValueError("type lm_eval needs `lm_eval: TASK_NAME`")
+            if self.data is not None or self.test_data is not None:
+                raise ValueError(f"lm_eval task {self.lm_eval!r}: data/test_data do not apply (lm-eval loads the "
+                                 "task's dataset; the held-out split is the documents after `limit`)")
+        elif self.data is None:
+            raise ValueError(f"task {self.name!r}: `data` (a JSONL file) is required")
+        elif self.lm_eval is not None:
+            raise ValueError(f"task {self.name!r}: lm_eval tasks have type lm_eval, not {self.type}")
+        return self
+
+    @field_validator("limit", "max_tokens", "test_limit")
     @classmethod
     def _positive(cls, v):
         if v is not None and v < 1:
@@ -256,6 +284,8 @@ def _check_files(cfg: SearchConfig) -> None:
         if not (q / "config.json").is_file():
             raise SearchConfigError(f"sources.{name}: no checkpoint at {q} (config.json not found)")
     for i, t in enumerate(cfg.tasks):
+        if t.include_path is not None and not cfg.path(t.include_path).is_dir():
+            raise SearchConfigError(f"tasks[{i}].include_path: folder {cfg.path(t.include_path)} not found")
         for f in ("data", "test_data"):
             p = getattr(t, f)
             if p is None:

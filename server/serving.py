@@ -55,6 +55,7 @@ class RowOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
+    eos_token: int | None = None  # the EOS token that ended the row (scored with `logprobs`, as vLLM does)
 
 
 def _stops(stop) -> tuple[str, ...]:
@@ -85,8 +86,10 @@ class MergeServing:
         from .arena import Arena
         from .compare import Comparison
         from .completions import OpenAIEndpoints
+        from .tokenizer import TokenizerEndpoints
 
         self.arena = Arena(self)
+        self.tokenizers = TokenizerEndpoints(self)
         self.comparison = Comparison(self)
         self.openai = OpenAIEndpoints(self)
 
@@ -167,7 +170,8 @@ class MergeServing:
             raise bad_request(f"token ids must be in [0, {vocab})", param=param)
         return ids
 
-    def sampling(self, max_tokens: int, temperature: float, top_p: float, seed, stop, rows: int) -> list:
+    def sampling(self, max_tokens: int, temperature: float, top_p: float, seed, stop, rows: int,
+                 logprobs: int | None = None) -> list:
         from lazymerge.engine import SamplingParams
 
         if max_tokens > self.config.max_tokens:
@@ -178,7 +182,8 @@ class MergeServing:
                               f"{self.config.max_batch_size}", param="n")
         stops = _stops(stop)
         return [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                               seed=None if seed is None else seed + i, stop=stops) for i in range(rows)]
+                               seed=None if seed is None else seed + i, stop=stops, logprobs=logprobs)
+                for i in range(rows)]
 
     @staticmethod
     def unsupported(req) -> None:
@@ -238,6 +243,8 @@ class MergeServing:
                 o.token_ids += d.token_ids
                 if d.finish_reason:
                     o.finish_reason = d.finish_reason
+                if d.eos_token is not None:
+                    o.eos_token = d.eos_token
         return out, ttft
 
     async def score(self, label: str, model, seqs: list[list[int]], top_k: int) -> list:
