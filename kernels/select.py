@@ -36,6 +36,7 @@ import torch
 from .rng import MAX_INDEX
 
 CHUNK = 1 << 16  # elements per step of the PyTorch passes (~10 temporaries of 256 KB: they stay in L2)
+COLLECT_MAX = 1 << 18  # a cut's first-digit bucket up to this many elements is finished in one collecting pass
 DIGITS_CPU = (16, 16)
 DIGITS_GPU = (11, 11, 10)
 
@@ -68,6 +69,26 @@ def histogram(base: torch.Tensor | None, x: torch.Tensor, prefix: int, prefix_sh
                 continue
         out += torch.bincount((bits >> shift) & (nbins - 1), minlength=nbins)
     return out
+
+
+def collect_bucket(base: torch.Tensor | None, x: torch.Tensor, digit: int, shift: int) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+    """(bit patterns, flat indices) of the elements whose bits >> shift == digit, in index order (one pass; the
+    result has the bucket's size, which the caller bounds by COLLECT_MAX from the first histogram)."""
+    fx = x.reshape(-1)
+    fb = base.reshape(-1) if base is not None else None
+    vals, idx = [], []
+    for s in range(0, fx.numel(), CHUNK):
+        e = min(fx.numel(), s + CHUNK)
+        bits = abs_delta_bits(None if fb is None else fb[s:e], fx[s:e])
+        sel = (bits >> shift) == digit
+        pos = sel.nonzero().reshape(-1)
+        if pos.numel():
+            vals.append(bits[pos])
+            idx.append(pos + s)
+    if not vals:
+        return torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int64)
+    return torch.cat(vals), torch.cat(idx)
 
 
 def nth_equal_index(base: torch.Tensor | None, x: torch.Tensor, bits_value: int, m: int) -> int:
@@ -127,6 +148,19 @@ def topk_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, top: torch.Tensor 
             continue
         prefix, done, r = 0, 0, k  # digits fixed so far (as an int, `done` bits), elements still to take
         counts = None
+        if top is not None and x.device.type == "cpu":  # small bucket: finish in one collecting pass
+            t0 = top.long()
+            at_or_above = t0.flip(0).cumsum(0).flip(0)
+            digit = int((at_or_above >= r).nonzero()[-1, 0])
+            if int(t0[digit]) <= COLLECT_MAX:
+                r -= int(at_or_above[digit]) - int(t0[digit])
+                vals, idx = collect_bucket(base, x, digit, 32 - digits[0])
+                order = torch.sort(vals, descending=True, stable=True).indices  # ties: lower index first
+                vals, idx = vals[order], idx[order]
+                tb = int(vals[r - 1])
+                straddles = r < vals.numel() and int(vals[r]) == tb
+                out.append((bits_to_float(tb), int(idx[r - 1]) if straddles else MAX_INDEX))
+                continue
         for level, nd in enumerate(digits):
             shift = 32 - done - nd
             if level == 0:

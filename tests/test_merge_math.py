@@ -314,3 +314,14 @@ def test_gradient_and_filter_parameters(fam):
     assert w("model.layers.2.self_attn.k_proj.weight") == (1.0, 1.0)
     assert w("model.embed_tokens.weight") == (0.0, 0.25)  # non-layer tensors take the first value
     assert w("lm_head.weight") == (0.0, 0.25)
+
+
+def test_della_keeps_no_per_element_statistic(fam):
+    """DELLA's per-row ranks are formed inside the merge pass: nothing of the tensor's size stays in the merger."""
+    S = SourceSet.open(fam)
+    M = Merger(S)
+    plan = compile_plan(gta_recipe("della", [{"density": 0.5, "epsilon": 0.1}, {"density": 0.6, "epsilon": 0.1}]), S)
+    for name in TENSORS:
+        M.merge(plan.tensors[name])
+    assert M.stats.bytes == 0 and not M.stats.data
+    assert all(aux is None for _, aux in M.specs.data.values())

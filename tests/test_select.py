@@ -45,12 +45,18 @@ def _ks(n: int, x: torch.Tensor, base) -> list[int]:
     return sorted({0, 1, 2, n // 7, n // 3, n // 2, n - 1, n, n + 3, *edges})
 
 
+@pytest.mark.parametrize("path", ["histograms", "kept_first_histogram_collect", "kept_first_histogram_refine"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cuts_equal_the_sorted_reference(kind):
+def test_cuts_equal_the_sorted_reference(kind, path, monkeypatch):
+    """Every route: two histogram levels + tie pass; a kept first histogram with the cut's bucket collected in one
+    pass; a kept first histogram whose bucket is too large to collect (refined by histograms)."""
     base, x = _inputs(kind)
     n = x.numel()
     ks = _ks(n, x, base)
-    got = select.topk_cuts(base, x, ks)
+    top = None if path == "histograms" else select.first_histogram(base, x)
+    if path.endswith("refine"):
+        monkeypatch.setattr(select, "COLLECT_MAX", 0)
+    got = select.topk_cuts(base, x, ks, top=top)
     for k, cut in zip(ks, got):
         assert cut == select.topk_cut_reference(base, x, k), f"k={k}"
 
