@@ -345,6 +345,7 @@ def main(argv=None) -> int:
             for part in args.parts:
                 print(f"[bench_scale] {m}: {part}", file=sys.stderr, flush=True)
                 results[m][part] = run_child(part, root, m, args.repeats, args.timeout)
+                print(json.dumps({"method": m, "part": part, **results[m][part]}), file=sys.stderr, flush=True)
     finally:
         if made and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
