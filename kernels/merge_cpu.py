@@ -49,8 +49,30 @@ def cache_dir() -> Path:
     one subdirectory per (torch version, source of this file)."""
     root = os.environ.get("LAZYMERGE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lazymerge")
-    code = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
-    return Path(root) / f"merge_cpu-torch{torch.__version__}-{code}"
+    return Path(root) / f"merge_cpu-torch{torch.__version__}-{_code_hash()}"
+
+
+def _code_hash() -> str:
+    """Hash of the source of what is compiled (not of the loading code): a package stays valid until that changes."""
+    import inspect
+
+    src = "".join(inspect.getsource(f) for f in (_mix, _keep, _delta, _l1, _DeltaModule, _L1Module))
+    return hashlib.sha1(src.encode()).hexdigest()[:12]
+
+
+def _load(path: Path):
+    """A callable over a compiled package: AOTInductor's C++ loader (milliseconds, no Inductor import), else
+    torch._inductor's loader."""
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    except (AttributeError, RuntimeError, TypeError):
+        return torch._inductor.aoti_load_package(str(path))
+
+    def run(*args):
+        out = loader.run(list(args))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    return run
 
 
 def _mix(x):
@@ -163,7 +185,7 @@ def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: in
                 torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
                 os.replace(tmp, path)
                 print(f"lazymerge: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-            fn = torch._inductor.aoti_load_package(str(path))
+            fn = _load(path)
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the eager reference
             warnings.warn(f"lazymerge: the fused CPU merge could not be compiled ({type(e).__name__}: {e}); "
                           f"using the eager reference", stacklevel=3)
