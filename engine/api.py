@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import threads as _threads
 from .generate import Completion, SamplingParams, UsageError
 from .generate import generate as _generate
 from .generate import stream as _stream
@@ -36,7 +37,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class Engine:
     def __init__(self, sources: dict[str, str | Path] | SourceSet | None = None, *, device: str = "cpu",
                  policy: str = "cached", cache_bytes: int = 1 << 30, dtype: str | None = None,
-                 allow_open: bool = True, stats_bytes: int = 4 << 30, cpu_fused: bool | None = None):
+                 allow_open: bool = True, stats_bytes: int = 4 << 30, cpu_fused: bool | None = None,
+                 threads: int | None = None):
+        # torch threads: `threads` if given, else (once per process) the CPUs this process may use (engine/threads.py)
+        if threads is not None or _threads.configured() is None:
+            _threads.configure(threads)
         if isinstance(sources, SourceSet):
             self.sources = sources
         else:

@@ -73,7 +73,8 @@ class WeightProvider:
             return torch.nn.functional.linear(x, self.weight(w), bias)
         from lazymerge.kernels.linear import merged_linear
 
-        spec, aux = self.merger.spec(w)
+        spec, _ = self.merger.spec(w)
+        aux = self.merger.aux(w, spec)
         base = self.merger.store.get(w.base) if w.base is not None else None
         xs = [self.merger.store.get(r) for r in w.inputs]
         key = (tuple(w.shape), x.dtype)

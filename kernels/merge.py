@@ -23,6 +23,8 @@ Contract (the reference below is the CPU path and the oracle of the Triton kerne
               (TIES: the top-k set; breadcrumbs: top-(k_in) minus top-(k_out); ties at the cut go to lower j)
       random: keep = u_i(j) < densities[i]                  (kernels.rng, keys[i])
       della:  keep = u_i(j) < (densities[i] - eps[i]) + aux[i][j] * (2 * eps[i])   (aux: per-row rank in [0,1])
+              aux[i] = row_ranks(|d_i|) of the rows (dim 0; a 1-D tensor is one row): given by the caller, or,
+              when `aux` is None on the CPU, computed here row block by row block (no O(numel) statistic)
       vartopk (sce): keep = in(t_in[0], c_in[0]) on v = the variance over i of d_i (float64 Welford, then float32),
               one mask for every source; with `consensus_raw` the sign election and the counts use d_i * k_i
               (unweighted), and the normalizing divisor is max(div, div_min)
@@ -152,6 +154,52 @@ def _ram_parts(b, xs, spec):
     return parts
 
 
+def row_view(shape) -> tuple[int, int]:
+    """(rows, row width) of DELLA's rank rows: dim 0 of a tensor, a 1-D tensor being one row."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if len(shape) < 2:
+        return (1, numel)
+    return (shape[0], numel // shape[0] if shape[0] else 0)
+
+
+def row_ranks(a2: torch.Tensor) -> torch.Tensor:
+    """float32 (R, W) rank of each element of `a2` (R, W) within its row, ascending, stable (ties by position),
+    divided by W - 1 (0 if W == 1): DELLA's magnitude-rank probabilities (mergekit sparsify.py della_magprune)."""
+    order = torch.argsort(a2, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(a2.shape[1], device=a2.device).expand_as(order))
+    w = a2.shape[1]
+    return ranks.float() / (w - 1) if w > 1 else torch.zeros(a2.shape, device=a2.device)
+
+
+def della_step(shape, chunk: int) -> tuple[int, int]:
+    """(step, width): chunk size in elements made of whole rank rows (>= one row), and the row width."""
+    width = max(1, row_view(shape)[1])
+    return max(1, chunk // width) * width, width
+
+
+def l1_sums(base: torch.Tensor, x: torch.Tensor, spec: MergeSpec, i: int,
+            aux_i: torch.Tensor | None = None) -> tuple[float, float]:
+    """(sum |d|, sum |d * keep_i|) in float64 over one chunked pass, d = x - base (the L1 rescale's norms);
+    DELLA ranks come from `aux_i` or are computed per row block."""
+    b, xx = base.reshape(-1), x.reshape(-1)
+    a = aux_i.reshape(-1) if aux_i is not None else None
+    step, width = della_step(x.shape, CHUNK) if spec.keep == "della" else (CHUNK, 0)
+    before = after = 0.0
+    for s in range(0, b.numel(), step):
+        e = min(b.numel(), s + step)
+        d = xx[s:e].float() - b[s:e].float()
+        ai = a[s:e] if a is not None else None
+        if spec.keep == "della" and ai is None:
+            ai = row_ranks(d.abs().view(-1, width)).view(-1)
+        k = keep_mask(spec, i, d, torch.arange(s, e, device=d.device), ai)
+        before += float(d.abs().sum(dtype=torch.float64))
+        after += float((d * k).abs().sum(dtype=torch.float64)) if k is not None else float(d.abs().sum())
+    return before, after
+
+
 def _delta_chunk(base, xs, spec, idx, auxs):
     b = base.float()
     parts, raw = [], []
@@ -235,8 +283,10 @@ def merge_reference(base: torch.Tensor | None, sources: list[torch.Tensor], spec
     flat_aux = [a.reshape(-1) for a in aux] if aux is not None else None
     flat_idx = index.reshape(-1) if index is not None else None
     res = out.view(-1) if out is not None else torch.empty(numel, dtype=torch.float32, device=sources[0].device)
-    for s in range(0, numel, CHUNK):
-        e = min(numel, s + CHUNK)
+    ranks_here = spec.mode == "delta" and spec.keep == "della" and aux is None
+    step, width = della_step(shape, CHUNK) if ranks_here else (CHUNK, 0)
+    for s in range(0, numel, step):
+        e = min(numel, s + step)
         xs = [f[s:e] for f in flat_src]
         idx = None
         if spec.needs_index:
@@ -249,6 +299,9 @@ def merge_reference(base: torch.Tensor | None, sources: list[torch.Tensor], spec
         elif spec.mode == "nearswap":
             r = _nearswap_chunk(flat_base[s:e], xs[0], spec.t)
         else:
+            if ranks_here:
+                b = flat_base[s:e].float()
+                auxs = [row_ranks((x.float() - b).abs_().view(-1, width)).view(-1) for x in xs]
             r = _delta_chunk(flat_base[s:e], xs, spec, idx, auxs)
         res[s:e] = r
     return res.view(shape) if out is None else out
@@ -256,13 +309,16 @@ def merge_reference(base: torch.Tensor | None, sources: list[torch.Tensor], spec
 
 def merge(base, sources, spec, aux=None, index=None, out=None, cpu_fused: bool | None = None):
     """Dispatch: CUDA tensors -> Triton kernel (unless forced to the reference); CPU tensors -> the fused CPU merge
-    when `cpu_fused` (default: LAZYMERGE_CPU_FUSED) and the spec sparsifies, else the reference."""
+    (kernels/merge_cpu.py; default on, `cpu_fused=False` or LAZYMERGE_CPU_FUSED=0: the reference) for whole tensors
+    of the delta family, else the reference."""
     from . import dispatch, merge_cpu
 
     fused = merge_cpu.enabled() if cpu_fused is None else cpu_fused
-    if (fused and spec.mode == "delta" and spec.keep != "all" and not spec.row_layout and index is None and out is None
-            and sources and sources[0].device.type == "cpu" and not dispatch.use_triton(sources[0])):
-        return merge_cpu.merge_delta_fused(base, sources, spec, aux=aux)
+    if (fused and spec.mode == "delta" and not spec.row_layout and index is None and out is None and sources
+            and sources[0].device.type == "cpu" and not dispatch.use_triton(sources[0])):
+        r = merge_cpu.merge_delta_fused(base, sources, spec, aux=aux)  # None: a spec the fused loop does not take
+        if r is not None:
+            return r
     if dispatch.use_triton(sources[0]):
         from .merge_triton import merge_triton  # noqa: PLC0415  (GPU path, optional)
 

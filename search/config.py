@@ -202,7 +202,8 @@ class CMAConfig(_Frozen):
 
 class RuntimeConfig(_Frozen):
     workers: int = 1
-    threads: int = Field(1, description="torch threads per worker")
+    threads: int | None = Field(None, description="torch threads per worker (default: the CPUs this process may "
+                                "use divided by workers; never more than fit)")
     backend: Literal["local", "ray"] = "local"
     start_method: Literal["spawn", "forkserver", "fork"] = Field("spawn", description="how local worker processes "
                                                                  "start (fork is faster, spawn the safest)")
@@ -211,14 +212,14 @@ class RuntimeConfig(_Frozen):
     device: str = "cpu"
     cache_factor: float = Field(1.3, description="merged-weight cache per worker, in units of one model's size")
     batch_size: int = Field(128, description="prompts per generate call")
-    cpu_fused: bool = Field(False, description="compile the CPU merge into one fused loop (kernels/merge_cpu.py): "
-                            "7-16x faster merges of sparsified methods, after tens of seconds of compilation")
+    cpu_fused: bool | None = Field(None, description="the fused compiled CPU merge (kernels/merge_cpu.py; default: "
+                                   "on, compiled once per machine); false: the eager reference (debugging)")
 
     @model_validator(mode="after")
     def _check(self):
         if self.workers < 1:
             raise ValueError("workers: must be >= 1")
-        if self.threads < 1:
+        if self.threads is not None and self.threads < 1:
             raise ValueError("threads: must be >= 1")
         if self.batch_size < 1:
             raise ValueError("batch_size: must be >= 1")

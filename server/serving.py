@@ -44,7 +44,7 @@ class ServerConfig:
     max_logprobs: int = 20
     default_chat_max_tokens: int = 128
     batch_window_s: float = 0.002  # an idle worker waits this long for simultaneous requests to batch
-    num_threads: int | None = None  # torch intra-op threads (None: torch's default)
+    num_threads: int | None = None  # torch intra-op threads (None: the CPUs this process may use, engine/threads.py)
     cpu_fused: bool | None = None  # the compiled CPU merge (kernels/merge_cpu.py); None: the engine's default
     examples: list[str] = field(default_factory=list)  # example prompts the A/B page offers (the demo's held-out)
     featured: tuple[str, str] | None = None  # the two recipes the A/B page opens on
@@ -94,10 +94,9 @@ class MergeServing:
         self.openai = OpenAIEndpoints(self)
 
     def start(self) -> None:
-        if self.config.num_threads:
-            import torch
+        from lazymerge.engine.threads import configure
 
-            torch.set_num_threads(self.config.num_threads)
+        configure(self.config.num_threads)  # None: the CPUs this process may use (engine/threads.py)
         self.scheduler.start()
 
     def close(self) -> None:

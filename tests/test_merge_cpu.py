@@ -52,3 +52,26 @@ def test_fused_l1_sums_equal_eager():
     before, after = merge_cpu.l1_sums_fused(b, x, spec, 0)
     assert abs(before - float(d.abs().double().sum())) < 1e-9 * before + 1e-6
     assert abs(after - float((d * k).abs().double().sum())) < 1e-9 * after + 1e-6
+
+
+def test_della_ranks_in_the_pass_equal_given_ranks():
+    """Without `aux`, the reference and the fused merge form DELLA's per-row ranks per block of rows: the same merge
+    as with the whole tensor's ranks given (what the GPU kernel reads)."""
+    from lazymerge.kernels.merge import row_ranks
+
+    g = torch.Generator().manual_seed(2)
+    rows, width = 37, 1_111  # blocks of whole rows that do not divide the tensor
+    b = torch.randn(rows, width, generator=g)
+    xs = [(b + 0.01 * torch.randn(rows, width, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    aux = [row_ranks((x.float() - b).abs()) for x in xs]
+    spec = SPECS["della_linear"]
+    want = merge_reference(b, xs, spec, aux=aux)
+    assert torch.equal(merge_reference(b, xs, spec), want)
+    got = merge_cpu.merge_delta_fused(b, xs, spec)
+    assert got is not None and torch.equal(got, want)
+
+
+def test_compiled_programs_are_cached_on_disk():
+    """A structure is compiled once per machine: its package is on disk, named by the structure."""
+    files = [p.name for p in merge_cpu.cache_dir().glob("*.pt2")]
+    assert any(f.startswith("delta-topk-1-1-3-") for f in files), files

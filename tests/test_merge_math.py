@@ -281,14 +281,23 @@ def test_dare_masks_identical_across_runs_orders_and_dtypes(families):
     assert not torch.equal(keep_mask(spec2, 1, d, torch.arange(d.numel()).reshape(d.shape), None), masks[0][name_a])
 
 
-def test_magnitude_order_is_reused_across_densities(fam):
+def test_cut_statistics_are_reused_and_flat_in_size(fam, monkeypatch):
+    """A new density reuses the first-digit histogram of each (source, tensor); what the merger keeps per tensor is
+    O(1) in its size (a fixed-size histogram), never the O(elements) magnitude order."""
+    from lazymerge.engine import merger as merger_mod
+
+    monkeypatch.setattr(merger_mod, "KEEP_HISTOGRAM_FROM", 1)  # the toy tensors are small: keep them all
     S = SourceSet.open(fam)
     M = Merger(S)
-    name = TENSORS[0]
+    names = [n for n in TENSORS if S["base"].get(n).numel() > 1]
     for dens in (0.2, 0.4, 0.6, 0.8):
-        M.merge(compile_plan(gta_recipe("ties", [{"density": dens}, {"density": dens}]), S).tensors[name])
-    orders = [k for k in M.stats.data if k[0] == "order"]
-    assert len(orders) == 2  # one sort per (source, tensor), not per density
+        plan = compile_plan(gta_recipe("ties", [{"density": dens}, {"density": dens}]), S)
+        for name in names:
+            M.merge(plan.tensors[name])
+    tops = [k for k in M.stats.data if k[0] == "top"]
+    assert len(tops) == 2 * len(names)  # one histogram per (source, tensor), not per density
+    assert M.stats.hits == 3 * len(tops)
+    assert M.stats.bytes == len(tops) * (1 << 15) * 4  # 128 KiB each, whatever the tensor's size
 
 
 def test_gradient_and_filter_parameters(fam):
@@ -481,3 +490,13 @@ def test_new_methods_validate_like_mergekit(recipe, match):
         load_recipe(recipe)
     # ram's epsilon is a threshold, not della's (density +/- epsilon) one: any value is accepted
     load_recipe({"merge_method": "ram", "base_model": "b", "models": [{"model": "a"}], "parameters": {"epsilon": 0.7}})
+
+def test_della_keeps_no_per_element_statistic(fam):
+    """DELLA's per-row ranks are formed inside the merge pass: nothing of the tensor's size stays in the merger."""
+    S = SourceSet.open(fam)
+    M = Merger(S)
+    plan = compile_plan(gta_recipe("della", [{"density": 0.5, "epsilon": 0.1}, {"density": 0.6, "epsilon": 0.1}]), S)
+    for name in TENSORS:
+        M.merge(plan.tensors[name])
+    assert M.stats.bytes == 0 and not M.stats.data
+    assert all(aux is None for _, aux in M.specs.data.values())
