@@ -7,6 +7,8 @@ x: (..., K); base, sources[i], aux[i]: (N, K); y: (..., N) in x's dtype, the mer
 
 * M (tokens) <= FUSED_MAX_TOKENS, on the Triton backend: `merge_matmul_triton`; the weights are streamed once and
   the merged tile lives only in registers (decode: time = reading the n + 1 weights).
+* a merge for which no fused tile fits the GPU's shared memory (`merge_matmul.NoFittingConfig`: e.g. float32 with
+  many sources on a GPU with less than Hopper's 227 KiB) takes the buffer path below at any M.
 * otherwise: `merge.merge` writes the merged weight in x's dtype into `out_buffer` (an (N, K) tensor reused across
   layers of one shape; allocated if None), then one cuBLAS matmul (prefill: the merge is amortized over M rows).
 """
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .merge import MergeSpec, merge
-from .merge_matmul import merge_matmul_reference, merge_matmul_triton
+from .merge_matmul import NoFittingConfig, merge_matmul_reference, merge_matmul_triton
 
 # Crossover token count between the two paths. It should come from GPU measurements (kernels/bench_kernels.py:
 # the "layer" rows, fused vs buffer at each M); none were available when this was written, so 16 is a reasoned
@@ -39,7 +41,10 @@ def merged_linear(x: torch.Tensor, base: torch.Tensor | None, sources: list[torc
                   out_buffer: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ merge(base, sources; spec).T (+ bias), by the cheaper path for x's token count."""
     if use_fused(x):
-        return merge_matmul_triton(x, base, sources, spec, aux=aux, bias=bias)
+        try:
+            return merge_matmul_triton(x, base, sources, spec, aux=aux, bias=bias)
+        except NoFittingConfig:
+            pass  # nothing launched: the buffer path below
     if not dispatch.use_triton(x):
         return merge_matmul_reference(x, base, sources, spec, aux=aux, bias=bias)
     shape = sources[0].shape  # (N, K)
