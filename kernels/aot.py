@@ -16,7 +16,8 @@ for the device's target is the one a launch there finds in Triton's cache (`--ar
 What is compiled, per tier (the merge specs come from the `KEEP_CODES` table: every keep rule x consensus x
 normalize, and combine with and without a divisor; compute dtype x storage dtype over float32/bfloat16/float16):
 * quick: the fixed configs (LAZYMERGE_AUTOTUNE=0) at the heaviest spec (DELLA with consensus: 2n + 2 loaded tiles)
-  and MAX_SOURCES sources, for (float32, float32) and (bfloat16, bfloat16); ~1-3 min on one core.
+  and MAX_SOURCES sources, for (float32, float32) and (bfloat16, bfloat16), merging into float32: 4 binaries,
+  ~2 min on 2 busy cores with a cold Triton cache, seconds with a warm one.
 * worst: every config of both launchers (autotuned and fixed), at the heaviest spec and MAX_SOURCES, for every
   (compute, storage) dtype pair, the elementwise merge also with gathered rows (`index`). Shared memory only
   grows with the tiles loaded, so this bounds every lighter spec (registers: see `full`).
@@ -213,7 +214,7 @@ def _record(call, autotune: bool) -> _Launch:
     raise RuntimeError("the launcher returned without launching a kernel")
 
 
-def _launches(spec: MergeSpec, x_dtype, w_dtype, paths, ms, with_index=False):
+def _launches(spec: MergeSpec, x_dtype, w_dtype, paths, ms, with_index=False, outs=None):
     """Recorded launches of both launchers for one spec and dtype pair (meta tensors of a 7B-like 4096 x 4096)."""
     from .merge_matmul import merge_matmul_triton
     from .merge_triton import merge_triton
@@ -229,7 +230,7 @@ def _launches(spec: MergeSpec, x_dtype, w_dtype, paths, ms, with_index=False):
     tag = f"{spec.mode}/{spec.keep}/c{int(spec.consensus)}n{int(spec.normalize)} n={n}"
     out = []
     for autotune in paths:
-        for out_dtype in sorted({torch.float32, x_dtype}, key=str):  # merge into float32, or the compute dtype
+        for out_dtype in outs or sorted({torch.float32, x_dtype}, key=str):  # into float32 or the compute dtype
             o = torch.empty((N, K), dtype=out_dtype, device=dev)
             for idx in (None, index) if with_index else (None,):  # embedding rows: gathered, with flat indices
                 launch = _record(lambda: merge_triton(b, xs, spec, aux=a, index=idx, out=o), autotune)
@@ -250,14 +251,17 @@ def variants(tier: str = "quick", arch: int = 90) -> list[Variant]:
 
     target = GPUTarget("cuda", arch, 32)
     worst = heaviest_spec(MAX_SOURCES)
-    plan = []  # (spec, x dtype, storage dtype, autotune paths, token counts)
+    plan = []  # (spec, x dtype, storage dtype, autotune paths, token counts, gathered rows too)
+    outs = None  # merge output dtypes: float32 and the compute dtype
     if tier == "quick":
         plan += [(worst, torch.float32, torch.float32, (False,), (1,), False),
                  (worst, torch.bfloat16, torch.bfloat16, (False,), (1,), False)]
+        outs = (torch.float32,)
     elif tier in ("worst", "full"):
-        for xd in DTYPES.values():
-            for wd in DTYPES.values():
-                plan.append((worst, xd, wd, (True, False), (1, 64), True))
+        pairs = [(d, d) for d in DTYPES.values()] + [(torch.float32, torch.bfloat16)]  # the common ones first
+        pairs += [(xd, wd) for xd in DTYPES.values() for wd in DTYPES.values() if (xd, wd) not in pairs]
+        for xd, wd in pairs:
+            plan.append((worst, xd, wd, (True, False), (1, 64), True))
         if tier == "full":
             for d in (torch.bfloat16, torch.float32):
                 for n in (1, MAX_SOURCES):
@@ -266,7 +270,7 @@ def variants(tier: str = "quick", arch: int = 90) -> list[Variant]:
         raise ValueError(f"unknown tier {tier!r}; known: quick, worst, full")
     seen, out = set(), []
     for spec, xd, wd, paths, ms, with_index in plan:
-        for launch, label in _launches(spec, xd, wd, paths, ms, with_index):
+        for launch, label in _launches(spec, xd, wd, paths, ms, with_index, outs):
             f = spec_flags(spec)
             meta = dict(x_bytes=xd.itemsize, w_bytes=wd.itemsize, loads=len(tile_tensor_bytes(f, 4, 4)))
             for v in _variants_of(launch, label, target, meta):
@@ -332,8 +336,7 @@ def _compile_one(args):
 
 
 def compile_all(vs: list[Variant], arch: int = 90, jobs: int = 1, progress=None) -> list[dict]:
-    """compile_variant over `vs`, in `jobs` processes (spawned: safe beside a CUDA context); errors are returned as
-    {"error": ...} rows."""
+    """compile_variant over `vs`, in `jobs` processes; errors are returned as {"error": ...} rows."""
     if jobs <= 1:
         rows = []
         for v in vs:
@@ -341,7 +344,9 @@ def compile_all(vs: list[Variant], arch: int = 90, jobs: int = 1, progress=None)
             if progress:
                 progress(rows[-1])
         return rows
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+    # fork is cheap (no re-import); after CUDA was initialized only spawn is safe
+    method = "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method)) as ex:
         rows = []
         for r in ex.map(_compile_one, [(v, arch) for v in vs]):
             rows.append(r)
@@ -400,9 +405,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-stack", type=int, default=int(os.environ.get("LAZYMERGE_AOT_MAX_STACK", "0")),
                     help="spill bound: local (stack) bytes per thread allowed")
     ap.add_argument("--json", help="write every row here")
+    ap.add_argument("--only", help="compile only the kernels whose name contains this (e.g. merge_matmul)")
     ap.add_argument("--list", action="store_true", help="list the variants, compile nothing")
     a = ap.parse_args(argv)
     vs = variants(a.tier, a.arch)
+    if a.only:
+        vs = [v for v in vs if a.only in v.kernel.split(":")[1]]
     if a.list:
         for v in vs:
             print(v.label)

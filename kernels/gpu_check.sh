@@ -66,7 +66,7 @@ case "$STAGE" in
     LOG=$OUT/correct.log
     env_report > "$LOG"
     # fixed configs (one binary per variant); the autotuned launches are stage 3
-    LAZYMERGE_AUTOTUNE=0 timeout 220 "$PY" -m pytest -rs -p no:cacheprovider $(xdist $(( NPROC > 12 ? 12 : NPROC ))) \
+    LAZYMERGE_AUTOTUNE=0 timeout 220 "$PY" -m pytest -rs -p no:cacheprovider $(xdist $(( NPROC > 16 ? 16 : NPROC ))) --durations=15 \
       -k "not autotune" "$REPO/tests/test_kernels.py" "$REPO/tests/test_cuda_engine.py" 2>&1 | tee -a "$LOG"
     echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
     finish "$LOG" ;;

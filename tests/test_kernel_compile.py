@@ -93,6 +93,8 @@ def test_no_fitting_config_falls_back_to_buffer_path(monkeypatch):
     with pytest.raises(kmm.NoFittingConfig):
         kmm._fixed_config(1, named, flags)
 
+    from triton.runtime.errors import OutOfResources
+
     from lazymerge.kernels import linear as kl
 
     calls = []
@@ -100,6 +102,10 @@ def test_no_fitting_config_falls_back_to_buffer_path(monkeypatch):
     def no_fit(*a, **k):
         calls.append("fused")
         raise kmm.NoFittingConfig("test")
+
+    def refused(*a, **k):  # what triton raises at launch when a binary exceeds the device (nothing ran)
+        calls.append("fused")
+        raise OutOfResources(300000, 232448, "shared memory")
 
     def merge_into(base, sources, spec, aux=None, out=None):
         calls.append("buffer")
@@ -112,6 +118,10 @@ def test_no_fitting_config_falls_back_to_buffer_path(monkeypatch):
     x = torch.ones(1, 4)
     y = kl.merged_linear(x, torch.zeros(3, 4), [torch.zeros(3, 4)], MergeSpec("combine", coeffs=(1.0,)))
     assert calls == ["fused", "buffer"] and torch.equal(y, torch.full((1, 3), 4.0))
+    monkeypatch.setattr(kl, "merge_matmul_triton", refused)
+    with pytest.warns(UserWarning, match="merging into a buffer"):
+        y = kl.merged_linear(x, torch.zeros(3, 4), [torch.zeros(3, 4)], MergeSpec("combine", coeffs=(1.0,)))
+    assert calls[2:] == ["fused", "buffer"] and torch.equal(y, torch.full((1, 3), 4.0))
 
 
 def test_variants_come_from_the_launchers():
