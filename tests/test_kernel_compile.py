@@ -157,3 +157,19 @@ def test_every_variant_compiles_and_fits_sm90(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     kernels = {row["kernel"].split(":")[1] for row in rep["rows"]}
     assert kernels == {"_merge_kernel", "_merge_matmul_kernel"}
+
+
+def test_warm_compiles_the_launch_binaries_into_the_cache():
+    """`aot.warm` (used on the GPU before autotuned launches) records a launcher call and compiles its binary; the
+    elementwise merge of the quick tier, so a warm Triton cache answers at once."""
+    if aot.missing_tools(90):
+        pytest.skip(f"Triton's bundled CUDA tools are missing: {aot.missing_tools(90)}")
+    from lazymerge.kernels.merge_triton import merge_triton
+
+    spec = aot.heaviest_spec(MAX_SOURCES)
+    t = [torch.empty((4096, 4096), dtype=torch.bfloat16, device="meta") for _ in range(MAX_SOURCES + 1)]
+    aux = [torch.empty((4096, 4096), dtype=torch.float32, device="meta") for _ in range(MAX_SOURCES)]
+    out = torch.empty((4096, 4096), dtype=torch.float32, device="meta")
+    rows = aot.warm([lambda: merge_triton(t[0], t[1:], spec, aux=aux, out=out)], autotune=False, arch=90, jobs=1)
+    assert len(rows) == 1 and "error" not in rows[0], rows
+    assert rows[0]["kernel"].endswith(":_merge_kernel") and rows[0]["shared"] <= aot.H200_SHARED_LIMIT
