@@ -402,7 +402,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tier", default="quick", choices=["quick", "worst", "full"])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--max-stack", type=int, default=int(os.environ.get("LAZYMERGE_AOT_MAX_STACK", "0")),
+    ap.add_argument("--max-stack", type=int, default=int(os.environ.get("LAZYMERGE_AOT_MAX_STACK", "64")),
                     help="spill bound: local (stack) bytes per thread allowed")
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--only", help="compile only the kernels whose name contains this (e.g. merge_matmul)")

@@ -144,13 +144,14 @@ def shared_bytes(cfg: dict, flags: dict, x_bytes: int, w_bytes: int, aux_bytes: 
     (BLOCK_M, BLOCK_N, BLOCK_K, num_stages) for a spec's constexpr `flags`.
 
     Triton's software pipeliner keeps num_stages - 1 copies of every tile the K loop loads (x: BLOCK_M x BLOCK_K,
-    each weight-shaped tensor: BLOCK_N x BLOCK_K) in shared memory, plus one scratch of the dot operands in x's
-    dtype for the layout change. Read off the sm_90 compiler's reports (triton 3.9); `tests/test_kernel_compile.py`
-    checks it against the compiled binaries (estimate >= actual)."""
+    each weight-shaped tensor: BLOCK_N x BLOCK_K) in shared memory, plus a scratch of the dot operands for the
+    layout change, counted at 4 bytes per element (bf16 one-stage tiles use that much). Read off the sm_90
+    compiler's reports (triton 3.9 and 3.6); `kernels/aot.check` (tests/test_kernel_compile.py) checks it against
+    the compiled binaries (estimate >= actual)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     sizes = tile_tensor_bytes(flags, x_bytes, w_bytes, aux_bytes)
     per_stage = bm * bk * sizes[0] + sum(bn * bk * b for b in sizes[1:])
-    return max(cfg.get("num_stages", 1) - 1, 0) * per_stage + (bm + bn) * bk * x_bytes
+    return max(cfg.get("num_stages", 1) - 1, 0) * per_stage + (bm + bn) * bk * max(x_bytes, 4)
 
 
 _LIMITS: dict = {}
