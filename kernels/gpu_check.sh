@@ -33,6 +33,7 @@ if ! "$PY" -c "import pydantic" 2>/dev/null && ls "$REPO"/.whl/*.whl >/dev/null 
 fi
 
 SHIM=$(mktemp -d)
+trap 'rm -rf "$SHIM"' EXIT
 mkdir -p "$SHIM/lazymerge"
 for f in "$REPO"/lazymerge/*; do ln -s "$f" "$SHIM/lazymerge/$(basename "$f")"; done
 for sub in engine kernels server search demo; do
