@@ -459,13 +459,20 @@ def test_cuda_merge_large(mode):
 
 
 @gpu
-@pytest.mark.parametrize("autotune", ["0", "1"])
+@pytest.mark.parametrize("autotune", ["0", "1"], ids=["fixed", "autotune"])
 @pytest.mark.parametrize("M", [1, 16, 17, 300])
 def test_cuda_merge_matmul_large(M, autotune, monkeypatch):
     monkeypatch.setenv("LAZYMERGE_AUTOTUNE", autotune)
     N, K = 1536, 4096
     base, xs = make_inputs((N, K), 3, torch.bfloat16, seed=M)
     spec, srcs, aux = build("dare_ties", base, xs)
+    if autotune == "1":  # compile the autotuner's configs in parallel first (it compiles them one by one)
+        from lazymerge.kernels import aot
+
+        meta = [torch.empty((N, K), dtype=torch.bfloat16, device="meta") for _ in range(4)]
+        mx = torch.empty((M, K), dtype=torch.bfloat16, device="meta")
+        aot.warm([lambda: kmm.merge_matmul_triton(mx, meta[0], meta[1:], spec),
+                  lambda: kmt.merge_triton(meta[0], meta[1:], spec)])
     x = (torch.randn(M, K, generator=torch.Generator().manual_seed(M)) / 8).to(torch.bfloat16)
     bias = torch.randn(N)
     want = kmm.merge_matmul_reference(x, base, srcs, spec, bias=bias)
