@@ -50,7 +50,7 @@ def gather(rm: RowMap, own: torch.Tensor, other: Callable[[str, str], torch.Tens
     `own`: the source's tensor (n_src, *rest); `other(source, name)`: any source's tensor, for filled rows.
     Returns (len(rows) or n_rows, *rest). Filled rows are computed in float32 and cast (exact for float32 sources).
     """
-    idx = rm.own.to(own.device) if rows is None else rm.own.to(own.device)[rows]
+    idx = (rm.own if rows is None else rm.own[rows.cpu()]).to(own.device)  # the map stays on the CPU
     out = own[idx.clamp(min=0)]  # (R, *rest): a copy
     missing = (idx < 0).nonzero().flatten().tolist()
     if not missing:

@@ -60,8 +60,15 @@ class OutputVocab:
     key: str
 
 
+def _stamp(src: Source) -> str:
+    """The source's identity including its tokenizer files (the fingerprint covers weights and config only)."""
+    files = sorted(p for p in src.path.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "vocab.",
+                                                                        "merges", "added_tokens")))
+    return src.fingerprint + "".join(f":{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files)
+
+
 def _tokenizer(name: str, src: Source):
-    key = (str(src.path), src.fingerprint)
+    key = (str(src.path), _stamp(src))
     tok = _TOKENIZERS.get(key)
     if tok is None:
         from transformers import AutoTokenizer
@@ -123,7 +130,7 @@ def output_vocab(recipe: Recipe, sources: dict[str, Source], ref: str, models: l
     else:
         return None
     named = kind if kind in ("union", "base") else resolve(kind, where)
-    key = json.dumps([named, ref, [(m, sources[m].fingerprint) for m in models],
+    key = json.dumps([named, ref, [(m, _stamp(sources[m])) for m in models],
                       {t: c.model_dump(mode="json") for t, c in tokens.items()}, pad])
     hit = _VOCABS.get(key)
     if hit is not None:
