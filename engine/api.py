@@ -140,7 +140,8 @@ class LazyModel:
         self.module = build_lazy_module(plan, engine.provider)
         self.tokenizer = engine.tokenizer(plan.tokenizer_source, plan.vocab)
         self.device = engine.device
-        self.vocab_rows = int(plan.tensors["model.embed_tokens.weight"].shape[0])
+        emb = self.module.get_input_embeddings()
+        self.vocab_rows = int(getattr(emb, "num_embeddings", None) or plan.config["vocab_size"])  # embedding rows
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = self.tokenizer.eos_token_id
         cfg_eos = plan.config.get("eos_token_id")

@@ -36,9 +36,20 @@ def vfam(tmp_path_factory):
     return {k: str(v) for k, v in fam.items()}
 
 
+@pytest.fixture(scope="module")
+def vfam_tied(tmp_path_factory):
+    """The same family as `vfam` (without e1) on a Qwen2 base with tied embeddings (the fine-tunes stay tied)."""
+    root = tmp_path_factory.mktemp("vocab_tied")
+    tok = toy.make_tokenizer()
+    base = toy.save(toy.make_model(toy.tiny_config("qwen2", vocab_size=len(tok), tie=True), 8), tok, root / "base")
+    return {"base": str(base),
+            "ft": str(toy.make_finetune_with_tokens(base, root / "ft", NEW_FT, seed=9)),
+            "ft2": str(toy.make_finetune_with_tokens(base, root / "ft2", NEW_FT2, seed=10, special=("<|eot|>",)))}
+
+
 def _text(recipe: str, fam) -> str:
     for k in ("ft2", "ft", "base", "e1"):  # longest name first
-        recipe = recipe.replace(k.upper(), fam[k])
+        recipe = recipe.replace(k.upper(), fam[k]) if k in fam else recipe
     return recipe + "dtype: float32\n"
 
 
@@ -95,14 +106,15 @@ tokenizer_source: base
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_vocabulary_equals_mergekit(vfam, tmp_path, case):
+@pytest.mark.parametrize("case", list(CASES) + ["tied:tokens_force_pad_ties"])
+def test_vocabulary_equals_mergekit(request, tmp_path, case):
     pytest.importorskip("mergekit", reason="mergekit not installed: equality with its output not checked")
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
     from transformers import AutoTokenizer
 
-    text = _text(CASES[case], vfam)
+    tied, case = case.startswith("tied:"), case.removeprefix("tied:")
+    text = _text(CASES[case], request.getfixturevalue("vfam_tied" if tied else "vfam"))
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
               options=MergeOptions(quiet=True))
     export(compile_plan(text, SourceSet(allow_open=True)), tmp_path / "lm")
