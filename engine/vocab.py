@@ -246,7 +246,8 @@ def row_maps(ov: OutputVocab, refs: list[tuple[str, str]], base: str | None, sou
         own = ov.perms[m].clone()
         for i in forced:
             own[i] = -1
-        mine = {i: f for i, f in fills.items() if own[i] < 0}
+        own_list = own.tolist()
+        mine = {i: f for i, f in fills.items() if own_list[i] < 0}
         src_rows = sources[m].shape(name_of[m])[0]
         if pad_from is None and not mine and torch.equal(own, torch.arange(ov.n_rows)):
             out.append(None if src_rows == ov.n_rows else ov.n_rows)
