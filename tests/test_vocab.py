@@ -33,6 +33,13 @@ def vfam(tmp_path_factory):
     fam = toy.make_family(root, "mistral", 1, seed=5)
     fam["ft"] = toy.make_finetune_with_tokens(fam["base"], root / "ft", NEW_FT, seed=6)
     fam["ft2"] = toy.make_finetune_with_tokens(fam["base"], root / "ft2", NEW_FT2, seed=7, special=("<|eot|>",))
+    # a word-level vocabulary with one more *plain* token in the middle: every later token has another id
+    from transformers import AutoModelForCausalLM
+
+    tok = toy.make_tokenizer(("giraffe",))
+    model = AutoModelForCausalLM.from_pretrained(str(fam["base"]), dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    fam["perm"] = toy.save(toy.perturb(model, 11), tok, root / "perm")
     return {k: str(v) for k, v in fam.items()}
 
 
@@ -48,7 +55,7 @@ def vfam_tied(tmp_path_factory):
 
 
 def _text(recipe: str, fam) -> str:
-    for k in ("ft2", "ft", "base", "e1"):  # longest name first
+    for k in ("ft2", "ft", "base", "e1", "perm"):  # longest name first
         recipe = recipe.replace(k.upper(), fam[k]) if k in fam else recipe
     return recipe + "dtype: float32\n"
 
@@ -69,6 +76,16 @@ models:
   - {model: FT, parameters: {weight: 0.7}}
   - {model: FT2, parameters: {weight: 0.5}}
   - {model: BASE, parameters: {weight: 0.2}}
+tokenizer_source: union
+""",
+    # shared tokens at other ids, a plain (not added) new token, the mean of two rows where the base lacks a token
+    "union_permuted_ties": """
+merge_method: ties
+base_model: BASE
+models:
+  - {model: PERM, parameters: {weight: 0.6, density: 0.7}}
+  - {model: FT2, parameters: {weight: 0.5, density: 0.5}}
+  - {model: FT, parameters: {weight: 0.4, density: 0.6}}
 tokenizer_source: union
 """,
     "tokens_force_pad_ties": """
