@@ -36,6 +36,7 @@ from . import method_specs
 from . import method_stats as ms
 from .methods import Family, Sparsify
 from .plan import SourceSet, TensorPlan, TensorRef
+from .rowmap import gather
 
 KEEP_HISTOGRAM_FROM = 1 << 18  # elements: smaller tensors recompute their first histogram (cheaper than keeping it)
 
@@ -99,16 +100,29 @@ class TensorStore:
         self._resident: dict[tuple[str, str], torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def get(self, ref: TensorRef) -> torch.Tensor:
+    def raw(self, source: str, name: str) -> torch.Tensor:
+        """Tensor `name` of `source` as stored (a memory-mapped view on the CPU, the resident copy on a GPU)."""
         if self.device.type == "cpu":
-            t = self.sources[ref.source].get(ref.name)
-        else:
-            key = (self.sources[ref.source].fingerprint, ref.name)
-            with self._lock:
-                t = self._resident.get(key)
-                if t is None:
-                    t = self._resident[key] = self.sources[ref.source].get(ref.name).to(self.device)
+            return self.sources[source].get(name)
+        key = (self.sources[source].fingerprint, name)
+        with self._lock:
+            t = self._resident.get(key)
+            if t is None:
+                t = self._resident[key] = self.sources[source].get(name).to(self.device)
+        return t
+
+    def get(self, ref: TensorRef) -> torch.Tensor:
+        """The input tensor `ref` denotes: cropped, or re-indexed into a merged vocabulary (a new tensor)."""
+        t = self.raw(ref.source, ref.name)
+        if ref.vocab is not None:
+            return gather(ref.vocab, t, self.raw)
         return t[: ref.rows] if ref.rows is not None else t
+
+    def rows(self, ref: TensorRef, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (1-D int64) of `get(ref)`, reading only those rows."""
+        if ref.vocab is not None:
+            return gather(ref.vocab, self.raw(ref.source, ref.name), self.raw, rows)
+        return self.get(ref)[rows]
 
     def resident_bytes(self) -> int:
         return sum(_nbytes(t) for t in self._resident.values())
@@ -125,7 +139,8 @@ class Merger:
     # -- statistics per (source, tensor), independent of the recipe's numbers --------------------------------
     def _stat_key(self, kind: str, base: TensorRef, x: TensorRef) -> tuple:
         S = self.store.sources
-        return (kind, S[base.source].fingerprint, base.name, base.rows, S[x.source].fingerprint, x.name, x.rows)
+        return (kind, S[base.source].fingerprint, base.name, base.rows, base.vocab and base.vocab.key,
+                S[x.source].fingerprint, x.name, x.rows, x.vocab and x.vocab.key)
 
     def cuts(self, base: TensorRef, x: TensorRef, ks) -> list[tuple[float, int]]:
         """Exact (threshold, tie cutoff) of the top-k cut of |x - base| for each k in `ks` (kernels/select.py).
@@ -293,13 +308,12 @@ class Merger:
         """The float32 merged tensor of `plan` (only `rows` of it, if given: embedding lookups)."""
         spec, aux = self.spec(plan)  # aux from the statistics: per-row data of the newer methods (method_specs.py)
         della = self.aux(plan, spec, rows)  # DELLA ranks for the GPU kernels, already of `rows` only
-        base = self.store.get(plan.base) if plan.base is not None else None
-        xs = [self.store.get(r) for r in plan.inputs]
+        get = self.store.get if rows is None else (lambda r: self.store.rows(r, rows))  # noqa: E731
+        base = get(plan.base) if plan.base is not None else None
+        xs = [get(r) for r in plan.inputs]
         index = None
         if rows is not None:
             width = math.prod(plan.shape[1:])
-            xs = [x[rows] for x in xs]
-            base = base[rows] if base is not None else None
             aux = [a[rows] for a in aux] if aux is not None and not spec.aux_per_row else aux
             if spec.needs_index:
                 index = rows.reshape(-1, 1) * width + torch.arange(width, device=rows.device)

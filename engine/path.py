@@ -86,7 +86,9 @@ def path_plan(recipe: Recipe, S: SourceSet) -> ModelPlan:
     else:
         dtype = recipe.dtype or _dtype_of(head_cfg)
         tok = _tokenizer_source(recipe, S, head)
-    return check_output(ModelPlan(recipe, _fix_config(cfg, dtype, origin), tensors, scales, tok, dtype, S), "path")
+    vocab = defs[head].vocab if head_kind == "def" and recipe.tokenizer_source in (None, "base") else None
+    plan = ModelPlan(recipe, _fix_config(cfg, dtype, origin), tensors, scales, tok, dtype, S, vocab=vocab)
+    return check_output(plan, "path")
 
 
 def _renamed(P: _Planner, p: TensorPlan, out_name: str) -> TensorPlan:

@@ -15,8 +15,10 @@ Conventions (documented in README):
   and which are the embedding and output head come from transformers (engine/arch.py, `Source.layout`). The planned
   output must be exactly what its architecture loads (`check_output`). An output head is planned when any source of
   the merge has an untied one (a tied source contributes its embedding), as mergekit's optional `lm_head`.
-* Vocabulary: the output vocabulary is the reference model's (base_model, else the first model); larger
-  embeddings / LM heads are cropped to it (as mergekit does), smaller ones are an error.
+* Vocabulary: with `tokenizer_source` / `tokenizer:`, every source's embedding and LM head is re-indexed into the
+  merged vocabulary by token string (engine/vocab.py, mergekit's rules); without, the output vocabulary is the
+  reference model's (base_model, else the first model): larger embeddings / LM heads are cropped to it (mergekit's
+  `unsafe_truncate_embeddings`), smaller ones are an error.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from .checkpoint import CheckpointError, Source, check_compatible
 from .methods import SPARSIFY_PARAMS, TENSOR_PARAMS, Family, Sparsify, global_params
 from .params import resolve
 from .recipe import Recipe, RecipeError, load_recipe
+from .rowmap import RowMap
+from .vocab import OutputVocab, output_vocab, row_maps
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class TensorRef:
     source: str  # source name in the SourceSet
     name: str  # tensor name in that source
     rows: int | None = None  # crop the first dimension to this many rows (vocabulary)
+    vocab: RowMap | None = None  # re-index the first dimension into the merged vocabulary (engine/rowmap.py)
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class ModelPlan:
     dtype: str
     sources: "SourceSet"
     _layout: Architecture | None = field(default=None, repr=False, compare=False)
+    vocab: OutputVocab | None = None  # the merged vocabulary, when the recipe merges one
 
     @property
     def num_layers(self) -> int:
@@ -172,7 +178,8 @@ class _Planner:
         self.S = sources
 
     def fp(self, ref: TensorRef) -> list:
-        return [self.S[ref.source].fingerprint, ref.name, ref.rows]
+        fp = [self.S[ref.source].fingerprint, ref.name, ref.rows]
+        return fp + [ref.vocab.key] if ref.vocab is not None else fp
 
     def finish(self, p: TensorPlan) -> TensorPlan:
         d = {k: getattr(p, k) for k in ("family", "method", "shape", "weights", "densities", "gammas", "epsilons",
@@ -352,7 +359,9 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
     base = S.resolve(r.base_model, f"{prefix}base_model") if r.base_model is not None else None
     ref_src = base if base is not None else groups[0][1][0][0]
     ref = S[ref_src]
-    vocab = ref.vocab_size
+    referenced = list(dict.fromkeys(([base] if base is not None else []) + [e[0] for g in groups for e in g[1]]))
+    ov = output_vocab(r, S.sources, ref_src, referenced, S.resolve)
+    vocab = ref.vocab_size if ov is None else None
     for gname, entries, _ in groups:
         for j, (src, _, lr) in enumerate(entries):
             if lr is not None and lr[1] > S[src].num_layers:
@@ -368,9 +377,11 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
         models = [(src, params) for src, params, _ in entries]
         for name in names:
             shape = next(S[src].shape(name) for src in [ref_src] + [m for m, _ in models] if name in S[src].tensors)
-            if name in vocab_keys or name == head:
-                shape = (vocab,) + tuple(shape[1:])
-            tensors[name] = plan_group(P, name, name, models, sparams, 0.0, vocab, gname, shape)
+            is_vocab = name in vocab_keys or name == head
+            if is_vocab:
+                shape = ((vocab if ov is None else ov.n_rows),) + tuple(shape[1:])
+            p = plan_group(P, name, name, models, sparams, 0.0, vocab, gname, shape)
+            tensors[name] = _in_vocab(P, p, ov, base, gname) if is_vocab and ov is not None else p
 
     g0 = groups[0]
     plan_nonlayer(lay.pre_keys, *g0)
@@ -401,9 +412,26 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
     cfg["num_hidden_layers"] = out_layer
     cfg["tie_word_embeddings"] = head is None
     dtype = r.dtype or _dtype_of(ref.config)
-    tok = _tokenizer_source(r, S, base or ref_src)
-    plan = ModelPlan(r, _fix_config(cfg, dtype, [None] * out_layer), tensors, [1.0] * out_layer, tok, dtype, S)
+    if ov is not None:
+        cfg["vocab_size"] = ov.n_rows
+        tok = ov.source
+    else:
+        tok = _tokenizer_source(r, S, base or ref_src)
+    plan = ModelPlan(r, _fix_config(cfg, dtype, [None] * out_layer), tensors, [1.0] * out_layer, tok, dtype, S,
+                     vocab=ov)
     return check_output(plan, prefix.rstrip(".") or "recipe")
+
+
+def _in_vocab(P: _Planner, p: TensorPlan, ov: OutputVocab, base: str | None, where: str) -> TensorPlan:
+    """`p` with every input re-indexed into the merged vocabulary `ov` (engine/vocab.py)."""
+    refs = p.refs()
+    maps = row_maps(ov, [(x.source, x.name) for x in refs], base, P.S.sources, where)
+    new = [TensorRef(x.source, x.name, m if isinstance(m, int) else None, m if isinstance(m, RowMap) else None)
+           for x, m in zip(refs, maps)]
+    nb = 1 if p.base is not None else 0
+    object.__setattr__(p, "base", new[0] if nb else None)
+    object.__setattr__(p, "inputs", tuple(new[nb:]))
+    return P.finish(p)
 
 
 def check_output(plan: ModelPlan, where: str) -> ModelPlan:
@@ -439,8 +467,8 @@ def _tokenizer_source(r: Recipe, S: SourceSet, default: str) -> str:
     if ts is None or ts == "base":
         return default
     if ts == "union":
-        raise RecipeError("tokenizer_source: 'union' (building a merged vocabulary) is not supported; "
-                          "name a source or 'base'")
+        raise RecipeError("tokenizer_source: 'union' merges vocabularies, which a layer-path recipe cannot do (its "
+                          "embeddings and LM head come from base_model); name a source or 'base'")
     return S.resolve(ts, "tokenizer_source")
 
 

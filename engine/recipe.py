@@ -16,7 +16,7 @@ mergekit form (see README for the whole language)::
         parameters: {weight: [0.2, 0.8], density: 0.5}
     parameters: {normalize: true}
     dtype: bfloat16
-    tokenizer_source: base
+    tokenizer_source: base           # union | base | a model; or mergekit's `tokenizer:` section
     random_seed: 0                   # extension: seeds the deterministic DARE / DELLA masks
 
 Layer-path extension (data-flow merging)::
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -121,6 +121,52 @@ class Hop(_Frozen):
         return list(range(*self.layer_range))
 
 
+class ZeroEmbedding(_Frozen):
+    """`{kind: zero}`: the token's row is zero (mergekit/tokenizer/config.py)."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(_Frozen):
+    """`{kind: model_token, model, token_id | token}`: the row of one token (by id or by string in that model's own
+    tokenizer) of one model (mergekit/tokenizer/config.py)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: Optional[int] = None
+    token: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source gives exactly one of `token_id` or `token`")
+        return self
+
+
+class TokenEmbedding(_Frozen):
+    """`tokenizer.tokens.<token>`: where the token's row comes from; `force` uses it for every model, even those
+    that have the token."""
+
+    source: Union[ZeroEmbedding, ModelTokenEmbedding, str, None] = None
+    force: bool = False
+
+
+class TokenizerSection(_Frozen):
+    """mergekit's `tokenizer:` section (mergekit/tokenizer/config.py): output vocabulary `source` (`union`, `base`
+    or a model), per-token row sources, and padding of the vocabulary to a multiple."""
+
+    source: str = "union"
+    tokens: Optional[dict[str, TokenEmbedding]] = None
+    pad_to_multiple_of: Optional[int] = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _pad(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {v}")
+        return v
+
+
 class Recipe(_Frozen):
     merge_method: str
     base_model: Optional[str] = None
@@ -129,6 +175,7 @@ class Recipe(_Frozen):
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerSection] = None
     random_seed: int = 0
     definitions: Optional[dict[str, "Recipe"]] = None
     path: Optional[list[Hop]] = None
@@ -156,7 +203,12 @@ def _validate_recipe(r: Recipe) -> None:
     m = r.method
     if r.dtype is not None and r.dtype not in DTYPES:
         raise ValueError(f"dtype: {r.dtype!r} is not one of {', '.join(DTYPES)}")
+    if r.tokenizer_source is not None and r.tokenizer is not None:
+        raise ValueError("tokenizer/tokenizer_source: give one of them, not both (as mergekit)")
     if m.family is Family.path:
+        if r.tokenizer is not None or r.tokenizer_source == "union":
+            raise ValueError("tokenizer: a path recipe takes its embeddings and LM head from base_model, so it cannot "
+                             "merge vocabularies; name a source (or 'base') in tokenizer_source")
         if not r.path:
             raise ValueError("path: merge_method 'path' needs a non-empty `path` of hops")
         if r.models or r.slices:

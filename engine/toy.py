@@ -136,3 +136,23 @@ def make_family(root: Path, arch: str = "mistral", n_experts: int = 2, seed: int
     for i in range(1, n_experts + 1):
         out[f"e{i}"] = save(perturb(copy.deepcopy(base), seed * 1000 + i), tok, Path(root) / f"e{i}", dtype, shards)
     return out
+
+
+def make_finetune_with_tokens(base_dir: Path, out_dir: Path, words: tuple[str, ...], seed: int = 1,
+                              special: tuple[str, ...] = (), scale: float = 0.05) -> Path:
+    """A fine-tune of the checkpoint at `base_dir` whose tokenizer appends `words` (plain tokens) and `special`
+    (added special tokens) after the base's ids, with the embeddings (and untied LM head) resized by transformers'
+    `resize_token_embeddings` and every tensor perturbed; written with `save_pretrained`."""
+    from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    tok.add_tokens(list(words))
+    if special:
+        tok.add_tokens([AddedToken(s, special=True) for s in special], special_tokens=True)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            emb.weight[-(len(words) + len(special)):].normal_(0.0, 0.5)
+    return save(perturb(model, seed, scale), tok, Path(out_dir))

@@ -41,7 +41,7 @@ class WeightProvider:
         return self.merger.store.device
 
     def _identity(self, plan: TensorPlan) -> torch.Tensor | None:
-        if plan.is_identity():
+        if plan.is_identity() and plan.inputs[0].vocab is None:  # a re-indexed vocabulary is a new tensor
             t = self.merger.store.get(plan.inputs[0])
             if t.dtype == self.dtype:
                 return t

@@ -56,8 +56,8 @@ BAD_AGAINST_SOURCES = [
      "della needs density +/- epsilon inside (0, 1)"),
     ("merge_method: linear\nmodels: [{model: e1, parameters: {weight: 1}}, {model: e2, parameters: {weight: -1}}]",
      "linear weights sum to 0"),
-    ("merge_method: linear\ntokenizer_source: union\nmodels: [{model: e1, parameters: {weight: 1}}]",
-     "tokenizer_source: 'union'"),
+    ("merge_method: linear\ntokenizer: {tokens: {cat: {source: nosuch}}}\nmodels: [{model: e1, parameters: {weight: 1}}]",
+     "tokenizer.tokens['cat'].source: unknown source 'nosuch'"),
 ]
 
 
