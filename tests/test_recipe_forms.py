@@ -156,7 +156,6 @@ dtype: float32
 
 ERRORS = [
     ("modules: {text_decoder: {models: [{model: a}]}}", r"modules: mergekit's per-module merges"),
-    ("tokenizer: {source: union}", r"tokenizer: mergekit's `tokenizer:` block"),
     ("chat_template: nonsense", r"chat_template: 'nonsense' is neither 'auto', a built-in template \(alpaca, chatml"),
     ("chat_template: '{{ x }}'", r"chat_template: not a Jinja template"),
     ("chat_template: '{% for m in messages %}{{ m }}'", r"chat_template: not a valid Jinja template"),
