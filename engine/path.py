@@ -61,10 +61,11 @@ def path_plan(recipe: Recipe, S: SourceSet) -> ModelPlan:
     for hi, hop in enumerate(recipe.path):
         where = f"path[{hi}]"
         kind, m = model_of(hop.model, f"{where}.model")
-        for layer in hop.layers():
-            if layer >= n_layers(kind, m):
-                raise RecipeError(f"{where}: layer {layer} is out of bounds: {hop.model!r} has "
-                                  f"{n_layers(kind, m)} layers")
+        layers = hop.layers()
+        if layers.stop > n_layers(kind, m):  # checked on the range's bounds, before any hop is expanded
+            raise RecipeError(f"{where}: layer {layers.stop - 1} is out of bounds: {hop.model!r} has "
+                              f"{n_layers(kind, m)} layers")
+        for layer in layers:
             names = (list(k for k in defs[m].tensors if k.startswith(f"model.layers.{layer}."))
                      if kind == "def" else _layer_names(S[m], layer))
             for name in names:
