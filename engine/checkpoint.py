@@ -1,8 +1,9 @@
-"""Hugging Face checkpoint folders opened memory-mapped: a tensor is read when asked for, never before.
+"""Hugging Face checkpoint folders: a tensor is read when asked for, never before.
 
 `Source.open(path)` reads `config.json` and the safetensors headers (one `model.safetensors`, or the shards of
-`model.safetensors.index.json`) and nothing else. `Source.get(name)` returns a zero-copy tensor view into the
-memory-mapped file (copy-on-write mapping: the file is never modified). Pickle checkpoints (`*.bin`, `*.pt`) are
+`model.safetensors.index.json`) and nothing else, and keeps each weights file open. `Source.get(name)` reads the
+tensor from its file (`engine/reader.py`: `pread` into a fresh buffer, after checking that the file still is the
+one the source was opened with; `SourceUnavailable` otherwise). Pickle checkpoints (`*.bin`, `*.pt`) are
 refused. `check_compatible` compares sources with each other (architecture, layer count, tensor names and shapes;
 the vocabulary dimension of embeddings and LM head may differ and is cropped by the planner).
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .reader import FileReader, ReaderSet, SourceChanged
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -30,6 +32,16 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be used; the message names the folder and what is wrong."""
 
 
+class SourceUnavailable(CheckpointError):
+    """A source whose weights files changed on disk after it was opened (see engine/reader.py); `source` is its
+    name (or its folder, for a source opened without one). The message names the source, not a path."""
+
+    def __init__(self, source: str, detail: str):
+        super().__init__(f"source {source} changed on disk since it was opened ({detail}); it is not served until "
+                         "it is opened again (restart)")
+        self.source = source
+
+
 @dataclass
 class TensorInfo:
     file: Path
@@ -39,29 +51,18 @@ class TensorInfo:
     end: int
 
 
-@dataclass
-class _Mapped:
-    path: Path
-    mm: mmap.mmap | None = None
-
-    def buffer(self) -> mmap.mmap:
-        if self.mm is None:
-            with open(self.path, "rb") as f:
-                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self.mm
-
-
-def _read_header(path: Path) -> dict[str, TensorInfo]:
+def _read_header(path: Path, f: FileReader) -> dict[str, TensorInfo]:
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{path}: corrupt safetensors header (length {n})")
-            header = json.loads(f.read(n))
+        size = f.ident[0]
+        raw = f.pread(8, 0)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt safetensors header (length {n})")
+        header = json.loads(f.pread(n, 8))
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -94,7 +95,8 @@ class Source:
     config: dict
     tensors: dict[str, TensorInfo]
     fingerprint: str
-    _maps: dict[Path, _Mapped] = field(default_factory=dict, repr=False)
+    name: str = ""  # the name a SourceSet registered it under ("" until then)
+    _readers: ReaderSet = field(default_factory=ReaderSet, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Source":
@@ -130,13 +132,25 @@ class Source:
             raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
         tensors: dict[str, TensorInfo] = {}
         h = hashlib.sha256()
+        readers = ReaderSet()
         for fname in files:
             fpath = path / fname
             if not fpath.exists():
+                readers.close()
                 raise CheckpointError(f"{path}: shard {fname} named in the index is missing")
-            header = _read_header(fpath)
-            st = fpath.stat()
-            h.update(f"{fname}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode())
+            try:
+                reader = FileReader.open(fpath, fname)  # held open: the header and every tensor come from this file
+            except OSError as e:
+                readers.close()
+                raise CheckpointError(f"{fpath}: cannot read ({e.strerror})") from None
+            readers.add(reader)
+            try:
+                header = _read_header(fpath, reader)
+            except CheckpointError:
+                readers.close()
+                raise
+            size, mtime_ns, _, ino, _ = reader.ident
+            h.update(f"{fname}:{size}:{mtime_ns}:{ino}".encode())
             for name, info in header.items():
                 if weight_map is not None and weight_map.get(name) != fname:
                     continue
@@ -146,8 +160,12 @@ class Source:
             if missing:
                 raise CheckpointError(f"{path}: tensor {missing[0]!r} is in the index but not in its shard")
         h.update(json.dumps(config, sort_keys=True).encode())
-        src = cls(path, config, tensors, h.hexdigest()[:16])
-        src._check_layout()
+        src = cls(path, config, tensors, h.hexdigest()[:16], _readers=readers)
+        try:
+            src._check_layout()
+        except CheckpointError:
+            readers.close()
+            raise
         return src
 
     # -- facts ------------------------------------------------------------------------------------------------
@@ -178,34 +196,34 @@ class Source:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape
 
+    @property
+    def label(self) -> str:
+        """How messages name this source: its registered name, else its folder."""
+        return repr(self.name) if self.name else str(self.path)
+
+    def check(self) -> None:
+        """Raise SourceUnavailable if any weights file changed since open (engine/reader.py)."""
+        try:
+            self._readers.check()
+        except SourceChanged as e:
+            raise SourceUnavailable(self.label, str(e)) from None
+
     def get(self, name: str) -> torch.Tensor:
-        """A zero-copy view of tensor `name` in the memory-mapped file (do not write to it)."""
+        """Tensor `name`, read from its file now (a fresh tensor; raises SourceUnavailable if the file changed)."""
         try:
             info = self.tensors[name]
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor {name!r}") from None
-        m = self._maps.get(info.file)
-        if m is None:
-            m = self._maps[info.file] = _Mapped(info.file)
-        numel = 1
-        for d in info.shape:
-            numel *= d
-        if numel == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        t = torch.frombuffer(m.buffer(), dtype=info.dtype, count=numel, offset=info.start)
-        return t.view(info.shape)
+        try:
+            return self._readers.files[info.file].read(info.start, info.end, info.dtype, info.shape)
+        except SourceChanged as e:
+            raise SourceUnavailable(self.label, str(e)) from None
 
     def nbytes(self) -> int:
         return sum(i.end - i.start for i in self.tensors.values())
 
     def close(self) -> None:
-        for m in self._maps.values():
-            if m.mm is not None:
-                try:
-                    m.mm.close()
-                except BufferError:
-                    pass  # tensor views still alive; the mapping goes with them
-                m.mm = None
+        self._readers.close()
 
 
 def check_compatible(sources: dict[str, Source]) -> None:

@@ -102,6 +102,10 @@ class TensorStore:
                     t = self._resident[key] = self.sources[ref.source].get(ref.name).to(self.device)
         return t[: ref.rows] if ref.rows is not None else t
 
+    def clear(self) -> None:
+        with self._lock:
+            self._resident.clear()
+
     def resident_bytes(self) -> int:
         return sum(_nbytes(t) for t in self._resident.values())
 

@@ -111,6 +111,7 @@ class SourceSet:
                 srcs[name] = Source.open(p)
             except CheckpointError as e:
                 raise CheckpointError(f"source {name!r}: {e}") from None
+            srcs[name].name = name
         check_compatible(srcs)
         return cls(srcs, allow_open=allow_open)
 
@@ -145,6 +146,7 @@ class SourceSet:
                 except CheckpointError as e:
                     raise RecipeError(f"{where}: {e}") from None
                 check_compatible({**self.sources, ref: src})
+                src.name = ref
                 self.sources[ref] = src
                 return ref
         raise RecipeError(f"{where}: unknown source {ref!r} (not a registered name, and no such folder)")

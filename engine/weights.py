@@ -10,8 +10,9 @@ On a GPU with the on-the-fly policy, a linear layer does not even form its merge
 pass: `linear` hands the sources to `kernels.linear.merged_linear`, which picks the fused merge-matmul (merged tile in
 registers) or merge-into-a-reused-buffer + cuBLAS by token count.
 
-Either way an identity tensor (a layer taken as is from one source, in the compute dtype) is the source's own
-memory-mapped view: no copy, no cache.
+An identity tensor (a layer taken as is from one source, in the compute dtype) is read from its source as is (no
+merge); sources are read with `pread` (engine/reader.py), so under the cached policy on the CPU it is cached like a
+merged tensor (on the fly: read at each use; with LAZYMERGE_UNSAFE_MMAP=1: the file's own mapped view, never cached).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from .merger import LRU, Merger, _nbytes
 from .plan import TensorPlan
+from .reader import unsafe_mmap
 
 POLICIES = ("on_the_fly", "cached")
 
@@ -34,6 +36,7 @@ class WeightProvider:
         self.dtype = dtype
         self.cache = LRU(cache_bytes if policy == "cached" else 0, _nbytes)
         self.merges = 0  # merged tensors computed (cache misses and on-the-fly merges)
+        self._mmap = unsafe_mmap()  # sources are zero-copy mapped views (engine/reader.py)
         self._buffers: dict = {}  # GPU on-the-fly: one reused merge buffer per (shape, dtype); forwards are serialized
 
     @property
@@ -49,14 +52,16 @@ class WeightProvider:
 
     def weight(self, plan: TensorPlan) -> torch.Tensor:
         """The merged tensor of `plan` in the compute dtype (cached or transient, per the policy)."""
-        t = self._identity(plan)
-        if t is not None:
-            return t
         key = (plan.key, self.dtype)
         if self.policy == "cached":
             t = self.cache.get(key)
             if t is not None:
                 return t
+        t = self._identity(plan)
+        if t is not None:
+            if self.policy == "cached" and self.device.type == "cpu" and not self._mmap:
+                self.cache.put(key, t)  # a copy read from the file: keep it rather than read it again
+            return t
         self.merges += 1
         t = self.merger.merge(plan)
         if t.dtype != self.dtype:
@@ -85,9 +90,7 @@ class WeightProvider:
 
     def rows(self, plan: TensorPlan, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (any shape) of the merged tensor: embedding lookups merge only the rows they need."""
-        t = self._identity(plan)
-        if t is None and self.policy == "cached":
-            t = self.weight(plan)
+        t = self.weight(plan) if self.policy == "cached" else self._identity(plan)
         if t is not None:
             return torch.nn.functional.embedding(ids, t)
         uniq, inverse = torch.unique(ids, return_inverse=True)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from . import protocol as P
 from .errors import ServingError, bad_request
+from .faults import check_context
 from .logprobs import chat_logprobs, completion_logprobs, echo_text
 from .scheduler import Job
 from .serving import RowOutput
@@ -49,6 +50,7 @@ class OpenAIEndpoints:
         rows = [p for p in prompts for _ in range(req.n)]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         params = self.s.sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(rows))
+        check_context(model, rows, max_tokens)
         rid = f"cmpl-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         job = self.s.submit(Job("generate", label, model, rows, params=params)) if max_tokens > 0 else None
@@ -153,6 +155,7 @@ class OpenAIEndpoints:
         if max_tokens is None:
             max_tokens = min(self.s.config.default_chat_max_tokens, self.s.config.max_tokens)
         params = self.s.sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(rows))
+        check_context(model, rows, max_tokens, param="messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         job = self.s.submit(Job("generate", label, model, rows, params=params)) if max_tokens > 0 else None

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from . import protocol as P
 from .errors import ServingError, bad_request
+from .faults import as_serving_error
 from .metrics import Gauge, Metrics
 from .registry import RecipeRegistry, parse_recipe
 from .scheduler import Job, QueueFull, Scheduler, Sink
@@ -213,8 +214,7 @@ class MergeServing:
                 _, kind, value = await job.sink.queue.get()
                 if kind == "error":
                     finished = True
-                    raise value if isinstance(value, ServingError) else \
-                        ServingError(500, f"internal error: {type(value).__name__}: {value}")
+                    raise as_serving_error(value)
                 if kind == "end":
                     finished = True
                     return
