@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import validate
 from .reader import FileReader, ReaderSet, SourceChanged
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -110,6 +111,14 @@ class Source:
             raise CheckpointError(f"{path}: no config.json") from None
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: config.json is not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{path}: config.json is not UTF-8 text") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read config.json ({e.strerror})") from None
+        try:
+            validate.check_config(path, config)  # an object, with well-typed core fields
+        except validate.CheckpointError as e:
+            raise CheckpointError(str(e)) from None
         archs = config.get("architectures") or []
         if not archs or archs[0] not in SUPPORTED_ARCHS:
             raise CheckpointError(f"{path}: architecture {archs[:1] or '(none)'} is not supported; "
@@ -163,6 +172,10 @@ class Source:
         src = cls(path, config, tensors, h.hexdigest()[:16], _readers=readers)
         try:
             src._check_layout()
+            validate.check_shapes(path, config, {n: i.shape for n, i in tensors.items()})  # headers vs config
+        except validate.CheckpointError as e:
+            readers.close()
+            raise CheckpointError(str(e)) from None
         except CheckpointError:
             readers.close()
             raise
