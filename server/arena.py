@@ -58,6 +58,7 @@ class Arena:
         self.s = serving
         self._battles: OrderedDict[str, Battle] = OrderedDict()
         self._rng = random.Random()
+        self.active = 0  # battle streams in flight (server/serving.py hides per-recipe gauges meanwhile)
 
     def _pick(self, names: list[str] | None) -> list[str]:
         if names is None:
@@ -97,6 +98,14 @@ class Arena:
         return self._stream(b, jobs, t0)
 
     async def _stream(self, b: Battle, jobs: dict[str, Job], t0: float):
+        self.active += 1
+        try:
+            async for line in self._events(b, jobs, t0):
+                yield line
+        finally:
+            self.active -= 1
+
+    async def _events(self, b: Battle, jobs: dict[str, Job], t0: float):
         yield f"data: {json.dumps({'type': 'battle', 'battle_id': b.id})}\n\n"
         queue = jobs["A"].sink.queue
         open_sides = set(jobs)

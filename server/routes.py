@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 
 from . import protocol as P
 from .faults import with_cancellation
+from .metrics import CONTENT_TYPE
 from .serving import MergeServing
 
 STATIC = Path(__file__).parent / "static"
@@ -34,7 +35,7 @@ async def health(request: Request):
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request):
-    return PlainTextResponse(serving(request).render_metrics(), media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(serving(request).render_metrics(), media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/models", response_model=P.ModelList)

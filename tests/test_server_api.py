@@ -223,13 +223,13 @@ def test_health_and_metrics(client, oai, server_sources):
     assert client.get("/health").json()["status"] == "ok"
     oai.completions.create(model="ta_e2", prompt="hello", max_tokens=2, temperature=0)
     text = client.get("/metrics").text
-    for needle in ('lazymerge_requests_total{model="ta_e2",endpoint="completions",outcome="ok"}',
-                   'lazymerge_request_latency_seconds_count{model="ta_e2",endpoint="completions"}',
+    for needle in ('lazymerge_requests_total{endpoint="completions",model="ta_e2",outcome="ok"}',
+                   'lazymerge_request_latency_seconds_count{endpoint="completions",model="ta_e2"}',
                    'lazymerge_time_to_first_token_seconds_count{model="ta_e2"}',
                    'lazymerge_queue_time_seconds_count{model="ta_e2"}',
                    'lazymerge_prompt_tokens_total{model="ta_e2"}', 'lazymerge_generation_tokens_total{model="ta_e2"}',
                    'lazymerge_cache_hits_total{model="ta_e2"}', 'lazymerge_cache_misses_total{model="ta_e2"}',
-                   'lazymerge_cache_bytes{model="ta_e2"}', 'lazymerge_batch_size_count{model="ta_e2",kind="generate"}',
+                   'lazymerge_cache_bytes{model="ta_e2"}', 'lazymerge_batch_size_count{kind="generate",model="ta_e2"}',
                    'lazymerge_http_requests_total{method="POST",route="/v1/completions",status="200"}'):
         assert needle in text, needle
     cache_bytes = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
