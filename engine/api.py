@@ -86,6 +86,7 @@ class Engine:
     def invalidate(self) -> None:
         """Drop every merged weight, merge statistic and resident source copy (all recipes)."""
         self.provider.cache.clear()
+        self.provider.forget_checks()
         self.merger.stats.clear()
         self.merger.specs.clear()
         self.merger.store.clear()

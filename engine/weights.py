@@ -17,11 +17,16 @@ merged tensor (on the fly: read at each use; with LAZYMERGE_UNSAFE_MMAP=1: the f
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from .merger import LRU, Merger, _nbytes
 from .plan import TensorPlan
 from .reader import unsafe_mmap
+from .safety import NonFiniteError, blame, finite
+
+CHECKED_KEYS = 1 << 17  # tensor plans remembered as checked finite (engine/safety.py)
 
 POLICIES = ("on_the_fly", "cached")
 
@@ -36,6 +41,7 @@ class WeightProvider:
         self.dtype = dtype
         self.cache = LRU(cache_bytes if policy == "cached" else 0, _nbytes)
         self.merges = 0  # merged tensors computed (cache misses and on-the-fly merges)
+        self._checked: OrderedDict[str, None] = OrderedDict()  # plan keys whose weight was found finite
         self._mmap = unsafe_mmap()  # sources are zero-copy mapped views (engine/reader.py)
         self._buffers: dict = {}  # GPU on-the-fly: one reused merge buffer per (shape, dtype); forwards are serialized
 
@@ -59,6 +65,7 @@ class WeightProvider:
                 return t
         t = self._identity(plan)
         if t is not None:
+            self._check(plan, t)
             if self.policy == "cached" and self.device.type == "cpu" and not self._mmap:
                 self.cache.put(key, t)  # a copy read from the file: keep it rather than read it again
             return t
@@ -66,9 +73,23 @@ class WeightProvider:
         t = self.merger.merge(plan)
         if t.dtype != self.dtype:
             t = t.to(self.dtype)
+        self._check(plan, t)
         if self.policy == "cached":
             self.cache.put(key, t)
         return t
+
+    def _check(self, plan: TensorPlan, t: torch.Tensor) -> None:
+        """NonFiniteError (naming the source or recipe tensor) the first time plan `plan` gives a NaN/Inf weight."""
+        if plan.key in self._checked:
+            return
+        if not finite(t):
+            raise NonFiniteError(blame(plan, self.merger.store))
+        self._checked[plan.key] = None
+        if len(self._checked) > CHECKED_KEYS:
+            self._checked.popitem(last=False)
+
+    def forget_checks(self) -> None:
+        self._checked.clear()
 
     def linear(self, x: torch.Tensor, w: TensorPlan, b: TensorPlan | None) -> torch.Tensor:
         """x @ W.T (+ bias) with W the merged weight of plan `w` (x: (..., in) -> (..., out))."""
@@ -96,6 +117,8 @@ class WeightProvider:
         uniq, inverse = torch.unique(ids, return_inverse=True)
         self.merges += 1
         part = self.merger.merge(plan, rows=uniq).to(self.dtype)
+        if plan.key not in self._checked and not finite(part):  # rows only: checked each time until the whole is
+            raise NonFiniteError(blame(plan, self.merger.store))
         return part[inverse]
 
     def stats(self) -> dict:
