@@ -39,7 +39,7 @@ class SourceChanged(OSError):
     inside the checkpoint folder (never a full path); the caller names the source."""
 
     def __init__(self, file: str, what: str):
-        super().__init__(f"{file} {what} since it was opened")
+        super().__init__(f"{file} {what}")
         self.file = file
         self.what = what
 
@@ -121,6 +121,12 @@ class FileReader:
             self._mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
         numel = (end - start) // dtype.itemsize
         return torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=start).view(shape)
+
+    def __del__(self):  # a source dropped without close() must not leak its descriptors
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def close(self) -> None:
         if self._mm is not None:
