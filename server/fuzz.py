@@ -18,10 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 MAX_ERROR_BYTES = 4096
+PHASES = (Phase.explicit, Phase.generate)  # no shrinking: bounded time; a failure is reported as found
 WORDS = ["merge_method", "linear", "ties", "dare_ties", "slerp", "path", "passthrough", "task_arithmetic", "models",
          "slices", "model", "base", "e1", "e2", "parameters", "weight", "density", "layer_range", "layer", "scale",
          "definitions", "base_model", "random_seed", "dtype", "t", "filter", "value", "sources", "tokenizer_source"]
@@ -88,7 +89,8 @@ class Stats:
 def fuzz_server(client, examples: int, stats: Stats) -> None:
     """Completions, chat, recipe registration and inline recipes with arbitrary bodies through `client`."""
     cfg = settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                   suppress_health_check=list(HealthCheck))
+                   suppress_health_check=list(HealthCheck),
+                   phases=PHASES)
 
     @cfg
     @given(body=requests, route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
@@ -118,7 +120,8 @@ def fuzz_recipes(sources, examples: int, stats: Stats) -> None:
     from lazymerge.engine import CheckpointError, RecipeError
 
     cfg = settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                   suppress_health_check=list(HealthCheck))
+                   suppress_health_check=list(HealthCheck),
+                   phases=PHASES)
 
     @cfg
     @given(recipe=st.one_of(recipe_objects, yaml_texts, json_values))
@@ -143,7 +146,8 @@ def fuzz_headers(folder: Path, examples: int, stats: Stats) -> None:
     header, body = json.loads(data[8:8 + n]), data[8 + n:]
     names = [k for k in header if k != "__metadata__"]
     cfg = settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                   suppress_health_check=list(HealthCheck))
+                   suppress_health_check=list(HealthCheck),
+                   phases=PHASES)
     entry = st.fixed_dictionaries({}, optional={"dtype": st.sampled_from(["F32", "F16", "BF16", "I8", "F8", "X"]),
                                                 "shape": st.lists(st.integers(-3, 2**40), max_size=3),
                                                 "data_offsets": st.lists(st.integers(-3, 2**40), max_size=3)})
