@@ -109,7 +109,7 @@ def run(seconds: float, clients: int, max_tokens: int = 12) -> dict:
         base = None
         t0 = time.time()
         while base is None:
-            if proc.poll() is not None or time.time() - t0 > 120:
+            if proc.poll() is not None or time.time() - t0 > 600:
                 raise RuntimeError("server did not start:\n" + (root / "server.log").read_text()[-3000:])
             m = re.search(r"listening on port (\d+)", (root / "server.log").read_text())
             base = f"http://127.0.0.1:{m.group(1)}" if m else None
