@@ -10,6 +10,8 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	$(PIP) -e .
+	@# an editable install skips setup.py's .pth (lazymerge/lm_eval_plugin.py): `lm_eval --model lazymerge` needs it
+	$(PY) -m lazymerge.lm_eval_plugin
 
 install-dev: install
 	$(PIP) -e ".[dev]"

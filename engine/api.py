@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import threads as _threads
 from .checkpoint import SourceUnavailable
 from .generate import Completion, SamplingParams, UsageError
 from .generate import generate as _generate
@@ -30,6 +31,7 @@ from .recipe import Recipe
 from .safety import check_logits
 from .score import TokenScores, score_tokens
 from .score import loglikelihood as _loglikelihood
+from .vocab import OutputVocab
 from .weights import WeightProvider
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,7 +40,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class Engine:
     def __init__(self, sources: dict[str, str | Path] | SourceSet | None = None, *, device: str = "cpu",
                  policy: str = "cached", cache_bytes: int = 1 << 30, dtype: str | None = None,
-                 allow_open: bool = True, stats_bytes: int = 4 << 30, cpu_fused: bool | None = None):
+                 allow_open: bool = True, stats_bytes: int = 4 << 30, cpu_fused: bool | None = None,
+                 threads: int | None = None):
+        # torch threads: `threads` if given, else (once per process) the CPUs this process may use (engine/threads.py)
+        if threads is not None or _threads.configured() is None:
+            _threads.configure(threads)
         if isinstance(sources, SourceSet):
             self.sources = sources
         else:
@@ -51,7 +57,8 @@ class Engine:
         self.dtype = DTYPES[dtype]
         self.merger = Merger(self.sources, self.device, stats_budget=stats_bytes, cpu_fused=cpu_fused)
         self.provider = WeightProvider(self.merger, policy, cache_bytes, self.dtype)
-        self._tokenizers: dict[str, object] = {}
+        self._tokenizers: dict = {}
+        self._generation_eos: dict[str, set[int]] = {}
         self.lock = threading.RLock()  # one forward at a time per engine
 
     def plan(self, recipe: str | dict | Path | Recipe) -> ModelPlan:
@@ -61,15 +68,23 @@ class Engine:
         plan = recipe if isinstance(recipe, ModelPlan) else self.plan(recipe)
         return LazyModel(self, plan)
 
-    def tokenizer(self, source_name: str):
-        tok = self._tokenizers.get(source_name)
+    def tokenizer(self, source_name: str, vocab: OutputVocab | None = None):
+        """The tokenizer of source `source_name`, or the merged tokenizer of `vocab` when it built one; loaded once."""
+        built = vocab.tokenizer if vocab is not None else None
+        key = source_name if built is None else ("vocab", vocab.key)
+        tok = self._tokenizers.get(key)
         if tok is None:
-            from transformers import AutoTokenizer
+            if built is not None:
+                import copy
 
-            tok = AutoTokenizer.from_pretrained(str(self.sources[source_name].path))
+                tok = copy.deepcopy(built)  # the pad token set below must not leak into the plan's tokenizer
+            else:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(str(self.sources[source_name].path))
             if tok.pad_token_id is None:
                 tok.pad_token = tok.eos_token
-            self._tokenizers[source_name] = tok
+            self._tokenizers[key] = tok
         return tok
 
     def check_sources(self, names) -> None:
@@ -90,6 +105,23 @@ class Engine:
         self.merger.stats.clear()
         self.merger.specs.clear()
         self.merger.store.clear()
+    def generation_eos(self, source_name: str) -> set[int]:
+        """`eos_token_id` (an id or a list) of source `source_name`'s generation_config.json (empty without one):
+        e.g. Llama-3-Instruct's end-of-turn token is only there."""
+        ids = self._generation_eos.get(source_name)
+        if ids is None:
+            ids = set()
+            path = self.sources[source_name].path
+            if (path / "generation_config.json").exists():
+                from transformers import GenerationConfig
+
+                try:
+                    eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
+                except (OSError, ValueError) as e:
+                    raise UsageError(f"{path / 'generation_config.json'}: cannot be read ({e})") from None
+                ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            self._generation_eos[source_name] = ids
+        return ids
 
     def stats(self) -> dict:
         return {**self.provider.stats(), "stats_bytes": self.merger.stats.bytes,
@@ -131,15 +163,18 @@ class LazyModel:
     def __init__(self, engine: Engine, plan: ModelPlan):
         self.engine, self.plan = engine, plan
         self.module = build_lazy_module(plan, engine.provider)
-        self.tokenizer = engine.tokenizer(plan.tokenizer_source)
+        self.tokenizer = engine.tokenizer(plan.tokenizer_source, plan.vocab)
         self.device = engine.device
+        emb = self.module.get_input_embeddings()
+        self.vocab_rows = int(getattr(emb, "num_embeddings", None) or plan.config["vocab_size"])  # embedding rows
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = self.tokenizer.eos_token_id
         cfg_eos = plan.config.get("eos_token_id")
         ids = {eos} if eos is not None else set()
         ids |= set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else [])
-        self.eos_ids = ids
-        params = inspect.signature(self.module.model.forward).parameters
+        ids |= engine.generation_eos(plan.tokenizer_source)  # generation_config.json: as transformers' generate
+        self.eos_ids = {i for i in ids if 0 <= i < self.vocab_rows}
+        params = inspect.signature(self.module.base_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.source_names = sorted({r.source for p in plan.tensors.values() for r in p.refs()})
 
@@ -167,13 +202,28 @@ class LazyModel:
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids (+ mask, 1 = real token; right or left padding) -> (B, T, V) logits."""
+        self.check_ids(input_ids if attention_mask is None else input_ids * attention_mask.to(input_ids.device))
         ids = input_ids.to(self.device)
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return self._forward(ids, mask, pos)
 
     def session(self, prompts: list[list[int]]) -> _Session:
+        self.check_ids(prompts)
         return _Session(self, prompts)
+
+    def check_ids(self, seqs) -> None:
+        """Raise UsageError naming the first token id that has no embedding row (a tokenizer with more ids than the
+        model's embedding has rows: transformers' forward would fail with an IndexError)."""
+        for seq in seqs:
+            t = seq if torch.is_tensor(seq) else torch.tensor(seq, dtype=torch.long)
+            bad = t[(t < 0) | (t >= self.vocab_rows)].tolist()
+            if bad:
+                tok = self.tokenizer.convert_ids_to_tokens(bad[0]) if bad[0] >= 0 else None
+                raise UsageError(f"token {tok!r} (id {bad[0]}) has no embedding row: the model's vocabulary has "
+                                 f"{self.vocab_rows} rows but the tokenizer of {self.plan.tokenizer_source!r} has "
+                                 f"{len(self.tokenizer)} ids; resize the checkpoint's embeddings, or merge its "
+                                 "vocabulary with tokenizer_source")
 
     # -- text in, text out -----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

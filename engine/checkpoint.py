@@ -1,11 +1,15 @@
 """Hugging Face checkpoint folders: a tensor is read when asked for, never before.
 
-`Source.open(path)` reads `config.json` and the safetensors headers (one `model.safetensors`, or the shards of
-`model.safetensors.index.json`) and nothing else, and keeps each weights file open. `Source.get(name)` reads the
-tensor from its file (`engine/reader.py`: `pread` into a fresh buffer, after checking that the file still is the
-one the source was opened with; `SourceUnavailable` otherwise). Pickle checkpoints (`*.bin`, `*.pt`) are
-refused. `check_compatible` compares sources with each other (architecture, layer count, tensor names and shapes;
-the vocabulary dimension of embeddings and LM head may differ and is cropped by the planner).
+`Source.open(path)` reads `config.json` and the safetensors headers (`model.safetensors` if present, else the shards
+of `model.safetensors.index.json`: the precedence of transformers' `from_pretrained`) and nothing else, and keeps each
+weights file open. It checks the config's core fields and the header shapes against the config (engine/validate.py),
+then asks transformers (engine/arch.py) how the architecture turns those tensors into model parameters, so a tensor no
+parameter takes, or a parameter no tensor feeds, is a `CheckpointError` at open time. `Source.get(name)` reads the
+tensor from its file (`engine/reader.py`: `pread` into a fresh buffer, after checking that the file still is the one
+the source was opened with; `SourceUnavailable` otherwise). Pickle checkpoints (`*.bin`, `*.pt`) are refused.
+`check_compatible` compares sources with each other (architecture, layer count, tensor names and shapes; the
+vocabulary dimension of embeddings and LM head may differ and is cropped by the planner; a tied and an untied output
+head may be mixed).
 """
 
 from __future__ import annotations
@@ -20,17 +24,13 @@ from pathlib import Path
 import torch
 
 from . import validate
+from .arch import Architecture, analyze
+from .errors import CheckpointError
 from .reader import FileReader, ReaderSet, SourceChanged
 
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be used; the message names the folder and what is wrong."""
 
 
 class SourceUnavailable(CheckpointError):
@@ -98,6 +98,7 @@ class Source:
     fingerprint: str
     name: str = ""  # the name a SourceSet registered it under ("" until then)
     _readers: ReaderSet = field(default_factory=ReaderSet, repr=False)
+    _layout: Architecture | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Source":
@@ -115,24 +116,19 @@ class Source:
             raise CheckpointError(f"{path}: config.json is not UTF-8 text") from None
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read config.json ({e.strerror})") from None
-        try:
-            validate.check_config(path, config)  # an object, with well-typed core fields
-        except validate.CheckpointError as e:
-            raise CheckpointError(str(e)) from None
-        archs = config.get("architectures") or []
-        if not archs or archs[0] not in SUPPORTED_ARCHS:
-            raise CheckpointError(f"{path}: architecture {archs[:1] or '(none)'} is not supported; "
-                                  f"supported: {', '.join(SUPPORTED_ARCHS)}")
+        validate.check_config(path, config)  # an object, with a model_type and well-typed core fields
         index = path / "model.safetensors.index.json"
         single = path / "model.safetensors"
-        if index.exists():
+        if single.exists():  # transformers' precedence: the single file wins over an index
+            weight_map, files = None, ["model.safetensors"]
+        elif index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, OSError):
                 raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: not a valid safetensors index (weight_map is not names to files)")
             files = sorted(set(weight_map.values()))
-        elif single.exists():
-            weight_map, files = None, ["model.safetensors"]
         else:
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             if pickles:
@@ -167,15 +163,13 @@ class Source:
         if weight_map is not None:
             missing = [n for n in weight_map if n not in tensors]
             if missing:
+                readers.close()
                 raise CheckpointError(f"{path}: tensor {missing[0]!r} is in the index but not in its shard")
         h.update(json.dumps(config, sort_keys=True).encode())
         src = cls(path, config, tensors, h.hexdigest()[:16], _readers=readers)
         try:
-            src._check_layout()
             validate.check_shapes(path, config, {n: i.shape for n, i in tensors.items()})  # headers vs config
-        except validate.CheckpointError as e:
-            readers.close()
-            raise CheckpointError(str(e)) from None
+            src._check_layout()  # every tensor feeds a parameter and every parameter has one (engine/arch.py)
         except CheckpointError:
             readers.close()
             raise
@@ -184,27 +178,41 @@ class Source:
     # -- facts ------------------------------------------------------------------------------------------------
     @property
     def arch(self) -> str:
-        return self.config["architectures"][0]
+        return (self.config.get("architectures") or [self.config["model_type"]])[0]
+
+    @property
+    def layout(self) -> Architecture:
+        """How transformers builds this checkpoint's model (engine/arch.py): layers, embeddings, head, conversions."""
+        if self._layout is None:
+            self._layout = analyze(self.config, {n: i.shape for n, i in self.tensors.items()}, str(self.path))
+        return self._layout
 
     @property
     def num_layers(self) -> int:
-        return int(self.config["num_hidden_layers"])
+        return self.layout.num_layers
+
+    @property
+    def embed_name(self) -> str:
+        return self.layout.embed_key
+
+    @property
+    def head_name(self) -> str:
+        """The tensor this checkpoint's output head reads: its own head, or its embedding when tied."""
+        lay = self.layout
+        return lay.head_key if lay.head_key is not None else lay.embed_key
 
     @property
     def vocab_size(self) -> int:
-        return self.tensors["model.embed_tokens.weight"].shape[0]
+        return self.tensors[self.embed_name].shape[0]
 
     @property
     def tied_embeddings(self) -> bool:
-        return "lm_head.weight" not in self.tensors
+        return self.layout.head_key is None
 
     def _check_layout(self) -> None:
-        for name in ("model.embed_tokens.weight", "model.norm.weight"):
-            if name not in self.tensors:
-                raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
-        for i in range(self.num_layers):
-            if f"model.layers.{i}.self_attn.q_proj.weight" not in self.tensors:
-                raise CheckpointError(f"{self.path}: layer {i} is missing (config says {self.num_layers} layers)")
+        lay = self.layout  # raises CheckpointError naming an unused tensor or a parameter without one
+        if lay.embed_key is None:
+            raise CheckpointError(f"{self.path}: {lay.class_name} has no input embedding matrix")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape
@@ -254,19 +262,21 @@ def check_compatible(sources: dict[str, Source]) -> None:
             if src.config.get(key) != ref.config.get(key):
                 raise CheckpointError(f"source {name!r}: config {key}={src.config.get(key)} differs from "
                                       f"{ref_name!r} ({ref.config.get(key)})")
+        vocab = set(ref.layout.vocab_keys) | set(src.layout.vocab_keys)
+        heads = {k for k in (ref.layout.head_key, src.layout.head_key) if k is not None}
         for t, info in ref.tensors.items():
-            if t == "lm_head.weight" and src.tied_embeddings:
+            if t in heads and src.tied_embeddings:
                 continue
             other = src.tensors.get(t)
             if other is None:
                 raise CheckpointError(f"source {name!r}: tensor {t!r} is missing (present in {ref_name!r})")
-            if t in VOCAB_TENSORS:
+            if t in vocab:
                 if other.shape[1:] != info.shape[1:]:
                     raise CheckpointError(f"source {name!r}: tensor {t!r} has shape {list(other.shape)}, "
                                           f"{ref_name!r} has {list(info.shape)}")
             elif other.shape != info.shape:
                 raise CheckpointError(f"source {name!r}: tensor {t!r} has shape {list(other.shape)}, "
                                       f"{ref_name!r} has {list(info.shape)}")
-        extra = [t for t in src.tensors if t not in ref.tensors and t != "lm_head.weight"]
+        extra = [t for t in src.tensors if t not in ref.tensors and t not in heads]
         if extra:
             raise CheckpointError(f"source {name!r}: tensor {extra[0]!r} is not in {ref_name!r}")

@@ -22,7 +22,7 @@ def _cmd_merge(args) -> int:
 def _open_model(args):
     from .api import Engine
 
-    eng = Engine(device=args.device)
+    eng = Engine(device=args.device, threads=args.threads)
     return eng, eng.compile(Path(args.recipe))
 
 
@@ -61,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("recipe")
         p.add_argument("prompt" if name == "generate" else "text")
         p.add_argument("--device", default="cpu")
+        p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs this process may "
+                       "use, or $LAZYMERGE_THREADS)")
         if name == "generate":
             p.add_argument("--max-tokens", type=int, default=64)
             p.add_argument("--temperature", type=float, default=0.0)

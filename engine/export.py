@@ -1,7 +1,10 @@
 """Export a recipe as a standalone Hugging Face checkpoint, streaming tensor by tensor.
 
 `export(plan, out_dir)` writes config.json, sharded `model-XXXXX-of-YYYYY.safetensors` with an index (or one
-`model.safetensors` when it fits one shard), and the tokenizer files of the recipe's tokenizer source. At most one
+`model.safetensors` when it fits one shard), and the tokenizer: the files of the recipe's tokenizer source, or the
+merged tokenizer (engine/vocab.py) saved by transformers, with `vocab_size` in config.json set to the output
+vocabulary's rows; `generation_config.json` comes from the same source as the tokenizer, so that its token ids
+(`eos_token_id`...) refer to the tokenizer written beside it. At most one
 shard's worth of merged tensors is held in memory at a time, never the whole model. Layer paths whose hops scale the
 hidden state cannot be expressed as a plain checkpoint and are refused (scales of 1 export as layer stacking).
 """
@@ -21,7 +24,7 @@ from .recipe import RecipeError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
+                   "chat_template.jinja", "vocab.json", "merges.txt")
 
 
 def export(plan: ModelPlan, out_dir: str | Path, merger: Merger | None = None, shard_bytes: int = 2 << 30,
@@ -60,12 +63,16 @@ def export(plan: ModelPlan, out_dir: str | Path, merger: Merger | None = None, s
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    cfg = dict(plan.config)
-    cfg["tie_word_embeddings"] = "lm_head.weight" not in plan.tensors
+    cfg = dict(plan.config)  # the planner sets tie_word_embeddings: tied iff no output head tensor is written
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tok_dir = plan.sources[plan.tokenizer_source].path
-    for f in TOKENIZER_FILES:
-        if (tok_dir / f).exists():
-            shutil.copy(tok_dir / f, out / f)
+    if plan.vocab is not None and plan.vocab.tokenizer is not None:
+        plan.vocab.tokenizer.save_pretrained(str(out))
+    else:
+        for f in TOKENIZER_FILES:
+            if (tok_dir / f).exists():
+                shutil.copy(tok_dir / f, out / f)
+    if (tok_dir / "generation_config.json").exists():
+        shutil.copy(tok_dir / "generation_config.json", out / "generation_config.json")
     (out / "lazymerge_recipe.yaml").write_text(plan.recipe.to_yaml())
     return out

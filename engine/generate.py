@@ -2,9 +2,11 @@
 stop strings, max tokens and EOS. Each row of a batch has its own sampling settings.
 
 `stream(model, prompts, params)` yields, after every decoding step, the list of `Delta`s (new text per row, and
-whether the row finished). Text that might be the beginning of a stop string, or that ends in a partly decoded
-multi-byte character (byte-level tokenizers), is held back until it is certain, so what is streamed never has to
-be taken back. `generate` collects the stream into `Completion`s.
+whether the row finished). The text is the decode of the new tokens in the context of the prompt (a SentencePiece
+leading space survives: prompt text + completion text == the decode of prompt + completion), produced
+incrementally (`detokenize`: O(1) per token, not a re-decode of the row). Text that might be the beginning of a
+stop string, or that ends in a partly decoded multi-byte character (byte-level tokenizers), is held back until it
+is certain, so what is streamed never has to be taken back. `generate` collects the stream into `Completion`s.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+
+from .detokenize import IncrementalDetokenizer
 
 
 class UsageError(ValueError):
@@ -26,6 +30,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # report each sampled token's log-probability and its top-k alternatives (k >= 0)
 
     def __post_init__(self):
         if self.max_tokens < 0:
@@ -43,6 +48,8 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" once finished
+    eos_token: int | None = None  # the EOS token that ended the row (not in token_ids, not in the text)
+    logprobs: list[tuple[float, dict[int, float]]] | None = None  # per token of token_ids: (logprob, top-k)
 
 
 @dataclass
@@ -82,7 +89,9 @@ def stream(model, prompts: list[list[int]], params: list[SamplingParams]) -> Ite
         else:
             gens.append(None)
     out_ids: list[list[int]] = [[] for _ in range(B)]
-    sent = [0] * B
+    detok = [IncrementalDetokenizer(tok, p) for p in prompts]
+    held = [""] * B  # decoded text not yet streamed: it might be the start of a stop string
+    longest = [max((len(s) for s in p.stop), default=0) for p in params]
     done = [p.max_tokens == 0 for p in params]
     if all(done):
         yield [Delta(i, "", [], "length") for i in range(B)]
@@ -98,27 +107,31 @@ def stream(model, prompts: list[list[int]], params: list[SamplingParams]) -> Ite
                 continue
             t = _sample(logits[i].float(), params[i], gens[i])
             next_tokens.append(t)
+            lps = None
+            if params[i].logprobs is not None and t not in eos:  # the model's distribution, before temperature
+                lp = torch.log_softmax(logits[i].float(), dim=-1)
+                v, k = lp.topk(min(params[i].logprobs, lp.shape[-1])) if params[i].logprobs else (lp[:0], lp[:0])
+                lps = [(float(lp[t]), dict(zip(k.tolist(), v.tolist())))]
             reason = None
             if t in eos:
                 reason = "stop"
+                new = detok[i].flush()
             else:
                 out_ids[i].append(t)
-            text = tok.decode(out_ids[i], skip_special_tokens=True)
-            stops = params[i].stop
-            hit = min((text.find(s) for s in stops if s in text), default=-1)
+                if len(out_ids[i]) >= params[i].max_tokens:
+                    reason = "length"
+                new = detok[i].push(t) + (detok[i].flush() if reason else "")
+            # no stop string starts in the text already streamed (see `safe`), so the held text plus the new
+            # text is all that needs searching: O(longest stop + new text) per step
+            text = held[i] + new
+            hit = min((text.find(s) for s in params[i].stop if s in text), default=-1)
             if hit >= 0:
                 text, reason = text[:hit], "stop"
-            elif reason is None and len(out_ids[i]) >= params[i].max_tokens:
-                reason = "length"
-            safe = len(text) if reason or not stops else max(sent[i], len(text) - max(len(s) for s in stops) + 1)
-            if not reason:  # a token may end inside a multi-byte character: wait for the rest of it
-                while safe > sent[i] and text[safe - 1] == "\ufffd":
-                    safe -= 1
-            piece = text[sent[i]:safe]
-            sent[i] = max(sent[i], safe)
+            safe = len(text) if reason else max(0, len(text) - longest[i] + 1) if longest[i] else len(text)
+            piece, held[i] = text[:safe], text[safe:]
             if reason:
                 done[i] = True
-            deltas.append(Delta(i, piece, [t] if t not in eos else [], reason))
+            deltas.append(Delta(i, piece, [t] if t not in eos else [], reason, t if t in eos else None, lps))
         if deltas:
             yield deltas
         if all(done):

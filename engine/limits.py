@@ -27,6 +27,8 @@ MAX_MODELS = 64  # models of one group (`models:`, or one slice's `sources:`)
 MAX_SLICES = 1024
 MAX_DEFINITIONS = 32
 MAX_NAME_CHARS = 1024  # a model reference: a source name or a registered path
+MAX_TOKEN_CHARS = 1024  # a token string of a recipe's `tokenizer.tokens` section
+MAX_TOKEN_OVERRIDES = 4096  # entries of `tokenizer.tokens`
 MAX_MESSAGE_CHARS = 2000  # any error message that may quote user input
 
 

@@ -4,12 +4,16 @@
 lookups). It splits the work as the kernels want it:
 
 1. `spec(plan)`: the `MergeSpec` scalars of the tensor (TIES / breadcrumbs cut thresholds, DARE/DELLA mask keys,
-   L1 rescale factors, slerp coefficients), cached by the plan's content key. The cut of any density comes from a
-   per-(source, tensor) *magnitude order* (|delta| sorted once, stable, descending, with the flat indices), so a
-   new density costs a lookup, not a sort: the kept set is exactly the first k = int(density * numel) of that order,
-   i.e. mergekit's top-k with ties at the cut broken towards the lower flat index. DELLA's per-row ranks are cached
-   the same way.
-2. `kernels.merge.merge(...)`: the elementwise pass (Triton on CUDA, the PyTorch reference on CPU).
+   L1 rescale factors, slerp coefficients), cached by the plan's content key. The cut of any density is an exact
+   radix select (`cuts`, kernels/select.py): the kept set is exactly the first k = int(density * numel) of the stable
+   descending |delta| order, i.e. mergekit's top-k with ties at the cut broken towards the lower flat index, found
+   without sorting. Statistics kept per (source, tensor) are O(1) in the tensor's size (a 128 KiB first-digit
+   histogram for large tensors; slerp's three norms); DELLA's per-row ranks are computed inside the merge pass.
+2. `kernels.merge.merge(...)`: the elementwise pass (Triton on CUDA, the fused compiled loop on CPU, the PyTorch
+   reference as the oracle).
+   The other mergekit methods keep no per-element statistic either: the spherical ones and model_stock cache the
+   inputs' Gram matrix (O(rows * n^2), engine/method_stats.py), sce computes its variance cut through `_topk_cut` and
+   drops the variance, arcee_fusion keeps a per-row KL, ramplus_tl a factor per model.
 
 Source tensors are read through `TensorStore`: zero-copy views of the memory-mapped files on the CPU, one resident
 copy per source tensor on a GPU.
@@ -23,13 +27,18 @@ from collections import OrderedDict
 
 import torch
 
-from lazymerge.kernels import merge_cpu
-from lazymerge.kernels.merge import MergeSpec, keep_mask
+from lazymerge.kernels import merge_cpu, select
+from lazymerge.kernels.merge import MergeSpec, l1_sums, row_ranks, row_view
 from lazymerge.kernels.merge import merge as merge_kernel
 from lazymerge.kernels.rng import MAX_INDEX, mask_keys
 
+from . import method_specs
+from . import method_stats as ms
 from .methods import Family, Sparsify
 from .plan import SourceSet, TensorPlan, TensorRef
+from .rowmap import gather
+
+KEEP_HISTOGRAM_FROM = 1 << 18  # elements: smaller tensors recompute their first histogram (cheaper than keeping it)
 
 
 class LRU:
@@ -91,20 +100,32 @@ class TensorStore:
         self._resident: dict[tuple[str, str], torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def get(self, ref: TensorRef) -> torch.Tensor:
+    def raw(self, source: str, name: str) -> torch.Tensor:
+        """Tensor `name` of `source` as stored (a memory-mapped view on the CPU, the resident copy on a GPU)."""
         if self.device.type == "cpu":
-            t = self.sources[ref.source].get(ref.name)
-        else:
-            key = (self.sources[ref.source].fingerprint, ref.name)
-            with self._lock:
-                t = self._resident.get(key)
-                if t is None:
-                    t = self._resident[key] = self.sources[ref.source].get(ref.name).to(self.device)
+            return self.sources[source].get(name)
+        key = (self.sources[source].fingerprint, name)
+        with self._lock:
+            t = self._resident.get(key)
+            if t is None:
+                t = self._resident[key] = self.sources[source].get(name).to(self.device)
+        return t
+
+    def get(self, ref: TensorRef) -> torch.Tensor:
+        """The input tensor `ref` denotes: cropped, or re-indexed into a merged vocabulary (a new tensor)."""
+        t = self.raw(ref.source, ref.name)
+        if ref.vocab is not None:
+            return gather(ref.vocab, t, self.raw)
         return t[: ref.rows] if ref.rows is not None else t
 
     def clear(self) -> None:
         with self._lock:
             self._resident.clear()
+    def rows(self, ref: TensorRef, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (1-D int64) of `get(ref)`, reading only those rows."""
+        if ref.vocab is not None:
+            return gather(ref.vocab, self.raw(ref.source, ref.name), self.raw, rows)
+        return self.get(ref)[rows]
 
     def resident_bytes(self) -> int:
         return sum(_nbytes(t) for t in self._resident.values())
@@ -119,38 +140,43 @@ class Merger:
         self.specs = LRU(spec_entries, lambda v: 1)
 
     # -- statistics per (source, tensor), independent of the recipe's numbers --------------------------------
-    def _delta(self, base: TensorRef, x: TensorRef) -> torch.Tensor:
-        return self.store.get(x).float() - self.store.get(base).float()
-
     def _stat_key(self, kind: str, base: TensorRef, x: TensorRef) -> tuple:
         S = self.store.sources
-        return (kind, S[base.source].fingerprint, base.name, base.rows, S[x.source].fingerprint, x.name, x.rows)
+        return (kind, S[base.source].fingerprint, base.name, base.rows, base.vocab and base.vocab.key,
+                S[x.source].fingerprint, x.name, x.rows, x.vocab and x.vocab.key)
 
-    def magnitude_order(self, base: TensorRef, x: TensorRef) -> tuple[torch.Tensor, torch.Tensor]:
-        """|delta| sorted descending (stable: ties by increasing flat index), and the flat indices (int32)."""
-        key = self._stat_key("order", base, x)
-        v = self.stats.get(key)
-        if v is None:
-            d = self._delta(base, x).reshape(-1).abs_()
-            vals, idx = torch.sort(d, descending=True, stable=True)
-            v = (vals, idx.to(torch.int32))
-            self.stats.put(key, v)
-        return v
+    def cuts(self, base: TensorRef, x: TensorRef, ks) -> list[tuple[float, int]]:
+        """Exact (threshold, tie cutoff) of the top-k cut of |x - base| for each k in `ks` (kernels/select.py).
 
-    def della_ranks(self, base: TensorRef, x: TensorRef) -> torch.Tensor:
-        """Per-row rank of |delta| (ascending, stable) normalized to [0, 1], as float32 of the tensor's shape."""
-        key = self._stat_key("della", base, x)
-        v = self.stats.get(key)
-        if v is None:
-            d = self._delta(base, x)
-            d2 = d.abs().reshape(1, -1) if d.dim() < 2 else d.abs().reshape(d.shape[0], -1)
-            order = torch.argsort(d2, dim=1, stable=True)
-            ranks = torch.empty_like(order)
-            ranks.scatter_(1, order, torch.arange(d2.shape[1], device=d2.device).expand_as(order))
-            n = d2.shape[1]
-            v = (ranks.float() / (n - 1) if n > 1 else torch.zeros_like(d2)).reshape(d.shape)
-            self.stats.put(key, v)
-        return v
+        The one route of every magnitude cut (TIES, breadcrumbs, sce). A radix select over the bit patterns of
+        |delta|: no sort, O(1) extra memory per element. The first-digit histogram of a large tensor (2**15 int32
+        counts, 128 KiB, whatever the tensor's size) is kept per (source, tensor) so that a new density costs one
+        pass over base and source (plus a counting pass when a tie straddles the cut)."""
+        b, xx = self.store.get(base), self.store.get(x)
+        key = self._stat_key("top", base, x)
+        top = self.stats.get(key)
+        if top is None:
+            top = select.first_histogram(b, xx)
+            if xx.numel() >= KEEP_HISTOGRAM_FROM:
+                self.stats.put(key, top.to(torch.int32) if xx.numel() < 2**31 else top)
+        return select.topk_cuts(b, xx, ks, top=top.long())
+
+    def della_ranks(self, base: TensorRef, x: TensorRef, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row rank of |delta| (ascending, stable) normalized to [0, 1], float32 of the tensor's shape (or of
+        its `rows`). Transient, never cached (O(elements)): the GPU kernels read it; the CPU paths compute the
+        same ranks row block by row block inside the merge pass (kernels.merge.row_ranks)."""
+        b, xx = self.store.get(base), self.store.get(x)
+        if rows is not None:
+            b, xx = b[rows], xx[rows]
+        d = xx.float() - b.float()
+        return row_ranks(d.abs().reshape(row_view(d.shape))).reshape(d.shape)
+
+    def aux(self, plan: TensorPlan, spec: MergeSpec, rows: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+        """The kernel's per-source aux tensors (DELLA ranks) where the backend cannot form them in its pass
+        (the Triton kernels); None on the CPU paths, which compute them per row block."""
+        if spec.mode != "delta" or spec.keep != "della" or self.store.device.type == "cpu":
+            return None
+        return [self.della_ranks(plan.base, x, rows) for x in plan.inputs]
 
     # -- per-tensor scalars ------------------------------------------------------------------------------------
     def spec(self, plan: TensorPlan) -> tuple[MergeSpec, list[torch.Tensor] | None]:
@@ -167,6 +193,8 @@ class Merger:
             return MergeSpec("combine", coeffs=p.weights, divisor=sum(p.weights) if p.normalize else 1.0), None
         if p.family is Family.slerp:
             return MergeSpec("combine", coeffs=self._slerp_coeffs(p)), None
+        if p.family is not Family.task_arithmetic:
+            return method_specs.prepare(self, p)
         n = len(p.inputs)
         numel = math.prod(p.shape)
         if numel >= MAX_INDEX:
@@ -175,13 +203,13 @@ class Merger:
         if p.sparsify is Sparsify.none or n == 0:
             return MergeSpec("delta", keep="all", scales=(1.0,) * n, **common), None
         if p.sparsify in (Sparsify.magnitude, Sparsify.breadcrumbs):
-            t_in, c_in, t_out, c_out, scales = [], [], [], [], []
+            t_in, c_in, t_out, c_out = [], [], [], []
             for i, x in enumerate(p.inputs):
                 dens = p.densities[i]
                 if dens >= 1:
                     k_in, k_out = numel, 0
                 elif p.sparsify is Sparsify.magnitude:
-                    k_in, k_out = int(dens * numel), 0
+                    k_in, k_out = max(1, int(dens * numel)), 0  # mergekit keeps at least one element
                 else:
                     target, n_top = int(dens * numel), int(p.gammas[i] * numel)
                     n_bot = numel - target - n_top
@@ -189,54 +217,42 @@ class Merger:
                         n_top += n_bot
                     k_in, k_out = n_top + target, n_top
                 if k_in >= numel and k_out == 0:
-                    t_in.append(-1.0), c_in.append(-1), t_out.append(math.inf), c_out.append(-1), scales.append(1.0)
+                    t_in.append(-1.0), c_in.append(-1), t_out.append(math.inf), c_out.append(-1)
                     continue
-                vals, idx = self.magnitude_order(p.base, x)
-                ti, ci = _cut(vals, idx, k_in)
-                to, co = _cut(vals, idx, k_out) if k_out > 0 else (math.inf, -1)
+                (ti, ci), (to, co) = self.cuts(p.base, x, (k_in, k_out))
                 t_in.append(ti), c_in.append(ci), t_out.append(to), c_out.append(co)
-                scale = 1.0
-                if p.rescale:
-                    before = float(vals.sum())
-                    after = float(vals[k_out:k_in].sum())
-                    scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
-                scales.append(scale)
-            return MergeSpec("delta", keep="topk", t_in=tuple(t_in), c_in=tuple(c_in), t_out=tuple(t_out),
-                             c_out=tuple(c_out), scales=tuple(scales), **common), None
+            spec = MergeSpec("delta", keep="topk", t_in=tuple(t_in), c_in=tuple(c_in), t_out=tuple(t_out),
+                             c_out=tuple(c_out), scales=(1.0,) * n, **common)
+            if p.rescale:  # L1 norms of the delta before/after the cut, one pass each source (mergekit sparsify.py)
+                spec = _replace(spec, scales=tuple(
+                    1.0 if t_in[i] < 0 and t_out[i] == math.inf else self._l1_scale(spec, i, p.base, x)
+                    for i, x in enumerate(p.inputs)))
+            return spec, None
         # random masks: DARE, DELLA
         mask_name = p.mask_name or p.out_name
         keys = tuple(mask_keys(p.seed, mask_name, i) for i in range(n))
         if p.sparsify is Sparsify.random:
             spec = MergeSpec("delta", keep="random", densities=tuple(min(d, 1.0) for d in p.densities),
                              keys=keys, scales=(1.0,) * n, **common)
-            aux = None
         else:
             eps = tuple(0.0 if d >= 1 else e for d, e in zip(p.densities, p.epsilons))
             spec = MergeSpec("delta", keep="della", densities=tuple(min(d, 1.0) for d in p.densities), eps=eps,
                              keys=keys, scales=(1.0,) * n, **common)
-            aux = [self.della_ranks(p.base, x) for x in p.inputs]
         if p.rescale:
             spec = _replace(spec, scales=tuple(
-                1.0 if p.densities[i] >= 1 else self._l1_scale(spec, i, p.base, x, None if aux is None else aux[i])
-                for i, x in enumerate(p.inputs)))
-        return spec, aux
+                1.0 if p.densities[i] >= 1 else self._l1_scale(spec, i, p.base, x) for i, x in enumerate(p.inputs)))
+        return spec, None
 
-    def _l1_scale(self, spec: MergeSpec, i: int, base: TensorRef, x: TensorRef, aux_i) -> float:
-        if self.cpu_fused and self.store.device.type == "cpu":
-            before, after = merge_cpu.l1_sums_fused(self.store.get(base), self.store.get(x), spec, i, aux_i)
-            return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
-        b = self.store.get(base).reshape(-1)
-        xx = self.store.get(x).reshape(-1)
-        a = aux_i.reshape(-1) if aux_i is not None else None
-        before = after = 0.0
-        step = 1 << 20
-        for s in range(0, b.numel(), step):
-            e = min(b.numel(), s + step)
-            d = xx[s:e].float() - b[s:e].float()
-            idx = torch.arange(s, e, device=d.device)
-            k = keep_mask(spec, i, d, idx, None if a is None else a[s:e])
-            before += float(d.abs().sum())
-            after += float((d * k).abs().sum())
+    def _l1_scale(self, spec: MergeSpec, i: int, base: TensorRef, x: TensorRef) -> float:
+        """L1 rescale factor of source i: sum |delta| / sum |delta * keep| (1 if either is < 1e-7; mergekit
+        sparsify.py `rescaled_masked_tensor`), both sums in float64 over one pass."""
+        b, xx = self.store.get(base), self.store.get(x)
+        sums = merge_cpu.l1_sums_fused(b, xx, spec, i) if self.cpu_fused and self.store.device.type == "cpu" else None
+        if sums is not None:
+            before, after = sums
+        else:
+            aux_i = None if spec.keep != "della" else self.della_ranks(base, x)
+            before, after = l1_sums(b, xx, spec, i, aux_i)
         return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
     def _slerp_coeffs(self, p: TensorPlan) -> tuple[float, float]:
@@ -258,37 +274,58 @@ class Merger:
         theta_t = theta0 * t
         return (math.sin(theta0 - theta_t) / s_t0, math.sin(theta_t) / s_t0)
 
+    # -- nuslerp, multislerp, karcher, model_stock, sce, arcee_fusion, nearswap, ram ---------------------------------
+    def _gram(self, refs: tuple[TensorRef, ...], base: TensorRef | None, layout: str) -> torch.Tensor:
+        """Gram matrix of the inputs (or of their deltas to `base`), cached: O(rows * n^2), independent of the
+        recipe's numbers (a new weight costs no pass over the tensors)."""
+        S = self.store.sources
+        key = ("gram", layout, None if base is None else (S[base.source].fingerprint, base.name, base.rows)) + tuple(
+            (S[r.source].fingerprint, r.name, r.rows) for r in refs)
+        G = self.stats.get(key)
+        if G is None:
+            b = self.store.get(base) if base is not None else None
+            G = ms.gram([self.store.get(r) for r in refs], b, layout)
+            self.stats.put(key, G)
+        return G
+
+    def _topk_cut(self, scores: torch.Tensor, k: int) -> tuple[float, int]:
+        """(threshold, tie cutoff index) selecting exactly the k largest of the flat float32 `scores`, ties at the
+        cut going to the lower flat index (the rule of `keep_mask`'s top-k). Every top-k cut of a statistic that is
+        not cached (sce's variance) goes through here: a selection (kthvalue + counts), no sort."""
+        m = scores.numel()
+        if k <= 0:
+            return math.inf, -1
+        if k >= m:
+            return -1.0, -1
+        t = float(torch.kthvalue(scores.reshape(-1), m - k + 1).values)
+        above = int((scores > t).sum())
+        eq = (scores.reshape(-1) == t).nonzero().reshape(-1)
+        need = k - above
+        if need == eq.numel():
+            return t, MAX_INDEX
+        return t, int(eq[need - 1])
+
     # -- the merge ---------------------------------------------------------------------------------------------
     def merge(self, plan: TensorPlan, rows: torch.Tensor | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 merged tensor of `plan` (only `rows` of it, if given: embedding lookups)."""
-        spec, aux = self.spec(plan)
-        base = self.store.get(plan.base) if plan.base is not None else None
-        xs = [self.store.get(r) for r in plan.inputs]
+        spec, aux = self.spec(plan)  # aux from the statistics: per-row data of the newer methods (method_specs.py)
+        della = self.aux(plan, spec, rows)  # DELLA ranks for the GPU kernels, already of `rows` only
+        get = self.store.get if rows is None else (lambda r: self.store.rows(r, rows))  # noqa: E731
+        base = get(plan.base) if plan.base is not None else None
+        xs = [get(r) for r in plan.inputs]
         index = None
         if rows is not None:
             width = math.prod(plan.shape[1:])
-            xs = [x[rows] for x in xs]
-            base = base[rows] if base is not None else None
-            aux = [a[rows] for a in aux] if aux is not None else None
-            if spec.mode == "delta" and spec.keep != "all":
+            aux = [a[rows] for a in aux] if aux is not None and not spec.aux_per_row else aux
+            if spec.needs_index:
                 index = rows.reshape(-1, 1) * width + torch.arange(width, device=rows.device)
                 index = index.reshape(xs[0].shape)
+        if della is not None:
+            aux = della
         if spec.mode == "delta" and not xs:
             return base.float() if out is None else out.copy_(base)
         return merge_kernel(base, xs, spec, aux=aux, index=index, out=out, cpu_fused=self.cpu_fused)
-
-
-def _cut(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[float, int]:
-    """(threshold, tie cutoff index) selecting exactly the first k elements of a magnitude order."""
-    if k <= 0:
-        return math.inf, -1
-    if k >= vals.numel():
-        return -1.0, -1
-    t = float(vals[k - 1])
-    if float(vals[k]) != t:  # no element equal to t lies past the cut: keep all of them (a fast path)
-        return t, MAX_INDEX
-    return t, int(idx[k - 1])
 
 
 def _replace(spec: MergeSpec, **kw) -> MergeSpec:

@@ -13,16 +13,15 @@ import dataclasses
 
 from .methods import Family
 from .plan import (
-    LAYER_RE,
     ModelPlan,
     SourceSet,
     TensorPlan,
     TensorRef,
     _dtype_of,
     _fix_config,
-    _layer_names,
     _Planner,
     _tokenizer_source,
+    check_output,
 )
 from .plan import _merge_plan as merge_plan
 from .recipe import Recipe, RecipeError
@@ -46,39 +45,41 @@ def path_plan(recipe: Recipe, S: SourceSet) -> ModelPlan:
             tensors[out_name] = _renamed(P, defs[m].tensors[in_name], out_name)
         else:
             src = S[m]
-            if in_name == "lm_head.weight" and src.tied_embeddings:
-                in_name = "model.embed_tokens.weight"
+            if in_name not in src.tensors and in_name == src.layout.head_key:
+                in_name = src.embed_name
             tensors[out_name] = P.finish(TensorPlan(out_name, Family.passthrough, "passthrough", src.shape(in_name),
                                                     None, (TensorRef(m, in_name),), weights=(1.0,)))
 
     def n_layers(kind, m):
         return defs[m].num_layers if kind == "def" else S[m].num_layers
 
-    tied = head_cfg.get("tie_word_embeddings", False) and (head_kind == "def" or S[head].tied_embeddings)
-    take("model.embed_tokens.weight", head_kind, head, "model.embed_tokens.weight", "base_model")
+    def layout(kind, m):
+        return defs[m].layout if kind == "def" else S[m].layout
+
+    head_lay = layout(head_kind, head)
+    for name in head_lay.pre_keys:
+        take(name, head_kind, head, name, "base_model")
     scales, origin = [], []
     out = 0
     for hi, hop in enumerate(recipe.path):
         where = f"path[{hi}]"
         kind, m = model_of(hop.model, f"{where}.model")
+        lay = layout(kind, m)
         layers = hop.layers()
         if layers.stop > n_layers(kind, m):  # checked on the range's bounds, before any hop is expanded
             raise RecipeError(f"{where}: layer {layers.stop - 1} is out of bounds: {hop.model!r} has "
                               f"{n_layers(kind, m)} layers")
         for layer in layers:
-            names = (list(k for k in defs[m].tensors if k.startswith(f"model.layers.{layer}."))
-                     if kind == "def" else _layer_names(S[m], layer))
-            for name in names:
-                suffix = LAYER_RE.match(name).group(2)
-                take(f"model.layers.{out}.{suffix}", kind, m, name, where)
+            for name in lay.layer_keys[layer]:
+                take(lay.rename_layer(name, out), kind, m, name, where)
             scales.append(float(hop.scale))
             origin.append(layer)
             out += 1
-    take("model.norm.weight", head_kind, head, "model.norm.weight", "base_model")
-    if not tied:
-        take("lm_head.weight", head_kind, head, "lm_head.weight", "base_model")
+    for name in head_lay.post_keys:
+        take(name, head_kind, head, name, "base_model")
     cfg = dict(head_cfg)
     cfg["num_hidden_layers"] = out
+    cfg["tie_word_embeddings"] = head_lay.tied
     if head_kind == "def":
         dtype = recipe.dtype or defs[head].dtype
         tok = defs[head].tokenizer_source if recipe.tokenizer_source in (None, "base") else \
@@ -86,7 +87,9 @@ def path_plan(recipe: Recipe, S: SourceSet) -> ModelPlan:
     else:
         dtype = recipe.dtype or _dtype_of(head_cfg)
         tok = _tokenizer_source(recipe, S, head)
-    return ModelPlan(recipe, _fix_config(cfg, dtype, origin), tensors, scales, tok, dtype, S)
+    vocab = defs[head].vocab if head_kind == "def" and recipe.tokenizer_source in (None, "base") else None
+    plan = ModelPlan(recipe, _fix_config(cfg, dtype, origin), tensors, scales, tok, dtype, S, vocab=vocab)
+    return check_output(plan, "path")
 
 
 def _renamed(P: _Planner, p: TensorPlan, out_name: str) -> TensorPlan:

@@ -11,26 +11,30 @@ Conventions (documented in README):
   first slice's sources, final norm and LM head from the last slice's; all non-layer tensors use t = 0 (a
   gradient's first value).
 * `path`: see engine/path.py (one output layer per hop; scales on the hidden state entering a hop).
-* Vocabulary: the output vocabulary is the reference model's (base_model, else the first model); larger
-  embeddings / LM heads are cropped to it (as mergekit does), smaller ones are an error.
+* Tensor names are the checkpoints' own; which tensors form decoder layer i, which come before / after the layers,
+  and which are the embedding and output head come from transformers (engine/arch.py, `Source.layout`). The planned
+  output must be exactly what its architecture loads (`check_output`). An output head is planned when any source of
+  the merge has an untied one (a tied source contributes its embedding), as mergekit's optional `lm_head`.
+* Vocabulary: with `tokenizer_source` / `tokenizer:`, every source's embedding and LM head is re-indexed into the
+  merged vocabulary by token string (engine/vocab.py, mergekit's rules); without, the output vocabulary is the
+  reference model's (base_model, else the first model): larger embeddings / LM heads are cropped to it (mergekit's
+  `unsafe_truncate_embeddings`), smaller ones are an error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .arch import Architecture, analyze
 from .checkpoint import CheckpointError, Source, check_compatible
-from .methods import SPARSIFY_PARAMS, Family, Sparsify
+from .methods import SPARSIFY_PARAMS, TENSOR_PARAMS, Family, Sparsify, global_params
 from .params import resolve
 from .recipe import Recipe, RecipeError, load_recipe
-
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-PRE_TENSORS = ("model.embed_tokens.weight",)
-POST_TENSORS = ("model.norm.weight", "lm_head.weight")
+from .rowmap import RowMap
+from .vocab import OutputVocab, output_vocab, row_maps
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class TensorRef:
     source: str  # source name in the SourceSet
     name: str  # tensor name in that source
     rows: int | None = None  # crop the first dimension to this many rows (vocabulary)
+    vocab: RowMap | None = None  # re-index the first dimension into the merged vocabulary (engine/rowmap.py)
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,11 @@ class TensorPlan:
     t: float = 0.0
     seed: int = 0
     mask_name: str = ""  # the tensor name DARE/DELLA masks are keyed by (default: out_name)
+    options: tuple[tuple[str, float | bool], ...] = ()  # the method's global parameters (nuslerp, sce, ram, ...)
     key: str = field(default="", compare=False)
+
+    def option(self, name: str):
+        return dict(self.options)[name]
 
     def refs(self) -> tuple[TensorRef, ...]:
         return ((self.base,) if self.base is not None else ()) + self.inputs
@@ -80,10 +89,19 @@ class ModelPlan:
     tokenizer_source: str  # source name
     dtype: str
     sources: "SourceSet"
+    _layout: Architecture | None = field(default=None, repr=False, compare=False)
+    vocab: OutputVocab | None = None  # the merged vocabulary, when the recipe merges one
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_scales)
+
+    @property
+    def layout(self) -> Architecture:
+        """The output checkpoint's architecture facts (engine/arch.py): layers, embeddings, head, conversions."""
+        if self._layout is None:
+            self._layout = analyze(self.config, {n: p.shape for n, p in self.tensors.items()}, "merged model")
+        return self._layout
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -162,28 +180,33 @@ class _Planner:
         self.S = sources
 
     def fp(self, ref: TensorRef) -> list:
-        return [self.S[ref.source].fingerprint, ref.name, ref.rows]
+        fp = [self.S[ref.source].fingerprint, ref.name, ref.rows]
+        return fp + [ref.vocab.key] if ref.vocab is not None else fp
 
     def finish(self, p: TensorPlan) -> TensorPlan:
         d = {k: getattr(p, k) for k in ("family", "method", "shape", "weights", "densities", "gammas", "epsilons",
-                                        "sparsify", "consensus", "normalize", "rescale", "lam", "t")}
+                                        "sparsify", "consensus", "normalize", "rescale", "lam", "t", "options")}
         d["base"] = self.fp(p.base) if p.base else None
         d["inputs"] = [self.fp(x) for x in p.inputs]
-        if p.sparsify in (Sparsify.random, Sparsify.della):
+        if p.sparsify in (Sparsify.random, Sparsify.della) or p.family is Family.arcee_fusion:
             d["seed"] = p.seed
             d["mask_name"] = p.mask_name or p.out_name  # masks depend on the tensor name
         object.__setattr__(p, "key", _digest(d))
         return p
 
 
+def _is_head(S: SourceSet, name: str) -> bool:
+    return any(src.layout.head_key == name for src in S.sources.values())
+
+
 def _ref_rows(S: SourceSet, src: str, name: str, vocab: int | None, where: str) -> TensorRef:
     s = S[src]
-    if name == "lm_head.weight" and s.tied_embeddings:
-        name = "model.embed_tokens.weight"
+    if name not in s.tensors and s.tied_embeddings and _is_head(S, name):
+        name = s.embed_name  # a tied source's output head is its embedding (mergekit: lm_head's tied_names)
     if name not in s.tensors:
         raise RecipeError(f"{where}: source {src!r} has no tensor {name!r}")
     rows = None
-    if vocab is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
+    if vocab is not None and name in s.layout.vocab_keys:
         have = s.shape(name)[0]
         if have < vocab:
             raise RecipeError(f"{where}: source {src!r} has a vocabulary of {have} < {vocab} of the reference model")
@@ -234,6 +257,8 @@ def plan_group(P: _Planner, out_name: str, in_name: str, models: list[tuple[str,
             raise RecipeError(f"{where}: slerp needs base_model and exactly one other model, got {others}")
         tt = float(g("t", None))
         return P.finish(TensorPlan(out_name, fam, m.name, shape, None, (ref(base), ref(others[0])), t=tt))
+    if fam is not Family.task_arithmetic:
+        return _plan_stats_method(P, out_name, in_name, models, g, chain, ref, base, t, where, shape)
     # generalized task arithmetic
     normalize = bool(g("normalize", m.default_normalize))
     rescale = bool(g("rescale", m.default_rescale))
@@ -260,9 +285,58 @@ def plan_group(P: _Planner, out_name: str, in_name: str, models: list[tuple[str,
                                seed=r.random_seed))
 
 
+def _plan_stats_method(P: _Planner, out_name, in_name, models, g, chain, ref, base, t, where, shape) -> TensorPlan:
+    """Plan one tensor of nuslerp, multislerp, karcher, model_stock, sce, arcee_fusion, nearswap, ram, ramplus_tl.
+
+    Inputs follow mergekit's order: the listed models, the base (if given) added when not listed; `base` is the
+    base's TensorRef for methods that treat it apart (None for karcher, for which it is an ordinary input)."""
+    m = P.r.method
+    fam = m.family
+    options = tuple((k, _cast_option(k, g(k, d))) for k, d in global_params(m).items())
+    non_base = [(src, params) for src, params in models if src != base]
+    listed = base is None or base in dict(models)
+    if fam is Family.karcher:
+        # `models:` form: mergekit adds an unlisted base to the inputs (karcher has no base role: an ordinary input)
+        srcs = [src for src, _ in models] + ([] if listed or P.r.models is None else [base])
+        if len(srcs) == 1:
+            return P.finish(TensorPlan(out_name, Family.passthrough, m.name, shape, None, (ref(srcs[0]),),
+                                       weights=(1.0,)))
+        return P.finish(TensorPlan(out_name, fam, m.name, shape, None, tuple(ref(s) for s in srcs), options=options))
+    if not listed and P.r.models is None:
+        raise RecipeError(f"{where}: base_model {base!r} is not one of the slice's sources (mergekit 0.1.5 refuses "
+                          f"a base that is not an input of the slice)")
+    ws = ()
+    if "weight" in TENSOR_PARAMS[fam]:
+        ws = tuple(float(_param(chain(params), "weight", in_name, t, None, where))
+                   for _, params in non_base)
+    ins = tuple(ref(src) for src, _ in non_base)
+    bref = ref(base) if base is not None else None
+    if not ins or (fam is Family.multislerp and len(ins) == 1):
+        # mergekit: sce/ram of the base alone is the base; multislerp of one model is that model (base or not)
+        only = ins[0] if ins else bref
+        return P.finish(TensorPlan(out_name, Family.passthrough, m.name, shape, None, (only,), weights=(1.0,)))
+    return P.finish(TensorPlan(out_name, fam, m.name, shape, bref, ins, weights=ws, options=options,
+                               seed=P.r.random_seed))
+
+
+def _cast_option(key: str, value):
+    if isinstance(value, bool):
+        return value
+    return int(value) if key == "max_iter" else float(value)
+
+
 def _layer_names(src: Source, layer: int) -> list[str]:
-    pre = f"model.layers.{layer}."
-    return [n for n in src.tensors if n.startswith(pre)]
+    """The checkpoint tensors of decoder layer `layer` of `src`, in checkpoint order."""
+    return list(src.layout.layer_keys[layer])
+
+
+def _head_key(S: SourceSet, srcs: list[str]) -> str | None:
+    """The output head tensor of a merge of `srcs`: present when any of them has an untied head (mergekit: lm_head is
+    `optional`, written when any input has it; a tied input contributes its embedding)."""
+    for src in srcs:
+        if S[src].layout.head_key is not None:
+            return S[src].layout.head_key
+    return None
 
 
 def _dtype_of(cfg: dict) -> str:
@@ -287,7 +361,9 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
     base = S.resolve(r.base_model, f"{prefix}base_model") if r.base_model is not None else None
     ref_src = base if base is not None else groups[0][1][0][0]
     ref = S[ref_src]
-    vocab = ref.vocab_size
+    referenced = list(dict.fromkeys(([base] if base is not None else []) + [e[0] for g in groups for e in g[1]]))
+    ov = output_vocab(r, S.sources, ref_src, referenced, S.resolve)
+    vocab = ref.vocab_size if ov is None else None
     for gname, entries, _ in groups:
         for j, (src, _, lr) in enumerate(entries):
             if lr is not None and lr[1] > S[src].num_layers:
@@ -296,17 +372,21 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
                                   f"{S[src].num_layers} layers")
 
     tensors: dict[str, TensorPlan] = {}
+    lay = ref.layout
+    vocab_keys = set(lay.vocab_keys)
 
     def plan_nonlayer(names, gname, entries, sparams):
         models = [(src, params) for src, params, _ in entries]
         for name in names:
-            if name == "lm_head.weight" and ref.tied_embeddings:
-                continue
-            shape = (vocab,) + tuple(ref.shape(name)[1:]) if name in PRE_TENSORS + POST_TENSORS[1:] else ref.shape(name)
-            tensors[name] = plan_group(P, name, name, models, sparams, 0.0, vocab, gname, shape)
+            shape = next(S[src].shape(name) for src in [ref_src] + [m for m, _ in models] if name in S[src].tensors)
+            is_vocab = name in vocab_keys or name == head
+            if is_vocab:
+                shape = ((vocab if ov is None else ov.n_rows),) + tuple(shape[1:])
+            p = plan_group(P, name, name, models, sparams, 0.0, vocab, gname, shape)
+            tensors[name] = _in_vocab(P, p, ov, base, gname) if is_vocab and ov is not None else p
 
     g0 = groups[0]
-    plan_nonlayer(PRE_TENSORS, *g0)
+    plan_nonlayer(lay.pre_keys, *g0)
     out_layer = 0
     for gname, entries, sparams in groups:
         if entries[0][2] is None:
@@ -317,21 +397,54 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
         for i in range(n_layers):
             t = i / (n_layers - 1) if n_layers > 1 else 1.0  # mergekit: t = 1 for one layer
             first_src, _, _ = entries[0]
+            first_lay = S[first_src].layout
             for name in _layer_names(S[first_src], starts[0] + i):
-                suffix = LAYER_RE.match(name).group(2)
-                out_name = f"model.layers.{out_layer}.{suffix}"
+                out_name = first_lay.rename_layer(name, out_layer)
                 per_model = []
                 for (src, params, _), st in zip(entries, starts):
-                    per_model.append((src, params, f"model.layers.{st + i}.{suffix}"))
+                    per_model.append((src, params, S[src].layout.rename_layer(name, st + i)))
                 shape = S[first_src].shape(name)
                 tensors[out_name] = _plan_layer_tensor(P, out_name, per_model, sparams, t, gname, shape)
             out_layer += 1
-    plan_nonlayer(POST_TENSORS, *groups[-1])
+    last = groups[-1]
+    head = _head_key(S, [src for src, _, _ in last[1]] + ([base] if base is not None else []))
+    post = [k for k in lay.post_keys if k != lay.head_key] + ([head] if head is not None else [])
+    plan_nonlayer(post, *last)
     cfg = dict(ref.config)
     cfg["num_hidden_layers"] = out_layer
+    cfg["tie_word_embeddings"] = head is None
     dtype = r.dtype or _dtype_of(ref.config)
-    tok = _tokenizer_source(r, S, base or ref_src)
-    return ModelPlan(r, _fix_config(cfg, dtype, [None] * out_layer), tensors, [1.0] * out_layer, tok, dtype, S)
+    if ov is not None:
+        cfg["vocab_size"] = ov.n_rows
+        tok = ov.source
+    else:
+        tok = _tokenizer_source(r, S, base or ref_src)
+    plan = ModelPlan(r, _fix_config(cfg, dtype, [None] * out_layer), tensors, [1.0] * out_layer, tok, dtype, S,
+                     vocab=ov)
+    return check_output(plan, prefix.rstrip(".") or "recipe")
+
+
+def _in_vocab(P: _Planner, p: TensorPlan, ov: OutputVocab, base: str | None, where: str) -> TensorPlan:
+    """`p` with every input re-indexed into the merged vocabulary `ov` (engine/vocab.py)."""
+    refs = p.refs()
+    maps = row_maps(ov, [(x.source, x.name) for x in refs], base, P.S.sources, where)
+    new = [TensorRef(x.source, x.name, m if isinstance(m, int) else None, m if isinstance(m, RowMap) else None)
+           for x, m in zip(refs, maps)]
+    nb = 1 if p.base is not None else 0
+    object.__setattr__(p, "base", new[0] if nb else None)
+    object.__setattr__(p, "inputs", tuple(new[nb:]))
+    return P.finish(p)
+
+
+def check_output(plan: ModelPlan, where: str) -> ModelPlan:
+    """Raise RecipeError unless the planned tensors are exactly what the output architecture loads (transformers'
+    own rules: engine/arch.py), e.g. a layer moved to an index where the architecture expects a different layer."""
+    try:
+        _ = plan.layout
+    except CheckpointError as e:
+        raise RecipeError(f"{where}: the merged model is not a valid {plan.config.get('model_type')} checkpoint: "
+                          f"{e}") from None
+    return plan
 
 
 def _plan_layer_tensor(P, out_name, per_model, sparams, t, gname, shape):
@@ -356,8 +469,8 @@ def _tokenizer_source(r: Recipe, S: SourceSet, default: str) -> str:
     if ts is None or ts == "base":
         return default
     if ts == "union":
-        raise RecipeError("tokenizer_source: 'union' (building a merged vocabulary) is not supported; "
-                          "name a source or 'base'")
+        raise RecipeError("tokenizer_source: 'union' merges vocabularies, which a layer-path recipe cannot do (its "
+                          "embeddings and LM head come from base_model); name a source or 'base'")
     return S.resolve(ts, "tokenizer_source")
 
 

@@ -8,13 +8,15 @@ before any tensor is read.
 mergekit form (see README for the whole language)::
 
     merge_method: dare_ties          # linear | slerp | task_arithmetic | ties | dare_ties | dare_linear |
-    base_model: base                 # breadcrumbs | breadcrumbs_ties | della | della_linear | passthrough
+    base_model: base                 # breadcrumbs | breadcrumbs_ties | della | della_linear | passthrough |
+                                     # nuslerp | multislerp | karcher | model_stock | sce | arcee_fusion |
+                                     # nearswap | ram | ramplus_tl (engine/methods.py)
     models:                          # or `slices:` with `sources: [{model, layer_range, parameters}]`
       - model: math
         parameters: {weight: [0.2, 0.8], density: 0.5}
     parameters: {normalize: true}
     dtype: bfloat16
-    tokenizer_source: base
+    tokenizer_source: base           # union | base | a model; or mergekit's `tokenizer:` section
     random_seed: 0                   # extension: seeds the deterministic DARE / DELLA masks
 
 Layer-path extension (data-flow merging)::
@@ -33,13 +35,24 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import limits
-from .methods import GLOBAL_PARAMS, METHODS, SPARSIFY_PARAMS, TENSOR_PARAMS, Family, get_method
+from .methods import (
+    BOOL_PARAMS,
+    INT_PARAMS,
+    METHODS,
+    SPARSIFY_PARAMS,
+    TENSOR_PARAMS,
+    Family,
+    Sparsify,
+    get_method,
+    global_params,
+    required_global_params,
+)
 from .params import all_numbers, check_value
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -117,6 +130,53 @@ class Hop(_Frozen):
         return range(*self.layer_range)
 
 
+class ZeroEmbedding(_Frozen):
+    """`{kind: zero}`: the token's row is zero (mergekit/tokenizer/config.py)."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(_Frozen):
+    """`{kind: model_token, model, token_id | token}`: the row of one token (by id or by string in that model's own
+    tokenizer) of one model (mergekit/tokenizer/config.py)."""
+
+    kind: Literal["model_token"]
+    model: ModelRef
+    token_id: Optional[int] = Field(None, ge=0, lt=2**31)
+    token: Optional[str] = Field(None, max_length=limits.MAX_TOKEN_CHARS)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source gives exactly one of `token_id` or `token`")
+        return self
+
+
+class TokenEmbedding(_Frozen):
+    """`tokenizer.tokens.<token>`: where the token's row comes from; `force` uses it for every model, even those
+    that have the token."""
+
+    source: Union[ZeroEmbedding, ModelTokenEmbedding, ModelRef, None] = None
+    force: bool = False
+
+
+class TokenizerSection(_Frozen):
+    """mergekit's `tokenizer:` section (mergekit/tokenizer/config.py): output vocabulary `source` (`union`, `base`
+    or a model), per-token row sources, and padding of the vocabulary to a multiple."""
+
+    source: ModelRef = "union"
+    tokens: Optional[dict[Annotated[str, Field(max_length=limits.MAX_TOKEN_CHARS)], TokenEmbedding]] = Field(
+        None, max_length=limits.MAX_TOKEN_OVERRIDES)
+    pad_to_multiple_of: Optional[int] = Field(None, lt=2**20)
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _pad(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {v}")
+        return v
+
+
 class Recipe(_Frozen):
     merge_method: str = Field(max_length=64)
     base_model: Optional[ModelRef] = None
@@ -125,6 +185,7 @@ class Recipe(_Frozen):
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Optional[str] = Field(None, max_length=64)
     tokenizer_source: Optional[ModelRef] = None
+    tokenizer: Optional[TokenizerSection] = None
     random_seed: int = Field(0, ge=0, lt=2**64)
     definitions: Optional[dict[ModelRef, "Recipe"]] = Field(None, max_length=limits.MAX_DEFINITIONS)
     path: Optional[list[Hop]] = Field(None, max_length=limits.MAX_OUTPUT_LAYERS)
@@ -165,7 +226,12 @@ def _validate_recipe(r: Recipe) -> None:
     m = r.method
     if r.dtype is not None and r.dtype not in DTYPES:
         raise ValueError(f"dtype: {r.dtype!r} is not one of {', '.join(DTYPES)}")
+    if r.tokenizer_source is not None and r.tokenizer is not None:
+        raise ValueError("tokenizer/tokenizer_source: give one of them, not both (as mergekit)")
     if m.family is Family.path:
+        if r.tokenizer is not None or r.tokenizer_source == "union":
+            raise ValueError("tokenizer: a path recipe takes its embeddings and LM head from base_model, so it cannot "
+                             "merge vocabularies; name a source (or 'base') in tokenizer_source")
         if not r.path:
             raise ValueError("path: merge_method 'path' needs a non-empty `path` of hops")
         if r.models or r.slices:
@@ -187,10 +253,12 @@ def _validate_recipe(r: Recipe) -> None:
 
     # global parameters
     tensor_known = set(TENSOR_PARAMS[m.family]) | set(SPARSIFY_PARAMS.get(m.sparsify, {}))
-    known_global = set(GLOBAL_PARAMS[m.family]) | tensor_known
+    known_global = set(global_params(m)) | tensor_known
     _check_params(r.parameters, "parameters", m, known_global)
-    if m.family is Family.slerp and "t" not in r.parameters:
-        raise ValueError("parameters.t: slerp needs `t`")
+    for key in required_global_params(m):
+        if key not in r.parameters and (
+                r.slices is None or not all(key in s.parameters for s in r.slices)):
+            raise ValueError(f"parameters.{key}: {m.name} needs `{key}`")
 
     # model groups: one group for `models`, one per slice
     groups: list[tuple[str, list[tuple[str, str, dict]]]] = []
@@ -205,15 +273,22 @@ def _validate_recipe(r: Recipe) -> None:
         names = [e[1] for e in entries]
         if len(set(names)) != len(names):
             raise ValueError(f"{gname}: a model is listed twice")
-        n_models = len(set(names) | ({r.base_model} if m.needs_base and r.base_model else set()))
+        with_base = m.needs_base or m.family is Family.karcher  # mergekit adds an unlisted base to the inputs
+        n_models = len(set(names) | ({r.base_model} if with_base and r.base_model else set()))
         if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
             want = m.min_models if m.max_models == m.min_models else f"{m.min_models}..{m.max_models or 'n'}"
             raise ValueError(f"{gname}: merge_method {m.name!r} takes {want} models (base included), got {n_models}")
+        if m.non_base is not None:
+            k = len([x for x in names if x != r.base_model])
+            lo, hi = m.non_base
+            if k < lo or (hi is not None and k > hi):
+                want = lo if hi == lo else f"{lo}..{hi or 'n'}"
+                raise ValueError(f"{gname}: merge_method {m.name!r} takes {want} models besides the base, got {k}")
         for where, _name, params in entries:
             _check_params(params, f"{where}.parameters", m, tensor_known)
-        if m.family is Family.task_arithmetic or m.family is Family.linear:
+        if "weight" in TENSOR_PARAMS[m.family] and TENSOR_PARAMS[m.family]["weight"] is None:
             for where, name, params in entries:
-                if name == r.base_model and m.family is Family.task_arithmetic:
+                if name == r.base_model and m.family is not Family.linear:
                     continue
                 if "weight" not in params and "weight" not in r.parameters and not _slice_has(r, gname, "weight"):
                     raise ValueError(f"{where}.parameters.weight: required by {m.name!r}")
@@ -242,13 +317,17 @@ def _check_params(params: dict, where: str, m, known: set[str]) -> None:
             for x in nums:
                 if not (0.0 <= x < 1.0):
                     raise ValueError(f"{w}: gamma {x} outside [0, 1)")
-        elif key == "epsilon":
+        elif key == "epsilon" and m.sparsify is Sparsify.della:
             for x in nums:
                 if not (0.0 <= x < 0.5):
                     raise ValueError(f"{w}: epsilon {x} outside [0, 0.5)")
-        elif key in ("normalize", "rescale", "int8_mask"):
+        elif key in BOOL_PARAMS:
             if not isinstance(value, bool):
                 raise ValueError(f"{w}: expected true or false, got {value!r}")
+        elif key in INT_PARAMS:
+            if any(x != int(x) for x in nums) or (isinstance(value, list) and not all(
+                    isinstance(v, dict) for v in value)):
+                raise ValueError(f"{w}: expected an integer, got {value!r}")
 
 
 def _format_validation_error(e: ValidationError, max_errors: int = 5) -> str:

@@ -7,8 +7,9 @@
   the `meta` device from this config (no weight allocated; cached per config), so a header that disagrees with its
   own config is refused here, not when another source happens to differ or deep inside a forward pass.
 
-Both raise `validate.CheckpointError` (re-raised by `engine.checkpoint` as its own) naming the folder, the field
-or tensor, and both numbers.
+Both raise `CheckpointError` (engine/errors.py) naming the folder, the field or tensor, and both numbers. The core
+fields are required of a plain decoder config only; a composite config (one with a `text_config`) keeps them there,
+and engine/arch.py's analysis (run after these checks) covers it.
 """
 
 from __future__ import annotations
@@ -16,11 +17,8 @@ from __future__ import annotations
 import functools
 import json
 
+from .errors import CheckpointError
 from .limits import clip
-
-
-class CheckpointError(ValueError):
-    """Raised here for a malformed folder; `engine.checkpoint` re-raises it as its own CheckpointError."""
 
 REQUIRED_INTS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
 OPTIONAL_INTS = ("intermediate_size", "num_key_value_heads", "max_position_embeddings", "head_dim")
@@ -39,28 +37,22 @@ def check_config(where, config) -> None:
         raise CheckpointError(f"{where}: config.json has no `model_type`")
     for key in REQUIRED_INTS + OPTIONAL_INTS:
         if key not in config or (key in OPTIONAL_INTS and config[key] is None):
-            if key in REQUIRED_INTS:
+            if key in REQUIRED_INTS and "text_config" not in config:
                 raise CheckpointError(f"{where}: config.json has no `{key}`")
             continue
         v = config[key]
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise CheckpointError(clip(f"{where}: config.json: `{key}` must be a positive integer, got {v!r}", 500))
-    if config["num_hidden_layers"] > MAX_LAYERS:
+    if config.get("num_hidden_layers", 0) > MAX_LAYERS:
         raise CheckpointError(f"{where}: config.json: num_hidden_layers {config['num_hidden_layers']} is over "
                               f"{MAX_LAYERS}")
 
 
 @functools.lru_cache(maxsize=64)
 def _expected_shapes(config_json: str) -> dict[str, tuple[int, ...]]:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .arch import meta_model  # the class transformers' from_pretrained would build
 
-    cfg = json.loads(config_json)
-    model_type = cfg.pop("model_type")
-    cfg.pop("transformers_version", None)
-    config = AutoConfig.for_model(model_type, **cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(json.loads(config_json))
     return {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
 
 

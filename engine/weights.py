@@ -50,7 +50,7 @@ class WeightProvider:
         return self.merger.store.device
 
     def _identity(self, plan: TensorPlan) -> torch.Tensor | None:
-        if plan.is_identity():
+        if plan.is_identity() and plan.inputs[0].vocab is None:  # a re-indexed vocabulary is a new tensor
             t = self.merger.store.get(plan.inputs[0])
             if t.dtype == self.dtype:
                 return t
@@ -99,7 +99,8 @@ class WeightProvider:
             return torch.nn.functional.linear(x, self.weight(w), bias)
         from lazymerge.kernels.linear import merged_linear
 
-        spec, aux = self.merger.spec(w)
+        spec, _ = self.merger.spec(w)
+        aux = self.merger.aux(w, spec)
         base = self.merger.store.get(w.base) if w.base is not None else None
         xs = [self.merger.store.get(r) for r in w.inputs]
         key = (tuple(w.shape), x.dtype)
@@ -109,17 +110,55 @@ class WeightProvider:
         self.merges += 1
         return merged_linear(x, base, xs, spec, aux=aux, bias=bias, out_buffer=buf)
 
+    def full_rows(self, plan: TensorPlan) -> torch.Tensor | None:
+        """The whole merged matrix when it costs no merge (an identity tensor, or cached); else None."""
+        if self.policy == "cached":
+            return self.weight(plan)  # identity tensors too: read with pread, checked, cached (see `weight`)
+        t = self._identity(plan)
+        if t is not None:
+            self._check(plan, t)
+        return t
+
+    def some_rows(self, plan: TensorPlan, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (1-D, unique) of the merged tensor, merging only those rows: (len(rows), ...)."""
+        self.merges += 1
+        part = self.merger.merge(plan, rows=rows).to(self.dtype)
+        if plan.key not in self._checked and not finite(part):  # rows only: checked each time until the whole is
+            raise NonFiniteError(blame(plan, self.merger.store))
+        return part
+
     def rows(self, plan: TensorPlan, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (any shape) of the merged tensor: embedding lookups merge only the rows they need."""
-        t = self.weight(plan) if self.policy == "cached" else self._identity(plan)
+        t = self.full_rows(plan)
         if t is not None:
             return torch.nn.functional.embedding(ids, t)
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        self.merges += 1
-        part = self.merger.merge(plan, rows=uniq).to(self.dtype)
-        if plan.key not in self._checked and not finite(part):  # rows only: checked each time until the whole is
-            raise NonFiniteError(blame(plan, self.merger.store))
-        return part[inverse]
+        return self.some_rows(plan, uniq)[inverse]
+
+    def group(self, group, plans: tuple[TensorPlan, ...], config) -> dict[str, torch.Tensor]:
+        """{parameter name: tensor} of an `arch.Group`: one merged tensor as is, or several merged checkpoint
+        tensors turned into parameters by transformers' conversion ops (e.g. per-expert tensors stacked into one
+        (E, out, in) parameter). Under the cached policy the built parameters are cached, not their parts."""
+        if group.converter is None:
+            return {group.params[0]: self.weight(plans[0])}
+        key = ("group",) + tuple(p.key for p in plans) + (self.dtype,)
+        if self.policy == "cached":
+            hit = self.cache.get(key)
+            if hit is not None:
+                return dict(zip(group.params, hit))
+        parts = []
+        for p in plans:
+            t = self._identity(p)
+            if t is None:
+                self.merges += 1
+                t = self.merger.merge(p).to(self.dtype)
+            self._check(p, t)
+            parts.append(t)
+        built = group.build(parts, config)
+        out = {n: built[n].to(self.dtype) for n in group.params}
+        if self.policy == "cached":
+            self.cache.put(key, tuple(out[n] for n in group.params))
+        return out
 
     def stats(self) -> dict:
         c = self.cache

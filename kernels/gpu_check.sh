@@ -1,23 +1,39 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the merge kernels: the kernel tests on CUDA, then the benchmark. Results go to $OUT
-# (default ./gpu_out): env.txt, tests.log, bench.log, bench.json.
+# GPU check of the kernels and the engine's CUDA path, in stages that each fit one device call (README "GPU").
+# Results go to $OUT (default ./gpu_out), at most 4 files per stage (the device tool brings back 8).
 #
-#   bash kernels/gpu_check.sh [all|tests|bench|quick]      # from the repo root; no pip install needed
+#   bash kernels/gpu_check.sh STAGE        # from the repo root; no pip install of lazymerge needed
 #
-#   all   (default) tests (<= 230 s, 8 xdist workers) then the full bench with a 230 s budget: fits one 10-minute call
-#   tests only the tests (<= 540 s);  bench  only the full bench (520 s budget);  quick  tests + bench --quick
+#   correct    stage 1 (~2-4 min): kernel tests vs the PyTorch reference (fixed configs, LAZYMERGE_AUTOTUNE=0),
+#              the engine on CUDA vs CPU (tests/test_cuda_engine.py): correct.log
+#   crossover  stage 2 (~3-4 min): fused merge-matmul vs merge + cuBLAS at 1..64 tokens on 7B layer shapes, which
+#              decides linear.FUSED_MAX_TOKENS: crossover.log, crossover.json
+#   autotune   stage 3, optional (~3-4 min): the autotuned launch tests (binaries compiled in parallel first) and
+#              the sm_90 compile check with this machine's Triton: autotune.log, compile.log, compile.json
+#   bench      stage 4, optional (<= 4.5 min): bench_kernels --quick (merge GB/s vs copy, fused vs floor): bench.*
 #
+# The engine's tests need pydantic (the recipe schema), which the GPU image lacks: carry `.whl` (made here by
+# `bash kernels/gpu_wheels.sh`); it is installed into /tmp/site when pydantic is missing.
 # `lazymerge` is importable without installing: a shim folder holds a `lazymerge/` of symlinks that maps the repo's
 # engine/, kernels/, ... the way pyproject's package-dir does. Commands run from that folder, not from the repo root,
 # because `python -m` puts the working directory first on sys.path and the repo's own lazymerge/ has no kernels/.
+# pytest gets no -q: pyproject's addopts has one, and a second hides the summary line.
 set -uo pipefail
-MODE=${1:-all}
+STAGE=${1:-correct}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$REPO/gpu_out}
 PY=${PYTHON:-python3}
+NPROC=$(nproc 2>/dev/null || echo 8)
 mkdir -p "$OUT"
+START=$(date +%s)
+
+if ! "$PY" -c "import pydantic" 2>/dev/null && ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$REPO"/.whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 SHIM=$(mktemp -d)
+trap 'rm -rf "$SHIM"' EXIT
 mkdir -p "$SHIM/lazymerge"
 for f in "$REPO"/lazymerge/*; do ln -s "$f" "$SHIM/lazymerge/$(basename "$f")"; done
 for sub in engine kernels server search demo; do
@@ -26,35 +42,59 @@ done
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 cd "$SHIM" || exit 1
 
-{
+env_report() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
   "$PY" -c "import sys, torch, triton, lazymerge.kernels.merge_triton as m
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)
 print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')
+try:
+    import pydantic; print('pydantic', pydantic.__version__)
+except ImportError:
+    print('pydantic MISSING: the engine tests will skip (carry .whl: kernels/gpu_wheels.sh)')
 print('kernels from', m.__file__)" 2>&1
-} | tee "$OUT/env.txt"
-
-run_tests() {  # $1: timeout in seconds
-  local xd=()
-  "$PY" -c "import xdist" 2>/dev/null && xd=(-n 8)
-  # LAZYMERGE_AUTOTUNE=0: one fixed config per variant (fewer compilations); the autotuned paths have their own tests
-  LAZYMERGE_AUTOTUNE=0 timeout "$1" "$PY" -m pytest -q -rs -p no:cacheprovider "${xd[@]}" \
-    "$REPO/tests/test_kernels.py" 2>&1 | tee "$OUT/tests.log"
-  echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
 }
 
-run_bench() {  # $1: budget (no new block after it), $2: hard timeout, $3...: extra flags
-  local budget=$1 limit=$2
-  shift 2
-  LAZYMERGE_AUTOTUNE=1 timeout "$limit" "$PY" -m lazymerge.kernels.bench_kernels --budget "$budget" \
-    --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
-  echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
+xdist() {  # pytest-xdist flags when installed
+  "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"
 }
 
-case "$MODE" in
-  all) run_tests 230; run_bench 230 300 ;;
-  tests) run_tests 540 ;;
-  bench) run_bench 520 580 ;;
-  quick) run_tests 230; run_bench 200 300 --quick ;;
-  *) echo "usage: $0 [all|tests|bench|quick]"; exit 2 ;;
+finish() {  # $1: log file
+  echo "stage $STAGE: $(( $(date +%s) - START )) s" | tee -a "$1"
+}
+
+case "$STAGE" in
+  correct)
+    LOG=$OUT/correct.log
+    env_report > "$LOG"
+    # fixed configs (one binary per variant); the autotuned launches are stage 3
+    LAZYMERGE_AUTOTUNE=0 timeout 220 "$PY" -m pytest -rs -p no:cacheprovider $(xdist $(( NPROC > 16 ? 16 : NPROC ))) --durations=15 \
+      -k "not autotune" "$REPO/tests/test_kernels.py" "$REPO/tests/test_cuda_engine.py" 2>&1 | tee -a "$LOG"
+    echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
+    finish "$LOG" ;;
+  crossover)
+    LOG=$OUT/crossover.log
+    env_report > "$LOG"
+    timeout 230 "$PY" -m lazymerge.kernels.bench_crossover --budget 170 --json "$OUT/crossover.json" 2>&1 \
+      | tee -a "$LOG"
+    echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
+    finish "$LOG" ;;
+  autotune)
+    LOG=$OUT/autotune.log
+    env_report > "$LOG"
+    timeout 150 "$PY" -m lazymerge.kernels.aot --tier quick --arch 90 --jobs "$NPROC" --json "$OUT/compile.json" \
+      > "$OUT/compile.log" 2>&1
+    echo "aot exit: $?" | tee -a "$LOG"
+    # no xdist: each test compiles its configs in a process pool of its own (aot.warm)
+    LAZYMERGE_AUTOTUNE=1 timeout 150 "$PY" -m pytest -rs -p no:cacheprovider \
+      -k "autotune" "$REPO/tests/test_kernels.py" 2>&1 | tee -a "$LOG"
+    echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
+    finish "$LOG" ;;
+  bench)
+    LOG=$OUT/bench.log
+    env_report > "$LOG"
+    LAZYMERGE_AUTOTUNE=1 timeout 260 "$PY" -m lazymerge.kernels.bench_kernels --quick --budget 200 \
+      --json "$OUT/bench.json" 2>&1 | tee -a "$LOG"
+    echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
+    finish "$LOG" ;;
+  *) echo "usage: $0 [correct|crossover|autotune|bench]"; exit 2 ;;
 esac

@@ -7,24 +7,30 @@ x: (..., K); base, sources[i], aux[i]: (N, K); y: (..., N) in x's dtype, the mer
 
 * M (tokens) <= FUSED_MAX_TOKENS, on the Triton backend: `merge_matmul_triton`; the weights are streamed once and
   the merged tile lives only in registers (decode: time = reading the n + 1 weights).
+* a merge for which no fused tile fits the GPU's shared memory (`merge_matmul.NoFittingConfig`: e.g. float32 with
+  many sources on a GPU with less than Hopper's 227 KiB) takes the buffer path below at any M; so does a launch the
+  GPU refuses (triton's OutOfResources, raised before anything runs), with a warning.
 * otherwise: `merge.merge` writes the merged weight in x's dtype into `out_buffer` (an (N, K) tensor reused across
   layers of one shape; allocated if None), then one cuBLAS matmul (prefill: the merge is amortized over M rows).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 from . import dispatch
 from .merge import MergeSpec, merge
-from .merge_matmul import merge_matmul_reference, merge_matmul_triton
+from .merge_matmul import NoFittingConfig, merge_matmul_reference, merge_matmul_triton
 
-# Crossover token count between the two paths. It should come from GPU measurements (kernels/bench_kernels.py:
-# the "layer" rows, fused vs buffer at each M); none were available when this was written, so 16 is a reasoned
-# default: the fused kernel pads M to BLOCK_M = 16, so up to 16 tokens cost the same weight traffic as one, while
-# beyond that each extra 16-row tile re-merges the weights and the buffer path (one merge pass + tensor-core GEMM)
-# wins as soon as the GEMM, not the weight read, dominates.
+# Crossover token count between the two paths. It must be set from a GPU measurement: the last line of
+# `python -m lazymerge.kernels.bench_crossover` (`bash kernels/gpu_check.sh crossover`, README "GPU"), recorded in
+# BENCHMARKS.md. None has been taken yet, so 16 is a reasoned placeholder: the fused kernel pads M to BLOCK_M = 16,
+# so up to 16 tokens cost the same weight traffic as one, while beyond that each extra 16-row tile re-merges the
+# weights and the buffer path (one merge pass + tensor-core GEMM) wins once the GEMM, not the weight read, dominates.
 FUSED_MAX_TOKENS = 16
 
 
@@ -39,7 +45,12 @@ def merged_linear(x: torch.Tensor, base: torch.Tensor | None, sources: list[torc
                   out_buffer: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ merge(base, sources; spec).T (+ bias), by the cheaper path for x's token count."""
     if use_fused(x):
-        return merge_matmul_triton(x, base, sources, spec, aux=aux, bias=bias)
+        try:
+            return merge_matmul_triton(x, base, sources, spec, aux=aux, bias=bias)
+        except NoFittingConfig:
+            pass  # nothing launched: the buffer path below
+        except OutOfResources as e:  # the estimate missed (another Triton's layout): refused at launch, not run
+            warnings.warn(f"fused merge-matmul refused by the GPU ({e}); merging into a buffer instead", stacklevel=2)
     if not dispatch.use_triton(x):
         return merge_matmul_reference(x, base, sources, spec, aux=aux, bias=bias)
     shape = sources[0].shape  # (N, K)

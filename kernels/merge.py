@@ -4,7 +4,9 @@ Contract (the reference below is the CPU path and the oracle of the Triton kerne
 
     merge(base, sources, spec, aux=None, index=None) -> float32 tensor of the inputs' shape
 
-* `spec.mode == "combine"` (linear, slerp, passthrough):   out = (sum_i coeffs[i] * X_i) / divisor
+* `spec.mode == "combine"` (linear, slerp, passthrough, nuslerp and multislerp without a base, karcher,
+  model_stock):                                           out = (sum_i coeffs[i] * X_i) / divisor
+* `spec.mode == "nearswap"`:  w = clamp(t * (1 / max(|base - X_0|, 1e-6)), 0, 1);   out = w * X_0 + (1 - w) * base
 * `spec.mode == "delta"` (the task-arithmetic family):
       d_i  = X_i - base                               (float32)
       k_i  = keep_i(d_i, j)                           spec.keep: "all" | "topk" | "random" | "della"
@@ -12,12 +14,22 @@ Contract (the reference below is the CPU path and the oracle of the Triton kerne
       consensus: c_i = x_i > 0 if sum_i x_i >= 0 else x_i < 0;  mixed = sum c_i x_i;  div = sum c_i w_i (0 -> 1)
       else:      c_i = 1;                                        mixed = sum x_i;     div = sum w_i (|.|<1e-8 -> 1)
       out  = base + lam * (mixed / div if normalize else mixed)
+* Per-row coefficients (`row_layout` "row" | "col"; row-wise nuslerp, filter-wise model_stock): aux[i] is a float32
+  vector, and coeffs[i] (combine) or weights[i] (delta, keep "all") is aux[i][r] with r = j // row_width ("row") or
+  r = j % row_width ("col").
   keep rules, with a = |d_i| and j the element's flat index in the whole tensor:
       topk:   in(t, c) = a > t or (a == t and j <= c)     (c >= 2**32: no tie straddles the cut)
               keep = in(t_in[i], c_in[i]) and not in(t_out[i], c_out[i])
               (TIES: the top-k set; breadcrumbs: top-(k_in) minus top-(k_out); ties at the cut go to lower j)
       random: keep = u_i(j) < densities[i]                  (kernels.rng, keys[i])
       della:  keep = u_i(j) < (densities[i] - eps[i]) + aux[i][j] * (2 * eps[i])   (aux: per-row rank in [0,1])
+              aux[i] = row_ranks(|d_i|) of the rows (dim 0; a 1-D tensor is one row): given by the caller, or,
+              when `aux` is None on the CPU, computed here row block by row block (no O(numel) statistic)
+      vartopk (sce): keep = in(t_in[0], c_in[0]) on v = the variance over i of d_i (float64 Welford, then float32),
+              one mask for every source; with `consensus_raw` the sign election and the counts use d_i * k_i
+              (unweighted), and the normalizing divisor is max(div, div_min)
+      fusion (arcee_fusion): keep = a * aux[0][r(j)] >= t_in[0]       (aux: per-row KL, r: row layout "row")
+      ram:    k_i = a > eps[i];  n = sum_i k_i;  x_i = k_i ? (n == 1 ? d_i * scales[i] : d_i / n) : 0   (no weights)
 All scalars (thresholds, rescale factors, slerp coefficients) come from `engine.merger.prepare`, once per
 (recipe, tensor); this pass reads each input once and writes the output once. Arithmetic is float32 whatever the
 storage dtype. `index` (int64 flat indices, the inputs' shape) is given when the inputs are a gather of rows.
@@ -52,10 +64,50 @@ class MergeSpec:
     consensus: bool = False
     normalize: bool = False
     lam: float = 1.0
+    consensus_raw: bool = False  # sce: elect the sign from the unweighted kept deltas
+    div_min: float = 0.0  # > 0: the consensus divisor is max(div, div_min) (sce), else 0 -> 1
+    row_layout: str = ""  # "" | "row" | "col": per-row coefficients in aux (see the module docstring)
+    row_width: int = 1
+    t: float = 0.0  # nearswap
 
     @property
     def n(self) -> int:
+        if self.mode == "nearswap":
+            return 1
         return len(self.coeffs) if self.mode == "combine" else len(self.weights)
+
+    @property
+    def aux_per_row(self) -> bool:
+        """aux holds per-row vectors indexed through j (not tensors of the inputs' shape)."""
+        return bool(self.row_layout) or self.keep == "fusion"
+
+    @property
+    def needs_index(self) -> bool:
+        """Whether the elementwise pass reads flat element indices j."""
+        return bool(self.row_layout) or (self.mode == "delta" and self.keep != "all")
+
+
+def row_of(spec: MergeSpec, idx: torch.Tensor) -> torch.Tensor:
+    """Row index r(j) of flat element indices `idx` under the spec's row layout."""
+    return idx // spec.row_width if spec.row_layout != "col" else idx % spec.row_width
+
+
+def _gather(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """v[r] for a 1-D vector (index_select: ~100x faster than advanced indexing on the CPU here)."""
+    return torch.index_select(v, 0, r.reshape(-1)).reshape(r.shape)
+
+
+def source_variance(ds: list[torch.Tensor]) -> torch.Tensor:
+    """float32 variance over sources (population, as torch.var(unbiased=False)) of float32 deltas `ds`: Welford
+    in float64, rounded once to float32 (bit-identical to torch.var's CPU result for up to 8 sources)."""
+    mean = torch.zeros(ds[0].shape, dtype=torch.float64, device=ds[0].device)
+    m2 = torch.zeros_like(mean)
+    for k, d in enumerate(ds):
+        x = d.double()
+        delta = x - mean
+        mean = mean + delta / (k + 1)
+        m2 = m2 + delta * (x - mean)
+    return (m2 / len(ds)).float()
 
 
 def keep_mask(spec: MergeSpec, i: int, d: torch.Tensor, idx: torch.Tensor | None,
@@ -72,6 +124,8 @@ def keep_mask(spec: MergeSpec, i: int, d: torch.Tensor, idx: torch.Tensor | None
         if spec.t_out[i] != float("inf"):
             keep &= ~((a > spec.t_out[i]) | ((a == spec.t_out[i]) & (idx <= spec.c_out[i])))
         return keep
+    if spec.keep == "fusion":
+        return (d.abs() * _gather(aux_i, row_of(spec, idx))) >= spec.t_in[0]
     u = uniform(idx, spec.keys[i])
     if spec.keep == "random":
         return u < spec.densities[i]
@@ -81,29 +135,108 @@ def keep_mask(spec: MergeSpec, i: int, d: torch.Tensor, idx: torch.Tensor | None
     raise ValueError(f"unknown keep rule {spec.keep!r}")
 
 
+def _in_cut(a: torch.Tensor, t: float, c: int, idx: torch.Tensor) -> torch.Tensor:
+    if c >= MAX_INDEX:
+        return a >= t
+    return (a > t) | ((a == t) & (idx <= c))
+
+
+def _ram_parts(b, xs, spec):
+    ds = [x.float() - b for x in xs]
+    ks = [d.abs() > e for d, e in zip(ds, spec.eps)]
+    count = ks[0].to(torch.float32)
+    for k in ks[1:]:
+        count += k
+    parts = []
+    for i, (d, k) in enumerate(zip(ds, ks)):
+        uniq = d * spec.scales[i] if spec.scales[i] != 1.0 else d
+        parts.append(torch.where(k, torch.where(count == 1, uniq, d / count), 0.0))
+    return parts
+
+
+def row_view(shape) -> tuple[int, int]:
+    """(rows, row width) of DELLA's rank rows: dim 0 of a tensor, a 1-D tensor being one row."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if len(shape) < 2:
+        return (1, numel)
+    return (shape[0], numel // shape[0] if shape[0] else 0)
+
+
+def row_ranks(a2: torch.Tensor) -> torch.Tensor:
+    """float32 (R, W) rank of each element of `a2` (R, W) within its row, ascending, stable (ties by position),
+    divided by W - 1 (0 if W == 1): DELLA's magnitude-rank probabilities (mergekit sparsify.py della_magprune)."""
+    order = torch.argsort(a2, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(a2.shape[1], device=a2.device).expand_as(order))
+    w = a2.shape[1]
+    return ranks.float() / (w - 1) if w > 1 else torch.zeros(a2.shape, device=a2.device)
+
+
+def della_step(shape, chunk: int) -> tuple[int, int]:
+    """(step, width): chunk size in elements made of whole rank rows (>= one row), and the row width."""
+    width = max(1, row_view(shape)[1])
+    return max(1, chunk // width) * width, width
+
+
+def l1_sums(base: torch.Tensor, x: torch.Tensor, spec: MergeSpec, i: int,
+            aux_i: torch.Tensor | None = None) -> tuple[float, float]:
+    """(sum |d|, sum |d * keep_i|) in float64 over one chunked pass, d = x - base (the L1 rescale's norms);
+    DELLA ranks come from `aux_i` or are computed per row block."""
+    b, xx = base.reshape(-1), x.reshape(-1)
+    a = aux_i.reshape(-1) if aux_i is not None else None
+    step, width = della_step(x.shape, CHUNK) if spec.keep == "della" else (CHUNK, 0)
+    before = after = 0.0
+    for s in range(0, b.numel(), step):
+        e = min(b.numel(), s + step)
+        d = xx[s:e].float() - b[s:e].float()
+        ai = a[s:e] if a is not None else None
+        if spec.keep == "della" and ai is None:
+            ai = row_ranks(d.abs().view(-1, width)).view(-1)
+        k = keep_mask(spec, i, d, torch.arange(s, e, device=d.device), ai)
+        before += float(d.abs().sum(dtype=torch.float64))
+        after += float((d * k).abs().sum(dtype=torch.float64)) if k is not None else float(d.abs().sum())
+    return before, after
+
+
 def _delta_chunk(base, xs, spec, idx, auxs):
     b = base.float()
-    parts = []
-    for i, x in enumerate(xs):
-        d = x.float() - b
-        k = keep_mask(spec, i, d, idx, None if auxs is None else auxs[i])
-        if k is not None:
-            d = d * k
-        if spec.scales[i] != 1.0:
-            d = d * spec.scales[i]
-        parts.append(d * spec.weights[i])
+    parts, raw = [], []
+    if spec.keep == "ram":
+        parts = _ram_parts(b, xs, spec)
+    else:
+        ds = [x.float() - b for x in xs]
+        shared = _in_cut(source_variance(ds), spec.t_in[0], spec.c_in[0], idx) if spec.keep == "vartopk" else None
+        for i, d in enumerate(ds):
+            if shared is not None:
+                d = d * shared
+            elif spec.row_layout:
+                w = _gather(auxs[i], row_of(spec, idx))
+            else:
+                k = keep_mask(spec, i, d, idx, None if auxs is None else auxs[i])
+                if k is not None:
+                    d = d * k
+            raw.append(d)
+            if spec.scales[i] != 1.0:
+                d = d * spec.scales[i]
+            parts.append(d * (w if spec.row_layout else spec.weights[i]))
     if spec.consensus:
-        total = parts[0].clone()
-        for p in parts[1:]:
+        votes = raw if spec.consensus_raw else parts
+        total = votes[0].clone()
+        for p in votes[1:]:
             total += p
         pos = total >= 0
         mixed = torch.zeros_like(b)
         div = torch.zeros_like(b)
-        for p, w in zip(parts, spec.weights):
-            c = torch.where(pos, p > 0, p < 0)
+        for p, v, w in zip(parts, votes, spec.weights):
+            c = torch.where(pos, v > 0, v < 0)
             mixed += p * c
             div += c * w
-        div[div == 0] = 1.0
+        if spec.div_min > 0:
+            div = div.clamp(min=spec.div_min)
+        else:
+            div[div == 0] = 1.0
     else:
         mixed = parts[0].clone()
         for p in parts[1:]:
@@ -118,10 +251,22 @@ def _delta_chunk(base, xs, spec, idx, auxs):
     return b + mixed
 
 
-def _combine_chunk(xs, spec):
-    acc = xs[0].float() * spec.coeffs[0]
-    for c, x in zip(spec.coeffs[1:], xs[1:]):
-        acc += x.float() * c
+def _nearswap_chunk(base, x, t: float):
+    a, b = base.float(), x.float()
+    w = ((a - b).abs().clamp(min=1e-6).reciprocal() * t).clamp(0.0, 1.0)
+    return w * b + (1.0 - w) * a
+
+
+def _combine_chunk(xs, spec, idx=None, auxs=None):
+    if spec.row_layout:
+        r = row_of(spec, idx)
+        acc = xs[0].float() * _gather(auxs[0], r)
+        for a, x in zip(auxs[1:], xs[1:]):
+            acc += x.float() * _gather(a, r)
+    else:
+        acc = xs[0].float() * spec.coeffs[0]
+        for c, x in zip(spec.coeffs[1:], xs[1:]):
+            acc += x.float() * c
     if spec.divisor != 1.0:
         acc = acc / spec.divisor
     return acc
@@ -138,17 +283,25 @@ def merge_reference(base: torch.Tensor | None, sources: list[torch.Tensor], spec
     flat_aux = [a.reshape(-1) for a in aux] if aux is not None else None
     flat_idx = index.reshape(-1) if index is not None else None
     res = out.view(-1) if out is not None else torch.empty(numel, dtype=torch.float32, device=sources[0].device)
-    needs_idx = spec.mode == "delta" and spec.keep != "all"
-    for s in range(0, numel, CHUNK):
-        e = min(numel, s + CHUNK)
+    ranks_here = spec.mode == "delta" and spec.keep == "della" and aux is None
+    step, width = della_step(shape, CHUNK) if ranks_here else (CHUNK, 0)
+    for s in range(0, numel, step):
+        e = min(numel, s + step)
         xs = [f[s:e] for f in flat_src]
+        idx = None
+        if spec.needs_index:
+            idx = flat_idx[s:e] if flat_idx is not None else torch.arange(s, e, device=res.device)
+        auxs = None
+        if flat_aux is not None:
+            auxs = [a.float() for a in flat_aux] if spec.aux_per_row else [a[s:e] for a in flat_aux]
         if spec.mode == "combine":
-            r = _combine_chunk(xs, spec)
+            r = _combine_chunk(xs, spec, idx, auxs)
+        elif spec.mode == "nearswap":
+            r = _nearswap_chunk(flat_base[s:e], xs[0], spec.t)
         else:
-            idx = None
-            if needs_idx:
-                idx = flat_idx[s:e] if flat_idx is not None else torch.arange(s, e, device=res.device)
-            auxs = [a[s:e] for a in flat_aux] if flat_aux is not None else None
+            if ranks_here:
+                b = flat_base[s:e].float()
+                auxs = [row_ranks((x.float() - b).abs_().view(-1, width)).view(-1) for x in xs]
             r = _delta_chunk(flat_base[s:e], xs, spec, idx, auxs)
         res[s:e] = r
     return res.view(shape) if out is None else out
@@ -156,13 +309,16 @@ def merge_reference(base: torch.Tensor | None, sources: list[torch.Tensor], spec
 
 def merge(base, sources, spec, aux=None, index=None, out=None, cpu_fused: bool | None = None):
     """Dispatch: CUDA tensors -> Triton kernel (unless forced to the reference); CPU tensors -> the fused CPU merge
-    when `cpu_fused` (default: LAZYMERGE_CPU_FUSED) and the spec sparsifies, else the reference."""
+    (kernels/merge_cpu.py; default on, `cpu_fused=False` or LAZYMERGE_CPU_FUSED=0: the reference) for whole tensors
+    of the delta family, else the reference."""
     from . import dispatch, merge_cpu
 
     fused = merge_cpu.enabled() if cpu_fused is None else cpu_fused
-    if (fused and spec.mode == "delta" and spec.keep != "all" and index is None and out is None
-            and sources and sources[0].device.type == "cpu" and not dispatch.use_triton(sources[0])):
-        return merge_cpu.merge_delta_fused(base, sources, spec, aux=aux)
+    if (fused and spec.mode == "delta" and not spec.row_layout and index is None and out is None and sources
+            and sources[0].device.type == "cpu" and not dispatch.use_triton(sources[0])):
+        r = merge_cpu.merge_delta_fused(base, sources, spec, aux=aux)  # None: a spec the fused loop does not take
+        if r is not None:
+            return r
     if dispatch.use_triton(sources[0]):
         from .merge_triton import merge_triton  # noqa: PLC0415  (GPU path, optional)
 

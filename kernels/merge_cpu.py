@@ -1,27 +1,78 @@
-"""The merge's fused CPU path: `merge_reference`'s delta arithmetic compiled by `torch.compile` into one loop.
+"""The merge's fused CPU path, the default on the CPU: `merge_reference`'s delta arithmetic compiled into one loop.
 
 Same contract and same float32 operations, element by element, as `kernels.merge.merge_reference` (the oracle: tests
 check equality); the eager reference makes ~30 passes over memory for a TIES merge, this makes one. Every number of
-the spec enters as a tensor, so one compiled graph serves every recipe with the same structure (keep rule, consensus,
-normalize, number of sources); compiling a structure costs tens of seconds once per process (Inductor's on-disk
-cache makes later processes faster), which is why it is opt-in: `Engine(..., cpu_fused=True)` (per engine) or
-`LAZYMERGE_CPU_FUSED=1` (the process default, `enabled()`).
+the spec enters as a tensor and the element count is a dynamic dimension, so one compiled program serves every recipe
+and tensor with the same *structure* (keep rule, consensus, normalize, number of sources, storage dtypes, torch
+threads).
+
+Compiled once per machine: each structure is exported (`torch.export`) and compiled ahead of time by Inductor
+(AOTInductor) into a package under the cache directory (`LAZYMERGE_CACHE_DIR`, default `~/.cache/lazymerge`), keyed
+by the torch version and this file's source. A process loads a package in milliseconds; a missing one costs one
+compilation (about a minute per structure on a 2-core machine, announced by one line on stderr), then never again on
+this machine. Concurrent processes may both compile a missing package; the last atomic rename wins.
+
+Switches: `LAZYMERGE_CPU_FUSED=0` runs the eager reference (the oracle, a debug switch; also `Engine(...,
+cpu_fused=False)`); if a package cannot be compiled (no C++ compiler), the reference runs, with one warning.
+DELLA's per-row ranks are computed per block of whole rows (`merge.row_ranks`) and passed to the compiled loop, so
+no O(numel) statistic exists at any time beyond one block.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+import threading
+import warnings
+from pathlib import Path
 
 import torch
 
+from .merge import della_step, row_ranks
 from .rng import C1, C2, M32
 
-_ENABLED = os.environ.get("LAZYMERGE_CPU_FUSED", "") == "1"
-_COMPILED = {}
+_ENABLED = os.environ.get("LAZYMERGE_CPU_FUSED", "1") != "0"
+_LOADED: dict = {}
+_FAILED: set = set()
+_LOCK = threading.Lock()
+DELLA_BLOCK = 1 << 18  # elements per compiled call on DELLA (whole rank rows; the ranks' temporaries stay small)
 
 
 def enabled() -> bool:
+    """The process default: on unless LAZYMERGE_CPU_FUSED=0."""
     return _ENABLED
+
+
+def cache_dir() -> Path:
+    """Where compiled packages live: $LAZYMERGE_CACHE_DIR, else $XDG_CACHE_HOME/lazymerge, else ~/.cache/lazymerge;
+    one subdirectory per (torch version, source of this file)."""
+    root = os.environ.get("LAZYMERGE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lazymerge")
+    return Path(root) / f"merge_cpu-torch{torch.__version__}-{_code_hash()}"
+
+
+def _code_hash() -> str:
+    """Hash of the source of what is compiled (not of the loading code): a package stays valid until that changes."""
+    import inspect
+
+    src = "".join(inspect.getsource(f) for f in (_mix, _keep, _delta, _l1, _DeltaModule, _L1Module))
+    return hashlib.sha1(src.encode()).hexdigest()[:12]
+
+
+def _load(path: Path):
+    """A callable over a compiled package: AOTInductor's C++ loader (milliseconds, no Inductor import), else
+    torch._inductor's loader."""
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    except (AttributeError, RuntimeError, TypeError):
+        return torch._inductor.aoti_load_package(str(path))
+
+    def run(*args):
+        out = loader.run(list(args))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    return run
 
 
 def _mix(x):
@@ -32,22 +83,25 @@ def _mix(x):
     return x ^ (x >> 15)
 
 
-def _delta(b, xs, aux, n_all, w, sc, t_in, c_in, t_out, c_out, dens, eps, k1, k2, lam, div_all, *,
+def _keep(d, idx, aux_i, t_in, c_in, t_out, c_out, dens, eps, k1, k2, keep: str):
+    if keep == "topk":
+        a = d.abs()
+        k = (a > t_in) | ((a == t_in) & (idx <= c_in))
+        return k & ~((a > t_out) | ((a == t_out) & (idx <= c_out)))
+    u = (_mix(_mix(idx ^ k1) ^ k2) >> 8).to(torch.float32) * (2.0**-24)
+    return u < (dens if keep == "random" else (dens - eps) + aux_i.float() * (2.0 * eps))
+
+
+def _delta(b, xs, aux, w, sc, t_in, c_in, t_out, c_out, dens, eps, k1, k2, lam, div_all, start, *,
            keep: str, consensus: bool, normalize: bool):
     b = b.float()
-    idx = torch.arange(b.numel(), dtype=torch.int64, device=b.device)
+    idx = torch.arange(b.numel(), dtype=torch.int64, device=b.device) + start
     parts = []
     for i, x in enumerate(xs):
         d = x.float() - b
-        if keep == "topk":
-            a = d.abs()
-            k = (a > t_in[i]) | ((a == t_in[i]) & (idx <= c_in[i]))
-            k = k & ~((a > t_out[i]) | ((a == t_out[i]) & (idx <= c_out[i])))
-            d = d * k
-        elif keep in ("random", "della"):
-            u = (_mix(_mix(idx ^ k1[i]) ^ k2[i]) >> 8).to(torch.float32) * (2.0**-24)
-            p = dens[i] if keep == "random" else (dens[i] - eps[i]) + aux[i].float() * (2.0 * eps[i])
-            d = d * (u < p)
+        if keep != "all":
+            d = d * _keep(d, idx, None if aux is None else aux[i], t_in[i], c_in[i], t_out[i], c_out[i], dens[i],
+                          eps[i], k1[i], k2[i], keep)
         d = d * sc[i]
         parts.append(d * w[i])
     if consensus:
@@ -72,56 +126,175 @@ def _delta(b, xs, aux, n_all, w, sc, t_in, c_in, t_out, c_out, dens, eps, k1, k2
     return b + mixed * lam
 
 
-def merge_delta_fused(base, sources, spec, aux=None) -> torch.Tensor:
-    """Fused delta-mode merge of whole tensors (no row `index`); float32 of the inputs' shape."""
-    key = (spec.keep, spec.consensus, spec.normalize, len(sources), aux is not None)
-    fn = _COMPILED.get(key)
-    if fn is None:
-        import functools
-
-        fn = _COMPILED[key] = torch.compile(
-            functools.partial(_delta, keep=spec.keep, consensus=spec.consensus, normalize=spec.normalize),
-            dynamic=True, fullgraph=True)
-    n = len(sources)
-    dev = base.device
-    f32 = lambda v, default=0.0: torch.tensor(list(v) if v else [default] * n, dtype=torch.float32, device=dev)  # noqa: E731
-    i64 = lambda v: torch.tensor(list(v) if v else [-1] * n, dtype=torch.int64, device=dev)  # noqa: E731
-    div_all = sum(spec.weights)
-    div_all = 1.0 if abs(div_all) < 1e-8 else div_all
-    keys = spec.keys or ((0, 0),) * n
-    out = fn(base.reshape(-1), [s.reshape(-1) for s in sources], [a.reshape(-1) for a in aux] if aux else None, n,
-             f32(spec.weights), f32(spec.scales, 1.0), f32(spec.t_in), i64(spec.c_in), f32(spec.t_out),
-             i64(spec.c_out), f32(spec.densities), f32(spec.eps), i64(k[0] for k in keys), i64(k[1] for k in keys),
-             torch.tensor(spec.lam, device=dev), torch.tensor(div_all, device=dev))
-    return out.view(base.shape)
-
-
-def _l1(b, x, aux, t_in, c_in, t_out, c_out, dens, eps, k1, k2, *, keep: str):
-    """(sum |d|, sum |d * keep|) of one source's delta, the L1 rescale factor's two norms."""
+def _l1(b, x, aux_i, t_in, c_in, t_out, c_out, dens, eps, k1, k2, start, *, keep: str):
+    """(sum |d|, sum |d * keep|) of one source's delta in float64: the L1 rescale factor's two norms."""
     d = x.float() - b.float()
-    idx = torch.arange(b.numel(), dtype=torch.int64, device=b.device)
-    if keep == "topk":
-        a = d.abs()
-        k = (a > t_in) | ((a == t_in) & (idx <= c_in))
-        k = k & ~((a > t_out) | ((a == t_out) & (idx <= c_out)))
-    else:
-        u = (_mix(_mix(idx ^ k1) ^ k2) >> 8).to(torch.float32) * (2.0**-24)
-        k = u < (dens if keep == "random" else (dens - eps) + aux.float() * (2.0 * eps))
+    idx = torch.arange(b.numel(), dtype=torch.int64, device=b.device) + start
+    k = _keep(d, idx, aux_i, t_in, c_in, t_out, c_out, dens, eps, k1, k2, keep)
     return d.abs().sum(dtype=torch.float64), (d * k).abs().sum(dtype=torch.float64)
 
 
-def l1_sums_fused(base, x, spec, i: int, aux_i=None) -> tuple[float, float]:
-    """Fused `_l1` for source i of `spec` (one pass; the engine's L1 rescale on the CPU fused path)."""
-    key = ("l1", spec.keep, aux_i is not None)
-    fn = _COMPILED.get(key)
-    if fn is None:
-        import functools
+class _DeltaModule(torch.nn.Module):
+    def __init__(self, n: int, has_aux: bool, **kw):
+        super().__init__()
+        self.n, self.has_aux, self.kw = n, has_aux, kw
 
-        fn = _COMPILED[key] = torch.compile(functools.partial(_l1, keep=spec.keep), dynamic=True, fullgraph=True)
-    g = lambda v, d=0.0: torch.tensor(v[i] if v else d)  # noqa: E731
-    keys = spec.keys[i] if spec.keys else (0, 0)
-    before, after = fn(base.reshape(-1), x.reshape(-1), None if aux_i is None else aux_i.reshape(-1), g(spec.t_in),
-                       torch.tensor(spec.c_in[i] if spec.c_in else -1), g(spec.t_out),
-                       torch.tensor(spec.c_out[i] if spec.c_out else -1), g(spec.densities), g(spec.eps),
-                       torch.tensor(keys[0]), torch.tensor(keys[1]))
-    return float(before), float(after)
+    def forward(self, b, *rest):
+        xs, rest = list(rest[: self.n]), rest[self.n:]
+        aux = None
+        if self.has_aux:
+            aux, rest = list(rest[: self.n]), rest[self.n:]
+        return _delta(b, xs, aux, *rest, **self.kw)
+
+
+class _L1Module(torch.nn.Module):
+    def __init__(self, has_aux: bool, keep: str):
+        super().__init__()
+        self.has_aux, self.keep = has_aux, keep
+
+    def forward(self, b, x, *rest):
+        aux = None
+        if self.has_aux:
+            aux, rest = rest[0], rest[1:]
+        return _l1(b, x, aux, *rest, keep=self.keep)
+
+
+def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: int, what: str, n_named: int):
+    """The loaded AOTInductor package of `key` (compiled and saved first if missing); None if it cannot be built."""
+    fn = _LOADED.get(key)
+    if fn is not None or key in _FAILED:
+        return fn
+    with _LOCK:
+        fn = _LOADED.get(key)
+        if fn is not None:
+            return fn
+        path = cache_dir() / ("-".join(str(k) for k in key) + ".pt2")
+        try:
+            if not path.exists():
+                import time
+
+                print(f"lazymerge: compiling the fused CPU merge for {what} (once per machine; cache {path.parent})",
+                      file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                n_dim = torch.export.Dim("numel", min=2, max=2**32 - 1)
+                shapes = tuple({0: n_dim} for _ in range(n_elementwise)) + (None,) * (len(args) - n_elementwise)
+                shapes = shapes[:n_named] + (shapes[n_named:],)  # forward(named..., *rest)
+                ep = torch.export.export(module, args, dynamic_shapes=shapes)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp.pt2")
+                torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+                os.replace(tmp, path)
+                print(f"lazymerge: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            fn = _load(path)
+        except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the eager reference
+            warnings.warn(f"lazymerge: the fused CPU merge could not be compiled ({type(e).__name__}: {e}); "
+                          f"using the eager reference", stacklevel=3)
+            _FAILED.add(key)
+            return None
+        _LOADED[key] = fn
+        return fn
+
+
+def _scalars(spec, n: int, dev):
+    f32 = lambda v, default=0.0: torch.tensor(list(v) if v else [default] * n, dtype=torch.float32, device=dev)  # noqa: E731
+    i64 = lambda v: torch.tensor(list(v) if v else [-1] * n, dtype=torch.int64, device=dev)  # noqa: E731
+    keys = spec.keys or ((0, 0),) * n
+    return (f32(spec.t_in), i64(spec.c_in), f32(spec.t_out), i64(spec.c_out), f32(spec.densities), f32(spec.eps),
+            i64(k[0] for k in keys), i64(k[1] for k in keys))
+
+
+FUSED_KEEPS = ("all", "topk", "random", "della")
+
+
+def fusable(spec) -> bool:
+    """Whether the fused loop implements `spec`: the task-arithmetic family's keep rules, whole-tensor layout."""
+    return (spec.mode == "delta" and spec.keep in FUSED_KEEPS and not spec.row_layout and not spec.consensus_raw
+            and not spec.div_min)
+
+
+def merge_delta_fused(base, sources, spec, aux=None) -> torch.Tensor | None:
+    """Fused delta-mode merge of whole tensors (no row `index`); float32 of the inputs' shape, or None when the
+    structure could not be compiled (the caller then runs the reference). DELLA without `aux`: ranks per row block.
+    Specs of the newer methods' keep rules (sce, arcee_fusion, ram: kernels/merge.py) are left to the reference."""
+    if not fusable(spec):
+        return None
+    n = len(sources)
+    has_aux = spec.keep == "della"
+    key = ("delta", spec.keep, int(spec.consensus), int(spec.normalize), n, str(base.dtype).split(".")[-1],
+           "_".join(str(s.dtype).split(".")[-1] for s in sources), f"t{torch.get_num_threads()}")
+    dev = base.device
+    div_all = sum(spec.weights)
+    div_all = 1.0 if abs(div_all) < 1e-8 else div_all
+    t_in, c_in, t_out, c_out, dens, eps, k1, k2 = _scalars(spec, n, dev)
+    w = torch.tensor(list(spec.weights), dtype=torch.float32, device=dev)
+    sc = torch.tensor(list(spec.scales) if spec.scales else [1.0] * n, dtype=torch.float32, device=dev)
+    tail = (w, sc, t_in, c_in, t_out, c_out, dens, eps, k1, k2, torch.tensor(spec.lam, device=dev),
+            torch.tensor(div_all, device=dev))
+    fb = base.reshape(-1)
+    fx = [s.reshape(-1) for s in sources]
+    numel = fb.numel()
+    step, width = della_step(base.shape, DELLA_BLOCK) if has_aux else (max(numel, 2), 0)
+    kw = dict(keep=spec.keep, consensus=spec.consensus, normalize=spec.normalize)
+    out = None
+    fn = None
+    for s in range(0, numel, step):
+        e = min(numel, s + step)
+        if e - s < 2:  # the exported program's dynamic size starts at 2
+            return None
+        b, xs = fb[s:e], [x[s:e] for x in fx]
+        auxs = []
+        if has_aux:
+            a = aux if aux is not None else None
+            auxs = [a[i].reshape(-1)[s:e] for i in range(n)] if a is not None else [
+                row_ranks((x.float() - b.float()).abs_().view(-1, width)).view(-1) for x in xs]
+        args = (b, *xs, *auxs, *tail, torch.tensor(s, dtype=torch.int64, device=dev))
+        if fn is None:
+            fn = _program(key, _DeltaModule(n, has_aux, **kw), args, 1 + n + len(auxs),
+                          f"{spec.keep} x {n} sources ({'consensus, ' if spec.consensus else ''}"
+                          f"{'normalize, ' if spec.normalize else ''}{key[6]})", 1)
+            if fn is None:
+                return None
+        r = fn(*args)
+        if step >= numel:
+            return r.view(base.shape)
+        if out is None:
+            out = torch.empty(numel, dtype=torch.float32, device=dev)
+        out[s:e] = r
+    return out.view(base.shape)
+
+
+def l1_sums_fused(base, x, spec, i: int, aux_i=None) -> tuple[float, float] | None:
+    """Fused `kernels.merge.l1_sums` for source i of `spec`: (sum |d|, sum |d * keep|), or None if not compiled."""
+    if not fusable(spec):
+        return None
+    has_aux = spec.keep == "della"
+    key = ("l1", spec.keep, str(base.dtype).split(".")[-1], str(x.dtype).split(".")[-1],
+           f"t{torch.get_num_threads()}")
+    dev = base.device
+    sc = [t[i:i + 1].reshape(()) for t in _scalars(spec, spec.n, dev)]
+    fb, fx = base.reshape(-1), x.reshape(-1)
+    numel = fb.numel()
+    step, width = della_step(base.shape, DELLA_BLOCK) if has_aux else (max(numel, 2), 0)
+    before = after = 0.0
+    fn = None
+    for s in range(0, numel, step):
+        e = min(numel, s + step)
+        if e - s < 2:
+            return None
+        b, xx = fb[s:e], fx[s:e]
+        extra = []
+        if has_aux:
+            extra = [aux_i.reshape(-1)[s:e] if aux_i is not None else
+                     row_ranks((xx.float() - b.float()).abs_().view(-1, width)).view(-1)]
+        args = (b, xx, *extra, *sc, torch.tensor(s, dtype=torch.int64, device=dev))
+        if fn is None:
+            fn = _program(key, _L1Module(has_aux, spec.keep), args, 2 + len(extra), f"L1 norms of {spec.keep}", 2)
+            if fn is None:
+                return None
+        bb, aa = fn(*args)
+        before += float(bb)
+        after += float(aa)
+    return before, after
+
+
+__all__ = ["cache_dir", "enabled", "l1_sums_fused", "merge_delta_fused"]

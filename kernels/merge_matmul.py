@@ -28,6 +28,7 @@ import triton.language as tl
 from . import dispatch
 from .merge import MergeSpec, merge_reference
 from .merge_triton import (
+    KEEP_CODES,
     MAX_SOURCES,
     _merge_tile,
     _round_bf16,
@@ -36,6 +37,7 @@ from .merge_triton import (
     pointer_args,
     spec_flags,
     spec_tables,
+    uses_aux,
 )
 
 
@@ -57,10 +59,11 @@ def _merge_matmul_kernel(
     # strides (weights and aux are contiguous (N, K); workspace is contiguous (SPLIT_K, M, N))
     stride_xm, stride_xk,
     # scalars of the merge, and the autotune bucket of M
-    div, lam, m_bucket,
+    div, lam, row_width, div_min, m_bucket,
     # meta-parameters: the spec's switches
     N_SOURCES: tl.constexpr, MODE: tl.constexpr, KEEP: tl.constexpr, CONSENSUS: tl.constexpr,
-    NORMALIZE: tl.constexpr, DIVIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    NORMALIZE: tl.constexpr, DIVIDE: tl.constexpr, ROWS: tl.constexpr, CONSENSUS_RAW: tl.constexpr,
+    DIV_FLOOR: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     # meta-parameters: tiling
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -83,8 +86,9 @@ def _merge_matmul_kernel(
         w_offs = offs_n[:, None] * K + offs_k[None, :]  # (BLOCK_N, BLOCK_K) int64 flat index into W
         w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
         w = _merge_tile(B, X0, X1, X2, X3, X4, X5, X6, X7, A0, A1, A2, A3, A4, A5, A6, A7,
-                        F, I, w_offs, w_offs, w_mask, div, lam,
-                        N_SOURCES, MODE, KEEP, CONSENSUS, NORMALIZE, DIVIDE)  # (BLOCK_N, BLOCK_K) float32
+                        F, I, w_offs, w_offs, w_mask, div, lam, row_width, div_min,
+                        N_SOURCES, MODE, KEEP, CONSENSUS, NORMALIZE, DIVIDE, ROWS, CONSENSUS_RAW,
+                        DIV_FLOOR)  # (BLOCK_N, BLOCK_K) float32
         if UPCAST_DOT:  # interpreter: its bf16 tl.dot and bf16 cast are broken; float32 dot of the same values
             if x.dtype == tl.bfloat16:
                 w = _round_bf16(w)
@@ -98,15 +102,25 @@ def _merge_matmul_kernel(
     tl.store(ws, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+# -- tile configs, and the shared-memory estimate that keeps them inside the GPU ------------------------------------
+# Hopper (H100 / H200) opt-in shared memory per block; other GPUs report theirs (`device_shared_limit`).
+H200_SHARED_LIMIT = 232448
+
+
 def _matmul_configs():
-    """Autotune space (tutorial 03 style). Decode (BLOCK_M = 16): wide K tiles and split-K so that N / BLOCK_N
-    strips x SPLIT_K programs fill the GPU; prefill (BLOCK_M 64/128) for callers that fuse at larger M."""
+    """Autotune space (tutorial 03 style). Every tile holds <= 8 elements per thread and per loaded tensor
+    (BLOCK_N * BLOCK_K <= 8 * 32 * num_warps): the merge keeps up to 8 sources, their DELLA ranks and five float32
+    accumulators of the tile in registers; at 16 elements per thread the 8-source DELLA tile spills 1.5-2.4 KB per
+    thread, at 64 (the former 64 x 128 tiles on 4 warps) 5-8 KB (ptxas, sm_90: `kernels/aot.py`). Decode
+    (BLOCK_M = 16): split-K so that N / BLOCK_N strips x SPLIT_K programs fill the GPU; the weight tiles are
+    pipelined through shared memory (num_stages), which `_prune` bounds by `shared_bytes`; the one-stage configs
+    use no pipeline buffers and fit any GPU. Prefill (BLOCK_M 64) for callers that fuse at larger M."""
     cfgs = []
-    for bn, bk, sk, w, s in ((64, 128, 1, 4, 3), (64, 128, 2, 4, 3), (64, 128, 4, 4, 3), (32, 256, 2, 4, 3),
-                             (32, 256, 4, 4, 3), (128, 64, 4, 4, 4), (128, 128, 2, 8, 3), (64, 256, 8, 8, 2)):
+    for bn, bk, sk, w, s in ((32, 64, 1, 8, 3), (32, 64, 4, 8, 3), (16, 64, 4, 4, 3), (32, 32, 4, 4, 3),
+                             (64, 32, 2, 8, 3), (32, 64, 8, 8, 2), (32, 64, 4, 8, 1), (32, 32, 4, 4, 1)):
         cfgs.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk},
                                   num_warps=w, num_stages=s))
-    for bm, bn, bk, w, s in ((64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3)):
+    for bm, bn, bk, w, s in ((64, 64, 32, 8, 3), (64, 32, 64, 8, 3), (64, 64, 32, 8, 1)):
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1},
                                   num_warps=w, num_stages=s))
     return cfgs
@@ -115,27 +129,92 @@ def _matmul_configs():
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _matmul_configs())
 
 
+def tile_tensor_bytes(flags: dict, x_bytes: int, w_bytes: int, aux_bytes: int = 4) -> list[int]:
+    """Element sizes of the tensors one K-step loads, in `_merge_tile`'s order: x, then base (delta modes), the
+    N_SOURCES sources, their DELLA ranks (KEEP == 3). Bytes per element of each."""
+    n = flags["N_SOURCES"]
+    sizes = [x_bytes] + ([w_bytes] if flags["MODE"] != 0 else []) + [w_bytes] * n
+    if flags["MODE"] != 0 and flags["KEEP"] == KEEP_CODES["della"]:
+        sizes += [aux_bytes] * n
+    return sizes
+
+
+def shared_bytes(cfg: dict, flags: dict, x_bytes: int, w_bytes: int, aux_bytes: int = 4) -> int:
+    """Upper estimate of the shared memory (bytes) of one program of `_merge_matmul_kernel` with tile config `cfg`
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_stages) for a spec's constexpr `flags`.
+
+    Triton's software pipeliner keeps num_stages - 1 copies of every tile the K loop loads (x: BLOCK_M x BLOCK_K,
+    each weight-shaped tensor: BLOCK_N x BLOCK_K) in shared memory, plus a scratch of the dot operands for the
+    layout change, counted at 4 bytes per element (bf16 one-stage tiles use that much). Read off the sm_90
+    compiler's reports (triton 3.9 and 3.6); `kernels/aot.check` (tests/test_kernel_compile.py) checks it against
+    the compiled binaries (estimate >= actual)."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    sizes = tile_tensor_bytes(flags, x_bytes, w_bytes, aux_bytes)
+    per_stage = bm * bk * sizes[0] + sum(bn * bk * b for b in sizes[1:])
+    return max(cfg.get("num_stages", 1) - 1, 0) * per_stage + (bm + bn) * bk * max(x_bytes, 4)
+
+
+_LIMITS: dict = {}
+
+
+def device_shared_limit(device: torch.device) -> int:
+    """Opt-in shared memory per block of `device` (bytes), from the Triton driver; the H200's off a GPU."""
+    if device.type != "cuda":
+        return H200_SHARED_LIMIT
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _LIMITS:
+        _LIMITS[idx] = triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"]
+    return _LIMITS[idx]
+
+
+def _config_dict(c) -> dict:
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _fits(named_args: dict, kwargs: dict, cfg: dict) -> bool:
+    """True when `cfg` fits the shared memory of the GPU holding the launch's tensors."""
+    flags = {k: kwargs[k] for k in ("N_SOURCES", "MODE", "KEEP")}
+    x, w = named_args["Xin"], named_args["X0"]
+    aux_bytes = named_args["A0"].element_size()
+    need = shared_bytes(cfg, flags, x.element_size(), w.element_size(), aux_bytes)
+    return need <= device_shared_limit(x.device)
+
+
 def _prune(configs, named_args, **kwargs):
-    """Decode configs for M <= 16, prefill configs above."""
+    """Decode configs for M <= 16, prefill configs above; then only the configs whose shared memory fits the
+    device (`shared_bytes`). May return an empty list: `merge_matmul_triton` checks before launching."""
     small = named_args["M"] <= 16
     kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small]
-    return kept or configs
+    return [c for c in kept if _fits(named_args, kwargs, _config_dict(c))]
 
 
 _merge_matmul_kernel_tuned = triton.autotune(
     configs=_matmul_configs(),
-    key=["m_bucket", "N", "K", "N_SOURCES", "MODE", "KEEP", "CONSENSUS", "NORMALIZE", "DIVIDE"],
+    key=["m_bucket", "N", "K", "N_SOURCES", "MODE", "KEEP", "CONSENSUS", "NORMALIZE", "DIVIDE", "ROWS",
+         "CONSENSUS_RAW", "DIV_FLOOR"],
     prune_configs_by={"early_config_prune": _prune},
 )(_merge_matmul_kernel)
 
 
-def _fixed_config(M: int) -> dict:
-    """The config without autotuning (interpreter, LAZYMERGE_AUTOTUNE=0)."""
+class NoFittingConfig(RuntimeError):
+    """No tile config of the fused kernel fits this GPU's shared memory for this merge (callers fall back to
+    merge-into-buffer + matmul: `kernels.linear.merged_linear` does)."""
+
+
+def _fixed_config(M: int, named_args: dict, flags: dict) -> dict:
+    """The config without autotuning (interpreter, LAZYMERGE_AUTOTUNE=0): the first of a short preference list
+    that fits the device (deepest pipeline first; the one-stage tile fits any GPU)."""
     if interpreting():
         return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, num_warps=4)
     if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3)
+        prefs = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=4, num_warps=8, num_stages=s) for s in (3, 2, 1)]
+    else:
+        prefs = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, num_warps=8, num_stages=s) for s in (3, 2, 1)]
+    for cfg in prefs:
+        if _fits(named_args, flags, cfg):
+            return cfg
+    raise NoFittingConfig(f"no fused merge-matmul tile fits {device_shared_limit(named_args['Xin'].device)} bytes "
+                          "of shared memory")
 
 
 def merge_matmul_triton(x: torch.Tensor, base: torch.Tensor | None, sources: list[torch.Tensor],
@@ -163,20 +242,28 @@ def merge_matmul_triton(x: torch.Tensor, base: torch.Tensor | None, sources: lis
         return x.new_empty(*lead, N)
     flags = spec_flags(spec)
     ftab, itab, div, lam = spec_tables(spec, x.device)
-    b, xs, a = pointer_args(base, sources, aux if flags["KEEP"] == 3 else None)
+    b, xs, a = pointer_args(base, sources, aux if uses_aux(flags) else None)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     m_bucket = 1 if M <= 1 else (16 if M <= 16 else min(triton.next_power_of_2(M), 4096))
+    args = (x2, b, *xs, *a, ftab, itab)
+    named = dict(zip(("Xin", "B", *(f"X{i}" for i in range(MAX_SOURCES)), *(f"A{i}" for i in range(MAX_SOURCES))),
+                     args))
+    named["M"] = M
     if autotuning():
+        if not _prune(_merge_matmul_kernel_tuned.configs, named, **flags):
+            raise NoFittingConfig(f"no fused merge-matmul tile fits {device_shared_limit(x.device)} bytes of "
+                                  "shared memory")
         ws = torch.empty((MAX_SPLIT_K, M, N), dtype=torch.float32, device=x.device)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
                              meta["SPLIT_K"])
         kernel, cfg = _merge_matmul_kernel_tuned, {}
     else:
-        cfg = _fixed_config(M)
+        cfg = _fixed_config(M, named, flags)
         ws = torch.empty((cfg["SPLIT_K"], M, N), dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         kernel = _merge_matmul_kernel
-    kernel[grid](x2, b, *xs, *a, ftab, itab, ws, M, N, K, x2.stride(0), x2.stride(1), div, lam, m_bucket,
+    kernel[grid](*args, ws, M, N, K, x2.stride(0), x2.stride(1), div, lam, spec.row_width,
+                 float(spec.div_min), m_bucket,
                  **flags, DOT_PRECISION=precision, UPCAST_DOT=interpreting(), enable_fp_fusion=False, **cfg)
     if autotuning():  # the launch just made used best_config; its slices [0, SPLIT_K) are all written
         split = _merge_matmul_kernel_tuned.best_config.kwargs["SPLIT_K"]

@@ -35,9 +35,12 @@ from .merge import MergeSpec
 from .rng import uniform_tl
 
 MAX_SOURCES = 8
-KEEP_CODES = {"all": 0, "topk": 1, "random": 2, "della": 3}
+KEEP_CODES = {"all": 0, "topk": 1, "random": 2, "della": 3, "vartopk": 4, "ram": 5, "fusion": 6}
+MODE_CODES = {"combine": 0, "delta": 1, "nearswap": 2}
+ROW_CODES = {"": 0, "row": 1, "col": 2}
 
-# float table columns: weight (or coefficient), scale, t_in, t_out, density, density - eps, 2 * eps, unused
+# float table columns: weight (or coefficient; nearswap: t), scale, t_in, t_out, density, density - eps, 2 * eps,
+# ram's epsilon
 F_COLS: tl.constexpr = tl.constexpr(8)
 # int table columns: c_in, c_out, key1, key2
 I_COLS: tl.constexpr = tl.constexpr(4)
@@ -76,11 +79,19 @@ def spec_tables(spec: MergeSpec, device: torch.device) -> tuple[torch.Tensor, to
         if spec.mode == "combine":
             row[0] = spec.coeffs[i]
             continue
+        if spec.mode == "nearswap":
+            row[0] = spec.t
+            continue
         row[0] = spec.weights[i]
         row[1] = spec.scales[i] if spec.scales else 1.0
         if spec.keep == "topk":
             row[2], row[3] = spec.t_in[i], spec.t_out[i]
             ints[i][0], ints[i][1] = int(spec.c_in[i]), int(spec.c_out[i])
+        elif spec.keep in ("vartopk", "fusion"):  # one cut for every source, stored in source 0's row
+            row[2] = spec.t_in[0]
+            ints[i][0] = int(spec.c_in[0]) if spec.c_in else -1
+        elif spec.keep == "ram":
+            row[7] = spec.eps[i]
         elif spec.keep in ("random", "della"):
             row[4] = spec.densities[i]
             if spec.keep == "della":
@@ -89,6 +100,8 @@ def spec_tables(spec: MergeSpec, device: torch.device) -> tuple[torch.Tensor, to
             ints[i][2], ints[i][3] = int(spec.keys[i][0]), int(spec.keys[i][1])
     if spec.mode == "combine":
         div = float(spec.divisor)
+    elif spec.mode == "nearswap":
+        div = 1.0
     elif spec.consensus:
         div = 1.0  # per element, in-kernel
     else:
@@ -106,19 +119,30 @@ def spec_tables(spec: MergeSpec, device: torch.device) -> tuple[torch.Tensor, to
 
 def spec_flags(spec: MergeSpec) -> dict:
     """The constexpr switches of a spec (one compiled variant per distinct value)."""
-    if spec.mode not in ("combine", "delta"):
+    if spec.mode not in MODE_CODES:
         raise ValueError(f"unknown merge mode {spec.mode!r}")
     if spec.keep not in KEEP_CODES:
         raise ValueError(f"unknown keep rule {spec.keep!r}")
+    if spec.row_layout not in ROW_CODES:
+        raise ValueError(f"unknown row layout {spec.row_layout!r}")
+    delta = spec.mode == "delta"
     combine = spec.mode == "combine"
     return dict(
         N_SOURCES=spec.n,
-        MODE=0 if combine else 1,
-        KEEP=0 if combine else KEEP_CODES[spec.keep],
-        CONSENSUS=(not combine) and bool(spec.consensus),
-        NORMALIZE=(not combine) and bool(spec.normalize),
+        MODE=MODE_CODES[spec.mode],
+        KEEP=KEEP_CODES[spec.keep] if delta else 0,
+        CONSENSUS=delta and bool(spec.consensus),
+        NORMALIZE=delta and bool(spec.normalize),
         DIVIDE=bool(combine and spec.divisor != 1.0),
+        ROWS=ROW_CODES[spec.row_layout] if spec.mode != "nearswap" else 0,
+        CONSENSUS_RAW=delta and bool(spec.consensus) and bool(spec.consensus_raw),
+        DIV_FLOOR=delta and bool(spec.consensus) and spec.div_min > 0,
     )
+
+
+def uses_aux(flags: dict) -> bool:
+    """Whether the kernel reads the aux pointers (DELLA ranks, per-row coefficients, arcee_fusion's row KL)."""
+    return flags["KEEP"] in (3, 6) or flags["ROWS"] != 0
 
 
 def pointer_args(base, sources, aux):
@@ -163,19 +187,43 @@ def _round_bf16(x):
 
 
 @triton.jit
+def _coeff(i: tl.constexpr, F, A0, A1, A2, A3, A4, A5, A6, A7, r, mask, ROWS: tl.constexpr):
+    """Source i's coefficient (combine) or weight (delta): per row from aux[i][r] when ROWS, else the table's."""
+    if ROWS != 0:
+        c = tl.load(_pick(i, A0, A1, A2, A3, A4, A5, A6, A7) + r, mask=mask, other=0.0).to(tl.float32)
+    else:
+        c = tl.load(F + i * F_COLS)
+    return c
+
+
+@triton.jit
 def _merge_tile(B, X0, X1, X2, X3, X4, X5, X6, X7, A0, A1, A2, A3, A4, A5, A6, A7,
-                F, I, offs, j, mask, div, lam,
+                F, I, offs, j, mask, div, lam, row_width, div_min,
                 N_SOURCES: tl.constexpr, MODE: tl.constexpr, KEEP: tl.constexpr,
-                CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, DIVIDE: tl.constexpr):
+                CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, DIVIDE: tl.constexpr,
+                ROWS: tl.constexpr, CONSENSUS_RAW: tl.constexpr, DIV_FLOOR: tl.constexpr):
     """float32 merged values at `offs` (any block shape; `j`: int64 flat indices of the same shape)."""
+    if ROWS == 2:
+        r = j % row_width
+    else:
+        r = j // row_width  # row of j (per-row coefficients, arcee_fusion's KL)
     if MODE == 0:
         # combine: (sum_i coeff_i * X_i) / divisor
-        res = tl.load(X0 + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(F)
+        res = tl.load(X0 + offs, mask=mask, other=0.0).to(tl.float32) * _coeff(0, F, A0, A1, A2, A3, A4, A5, A6,
+                                                                              A7, r, mask, ROWS)
         for i in tl.static_range(1, N_SOURCES):
             x = tl.load(_pick(i, X0, X1, X2, X3, X4, X5, X6, X7) + offs, mask=mask, other=0.0).to(tl.float32)
-            res += x * tl.load(F + i * F_COLS)
+            res += x * _coeff(i, F, A0, A1, A2, A3, A4, A5, A6, A7, r, mask, ROWS)
         if DIVIDE:
             res = tl.div_rn(res, tl.zeros_like(res) + div)
+    elif MODE == 2:
+        # nearswap: w = clamp(t * (1 / max(|a - b|, 1e-6)), 0, 1); w * b + (1 - w) * a
+        a = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+        bx = tl.load(X0 + offs, mask=mask, other=0.0).to(tl.float32)
+        ad = tl.maximum(tl.abs(a - bx), 1e-6)
+        w = tl.div_rn(tl.zeros_like(ad) + 1.0, ad) * tl.load(F)
+        w = tl.minimum(tl.maximum(w, 0.0), 1.0)
+        res = w * bx + (1.0 - w) * a
     else:
         b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
         zero = tl.zeros_like(b)
@@ -184,9 +232,36 @@ def _merge_tile(B, X0, X1, X2, X3, X4, X5, X6, X7, A0, A1, A2, A3, A4, A5, A6, A
         neg_sum = zero  # sum_i p_i [p_i < 0]
         pos_w = zero  # sum_i w_i [p_i > 0]
         neg_w = zero  # sum_i w_i [p_i < 0]
+        vote = zero  # CONSENSUS_RAW: sum_i d_i k_i (the sign election on unweighted deltas)
+        if KEEP == 4:
+            # sce: variance over the sources of d_i (float64 Welford, rounded once), one top-k cut for all
+            mean = tl.zeros_like(b).to(tl.float64)
+            m2 = tl.zeros_like(b).to(tl.float64)
+            for i in tl.static_range(N_SOURCES):
+                x = tl.load(_pick(i, X0, X1, X2, X3, X4, X5, X6, X7) + offs, mask=mask, other=0.0).to(tl.float32)
+                xd = (x - b).to(tl.float64)
+                delta = xd - mean
+                mean = mean + delta / (i + 1.0)
+                m2 = m2 + delta * (xd - mean)
+            var = (m2 / N_SOURCES).to(tl.float32)
+            t_v = tl.load(F + 2)
+            c_v = tl.load(I)
+            shared_keep = ((var > t_v) | ((var == t_v) & (j <= c_v))).to(tl.float32)
+        if KEEP == 5:
+            # ram: how many sources move this element by more than epsilon
+            count = zero
+            for i in tl.static_range(N_SOURCES):
+                x = tl.load(_pick(i, X0, X1, X2, X3, X4, X5, X6, X7) + offs, mask=mask, other=0.0).to(tl.float32)
+                count += (tl.abs(x - b) > tl.load(F + i * F_COLS + 7)).to(tl.float32)
         for i in tl.static_range(N_SOURCES):
             x = tl.load(_pick(i, X0, X1, X2, X3, X4, X5, X6, X7) + offs, mask=mask, other=0.0).to(tl.float32)
             d = x - b
+            if KEEP == 4:
+                d = d * shared_keep
+            if KEEP == 6:
+                # arcee_fusion: |d| * KL(row) >= threshold
+                kl = tl.load(A0 + r, mask=mask, other=0.0).to(tl.float32)
+                d = d * ((tl.abs(d) * kl) >= tl.load(F + 2)).to(tl.float32)
             if KEEP == 1:
                 # top-k (TIES) / breadcrumbs: in(t, c) = a > t or (a == t and j <= c)
                 a = tl.abs(d)
@@ -198,7 +273,7 @@ def _merge_tile(B, X0, X1, X2, X3, X4, X5, X6, X7, A0, A1, A2, A3, A4, A5, A6, A
                 drop = (a > t_out) | ((a == t_out) & (j <= c_out))
                 keep = keep & (drop == 0)
                 d = d * keep.to(tl.float32)
-            if KEEP >= 2:
+            if KEEP == 2 or KEEP == 3:
                 k1 = tl.load(I + i * I_COLS + 2).to(tl.uint32)
                 k2 = tl.load(I + i * I_COLS + 3).to(tl.uint32)
                 u = uniform_tl(j.to(tl.uint32), k1, k2)
@@ -208,22 +283,40 @@ def _merge_tile(B, X0, X1, X2, X3, X4, X5, X6, X7, A0, A1, A2, A3, A4, A5, A6, A
                     aux = tl.load(_pick(i, A0, A1, A2, A3, A4, A5, A6, A7) + offs, mask=mask, other=0.0)
                     p = tl.load(F + i * F_COLS + 5) + aux.to(tl.float32) * tl.load(F + i * F_COLS + 6)
                 d = d * (u < p).to(tl.float32)
-            d = d * tl.load(F + i * F_COLS + 1)  # rescale (1.0: exact no-op)
-            part = d * tl.load(F + i * F_COLS)  # weight
+            if KEEP == 5:
+                # ram: kept if |d| > eps; unique: d * scale (ramplus_tl's lambda), shared: d / count
+                k5 = tl.abs(d) > tl.load(F + i * F_COLS + 7)
+                shared_part = tl.div_rn(d, tl.maximum(count, 1.0))
+                part = tl.where(k5, tl.where(count == 1.0, d * tl.load(F + i * F_COLS + 1), shared_part), 0.0)
+            else:
+                dk = d
+                d = d * tl.load(F + i * F_COLS + 1)  # rescale (1.0: exact no-op)
+                part = d * _coeff(i, F, A0, A1, A2, A3, A4, A5, A6, A7, r, mask, ROWS)  # weight
             total += part
             if CONSENSUS:
-                gt = (part > 0).to(tl.float32)
-                lt = (part < 0).to(tl.float32)
+                if CONSENSUS_RAW:
+                    vote += dk
+                    gt = (dk > 0).to(tl.float32)
+                    lt = (dk < 0).to(tl.float32)
+                else:
+                    gt = (part > 0).to(tl.float32)
+                    lt = (part < 0).to(tl.float32)
                 w = tl.load(F + i * F_COLS)
                 pos_sum += part * gt
                 neg_sum += part * lt
                 pos_w += gt * w
                 neg_w += lt * w
         if CONSENSUS:
-            pos = total >= 0
+            if CONSENSUS_RAW:
+                pos = vote >= 0
+            else:
+                pos = total >= 0
             mixed = tl.where(pos, pos_sum, neg_sum)
             den = tl.where(pos, pos_w, neg_w)
-            den = tl.where(den == 0, 1.0, den)
+            if DIV_FLOOR:
+                den = tl.maximum(den, div_min)
+            else:
+                den = tl.where(den == 0, 1.0, den)
             if NORMALIZE:
                 mixed = tl.div_rn(mixed, den)
         else:
@@ -239,10 +332,11 @@ def _merge_kernel(
     # pointers: base, sources, aux (DELLA ranks), flat indices, output, scalar tables
     B, X0, X1, X2, X3, X4, X5, X6, X7, A0, A1, A2, A3, A4, A5, A6, A7, IDX, OUT, F, I,
     # sizes and scalars
-    numel, div, lam, size_class,
+    numel, div, lam, row_width, div_min, size_class,
     # meta-parameters: the spec's switches, then the block
     N_SOURCES: tl.constexpr, MODE: tl.constexpr, KEEP: tl.constexpr, CONSENSUS: tl.constexpr,
-    NORMALIZE: tl.constexpr, DIVIDE: tl.constexpr, HAS_INDEX: tl.constexpr, FIX_BF16: tl.constexpr,
+    NORMALIZE: tl.constexpr, DIVIDE: tl.constexpr, ROWS: tl.constexpr, CONSENSUS_RAW: tl.constexpr,
+    DIV_FLOOR: tl.constexpr, HAS_INDEX: tl.constexpr, FIX_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -253,22 +347,25 @@ def _merge_kernel(
     else:
         j = offs
     res = _merge_tile(B, X0, X1, X2, X3, X4, X5, X6, X7, A0, A1, A2, A3, A4, A5, A6, A7,
-                      F, I, offs, j, mask, div, lam,
-                      N_SOURCES, MODE, KEEP, CONSENSUS, NORMALIZE, DIVIDE)
+                      F, I, offs, j, mask, div, lam, row_width, div_min,
+                      N_SOURCES, MODE, KEEP, CONSENSUS, NORMALIZE, DIVIDE, ROWS, CONSENSUS_RAW, DIV_FLOOR)
     if FIX_BF16:
         res = _round_bf16(res)
     tl.store(OUT + offs, res.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _merge_configs():
-    """Autotune space of the elementwise kernel: block size x warps (memory-bound: enough bytes in flight)."""
+    """Autotune space of the elementwise kernel: block size x warps (memory-bound: enough bytes in flight), at most
+    8 elements per thread: at 16 (4096 on 8 warps, 8192 on 16) the 8-source DELLA merge spills ~1 KB per thread
+    (ptxas, sm_90: `kernels/aot.py`, tests/test_kernel_compile.py)."""
     return [triton.Config({"BLOCK": blk}, num_warps=w) for blk, w in
-            ((1024, 4), (2048, 8), (4096, 8), (8192, 16))]
+            ((1024, 4), (2048, 8), (4096, 16))]
 
 
 _merge_kernel_tuned = triton.autotune(
     configs=_merge_configs(),
-    key=["size_class", "N_SOURCES", "MODE", "KEEP", "CONSENSUS", "NORMALIZE", "DIVIDE", "HAS_INDEX", "FIX_BF16"],
+    key=["size_class", "N_SOURCES", "MODE", "KEEP", "CONSENSUS", "NORMALIZE", "DIVIDE", "ROWS", "CONSENSUS_RAW",
+         "DIV_FLOOR", "HAS_INDEX", "FIX_BF16"],
 )(_merge_kernel)
 
 INTERPRET_BLOCK = 4096  # interpreter: few, large programs (each op costs a numpy call, not a lane)
@@ -291,6 +388,10 @@ def merge_triton(base: torch.Tensor | None, sources: list[torch.Tensor], spec: M
         raise ValueError("delta merges need a base")
     if spec.keep == "della" and spec.mode == "delta" and (aux is None or len(aux) != n):
         raise ValueError("DELLA needs one aux (rank) tensor per source")
+    if spec.row_layout and (aux is None or len(aux) != n):
+        raise ValueError("per-row coefficients need one aux vector per source")
+    if spec.mode == "nearswap" and base is None:
+        raise ValueError("nearswap needs a base")
     device = sources[0].device
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=device)
@@ -302,10 +403,11 @@ def merge_triton(base: torch.Tensor | None, sources: list[torch.Tensor], spec: M
         raise ValueError("tensors of 2**32 elements or more are not supported")
     flags = spec_flags(spec)
     ftab, itab, div, lam = spec_tables(spec, device)
-    b, xs, a = pointer_args(base, sources, aux if flags["KEEP"] == 3 else None)
-    has_index = index is not None and flags["KEEP"] != 0
+    b, xs, a = pointer_args(base, sources, aux if uses_aux(flags) else None)
+    has_index = index is not None and spec.needs_index
     idx = index.reshape(-1).contiguous() if has_index else ftab
-    args = (b, *xs, *a, idx, out, ftab, itab, numel, div, lam, max(numel.bit_length() - 16, 0))
+    args = (b, *xs, *a, idx, out, ftab, itab, numel, div, lam, spec.row_width, float(spec.div_min),
+            max(numel.bit_length() - 16, 0))
     flags["HAS_INDEX"] = has_index
     flags["FIX_BF16"] = interpreting() and out.dtype == torch.bfloat16
     if autotuning():

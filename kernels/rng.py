@@ -57,6 +57,14 @@ def uniform(index: torch.Tensor, keys: tuple[int, int]) -> torch.Tensor:
     return (h >> 8).to(torch.float32) * SCALE24
 
 
+def sample_indices(keys: tuple[int, int], count: int, numel: int) -> torch.Tensor:
+    """`count` flat indices drawn uniformly from [0, numel) with replacement (int64, CPU), a pure function of
+    `keys`: index s of the sample is (h(s) * numel) >> 32 with h the 32-bit hash of s under `keys`."""
+    s = torch.arange(count, dtype=torch.int64)
+    h = _mix32(_mix32(s ^ keys[0]) ^ keys[1])
+    return (h * numel) >> 32
+
+
 try:  # the Triton twin; optional so the CPU path imports without Triton
     import triton
     import triton.language as tl

@@ -95,8 +95,8 @@ def mergekit_merge(recipe: dict, paths: dict[str, str], out: Path) -> None:
     run_merge(cfg, str(out), options=MergeOptions(copy_tokenizer=False, quiet=True))
 
 
-def bench(cfg_dict: dict, method: str, n_lazy: int, n_base: int, threads: int, seed: int = 0,
-          cpu_fused: bool = True) -> dict:
+def bench(cfg_dict: dict, method: str, n_lazy: int, n_base: int, threads: int | None = None, seed: int = 0,
+          cpu_fused: bool | None = None) -> dict:
     """Per-candidate timings of the lazy path and of two materialize-then-load baselines: `fresh` merges each
     candidate from scratch (a standalone merge per candidate, as mergekit-evolve does), `shared` reuses this engine's
     merge statistics (TIES magnitude orders), leaving only the write and the load as the difference."""
@@ -110,7 +110,7 @@ def bench(cfg_dict: dict, method: str, n_lazy: int, n_base: int, threads: int, s
     from .tasks import fitness, load_tasks, score_task
 
     cfg_dict = {**cfg_dict, "space": {**cfg_dict["space"], "method": method},
-                "runtime": {"threads": threads, "cpu_fused": cpu_fused}}
+                "runtime": {k: v for k, v in (("threads", threads), ("cpu_fused", cpu_fused)) if v is not None}}
     cfg = load_config(cfg_dict)
     space = make_space(cfg)
     xs = np.random.default_rng(seed).uniform(0.2, 0.8, size=(max(n_lazy, n_base) + 1, space.dim))
@@ -164,7 +164,7 @@ def bench(cfg_dict: dict, method: str, n_lazy: int, n_base: int, threads: int, s
 
     lazy_s = _mean(lazy, "merge_s") + _mean(lazy, "eval_s")
     out = {"method": method, "params": size // 4, "model_bytes": size, "examples": len(tasks[0].examples),
-           "threads": threads,
+           "threads": torch.get_num_threads(),
            "lazy": {"candidates": n_lazy, "merge_s": _mean(lazy, "merge_s"), "eval_s": _mean(lazy, "eval_s"),
                     "per_candidate_s": lazy_s, "per_minute": 60 / lazy_s}}
     for kind, rows in base.items():
@@ -208,9 +208,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--candidates", type=int, default=5, help="lazy candidates per size and method")
     ap.add_argument("--baseline-candidates", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's default, the CPUs "
+                    "this process may use)")
     ap.add_argument("--root", help="where to build the models (default: a temporary folder)")
-    ap.add_argument("--eager", action="store_true", help="lazy path with the eager merge (not the fused CPU one)")
+    ap.add_argument("--eager", action="store_true", help="lazy path with the eager reference merge (not the default "
+                    "fused CPU one)")
     args = ap.parse_args(argv)
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="lazymerge-bench-models-"))
     rows = []
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
             cfg = build(root / f"n{n}", args.hidden, args.layers, n, args.max_tokens)
             for m in args.methods:
                 rows.append(bench(cfg, m, args.candidates, args.baseline_candidates, args.threads,
-                                  cpu_fused=not args.eager))
+                                  cpu_fused=False if args.eager else None))
             shutil.rmtree(root / f"n{n}", ignore_errors=True)
     finally:
         if not args.root:
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
             "max_tokens": args.max_tokens, "space": "ps, 2 experts (weight, density each: 4 genes)"}
     print(f"lazymerge search benchmark: {rows[0]['params'] / 1e6:.1f}M-parameter Mistral-style model "
           f"(hidden {args.hidden}, {args.layers} layers), {info['space']}, greedy {args.max_tokens} tokens, "
-          f"torch threads {args.threads}, {info['machine']}, {info['date']}")
+          f"torch threads {rows[0]['threads']}, {info['machine']}, {info['date']}")
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "results": rows}, indent=1))

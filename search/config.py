@@ -28,7 +28,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PS_METHODS = ("dare_ties", "ties", "task_arithmetic", "linear", "dare_linear", "della", "breadcrumbs_ties")
+from lazymerge.engine.methods import get_method
+
+# Methods a weight (and density) genome drives: the task-arithmetic family, linear, and the spherical methods with
+# per-model weights (nuslerp: two models, t = w_1 / (w_0 + w_1); multislerp). The other mergekit methods have no
+# per-model number to search (karcher, model_stock, sce, arcee_fusion, nearswap, ram, ramplus_tl).
+PS_METHODS = ("dare_ties", "ties", "task_arithmetic", "linear", "dare_linear", "della", "breadcrumbs_ties", "nuslerp",
+              "multislerp")
 TASK_TYPES = ("generate_exact_match", "multiple_choice", "answer_loglik")
 EXTRACTORS = ("last_number", "exact", "first_line")
 
@@ -53,8 +59,8 @@ class OutputCheck(_Frozen):
 
 class TaskConfig(_Frozen):
     name: str
-    type: Literal["generate_exact_match", "multiple_choice", "answer_loglik"]
-    data: str = Field(description="JSONL used for fitness: {prompt, answer[, choices]} per line")
+    type: Literal["generate_exact_match", "multiple_choice", "answer_loglik", "lm_eval"]
+    data: str | None = Field(None, description="JSONL used for fitness: {prompt, answer[, choices]} per line")
     test_data: str | None = Field(None, description="held-out JSONL, only for the final summary")
     weight: float = 1.0
     limit: int | None = Field(None, description="use only the first N examples")
@@ -67,8 +73,36 @@ class TaskConfig(_Frozen):
     per_token: bool = Field(True, description="mean per-token log-likelihood (else per answer)")
     # multiple_choice
     length_normalize: bool = Field(False, description="compare choices by log-likelihood per character")
+    # lm-evaluation-harness task (search/lm_eval_tasks.py): `{lm_eval: TASK, metric: acc, limit: N, weight: W}`
+    lm_eval: str | None = Field(None, description="an lm-eval task name; its first `limit` documents are the "
+                                "search split, the next `test_limit` the held-out split")
+    metric: str = Field("acc", description="lm_eval: the metric ('acc', or with its filter: 'exact_match,strip')")
+    include_path: str | None = Field(None, description="lm_eval: a folder of task YAMLs (relative to the config)")
+    test_limit: int | None = Field(None, description="lm_eval: held-out documents after the first `limit` "
+                                   "(default: as many as `limit`)")
 
-    @field_validator("limit", "max_tokens")
+    @model_validator(mode="before")
+    @classmethod
+    def _lm_eval_defaults(cls, v):
+        if isinstance(v, dict) and v.get("lm_eval") is not None:
+            v = {"name": v["lm_eval"], "type": "lm_eval", **v}
+        return v
+
+    @model_validator(mode="after")
+    def _kind(self):
+        if self.type == "lm_eval":
+            if self.lm_eval is None:
+                raise ValueError("type lm_eval needs `lm_eval: TASK_NAME`")
+            if self.data is not None or self.test_data is not None:
+                raise ValueError(f"lm_eval task {self.lm_eval!r}: data/test_data do not apply (lm-eval loads the "
+                                 "task's dataset; the held-out split is the documents after `limit`)")
+        elif self.data is None:
+            raise ValueError(f"task {self.name!r}: `data` (a JSONL file) is required")
+        elif self.lm_eval is not None:
+            raise ValueError(f"task {self.name!r}: lm_eval tasks have type lm_eval, not {self.type}")
+        return self
+
+    @field_validator("limit", "max_tokens", "test_limit")
     @classmethod
     def _positive(cls, v):
         if v is not None and v < 1:
@@ -109,6 +143,8 @@ class SpaceConfig(_Frozen):
             raise ValueError(f"method: {self.method!r} is not one of {', '.join(PS_METHODS)}")
         if self.layer_groups < 1:
             raise ValueError("layer_groups: must be >= 1")
+        if self.kind == "ps" and self.method == "nuslerp" and len(self.models) != 2:
+            raise ValueError(f"models: nuslerp merges exactly two models (besides the base), got {len(self.models)}")
         if set(self.filters) & set(self.shared_filters):
             raise ValueError(f"shared_filters: {sorted(set(self.filters) & set(self.shared_filters))} also in filters")
         if self.repeats < 1:
@@ -166,7 +202,8 @@ class CMAConfig(_Frozen):
 
 class RuntimeConfig(_Frozen):
     workers: int = 1
-    threads: int = Field(1, description="torch threads per worker")
+    threads: int | None = Field(None, description="torch threads per worker (default: the CPUs this process may "
+                                "use divided by workers; never more than fit)")
     backend: Literal["local", "ray"] = "local"
     start_method: Literal["spawn", "forkserver", "fork"] = Field("spawn", description="how local worker processes "
                                                                  "start (fork is faster, spawn the safest)")
@@ -175,14 +212,14 @@ class RuntimeConfig(_Frozen):
     device: str = "cpu"
     cache_factor: float = Field(1.3, description="merged-weight cache per worker, in units of one model's size")
     batch_size: int = Field(128, description="prompts per generate call")
-    cpu_fused: bool = Field(False, description="compile the CPU merge into one fused loop (kernels/merge_cpu.py): "
-                            "7-16x faster merges of sparsified methods, after tens of seconds of compilation")
+    cpu_fused: bool | None = Field(None, description="the fused compiled CPU merge (kernels/merge_cpu.py; default: "
+                                   "on, compiled once per machine); false: the eager reference (debugging)")
 
     @model_validator(mode="after")
     def _check(self):
         if self.workers < 1:
             raise ValueError("workers: must be >= 1")
-        if self.threads < 1:
+        if self.threads is not None and self.threads < 1:
             raise ValueError("threads: must be >= 1")
         if self.batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
@@ -208,7 +245,7 @@ class SearchConfig(_Frozen):
         for i, m in enumerate(self.space.models):
             if m not in self.sources and not (self.space.kind == "ps+dfs" and m == "ps"):
                 raise ValueError(f"space.models[{i}]: unknown source {m!r}; sources: {', '.join(self.sources)}")
-        if self.space.kind == "ps" and self.space.method != "linear" and self.base_model is None:
+        if self.space.kind == "ps" and get_method(self.space.method).needs_base and self.base_model is None:
             raise ValueError(f"base_model: method {self.space.method!r} needs a base model")
         if not self.tasks:
             raise ValueError("tasks: empty list")
@@ -248,6 +285,8 @@ def _check_files(cfg: SearchConfig) -> None:
         if not (q / "config.json").is_file():
             raise SearchConfigError(f"sources.{name}: no checkpoint at {q} (config.json not found)")
     for i, t in enumerate(cfg.tasks):
+        if t.include_path is not None and not cfg.path(t.include_path).is_dir():
+            raise SearchConfigError(f"tasks[{i}].include_path: folder {cfg.path(t.include_path)} not found")
         for f in ("data", "test_data"):
             p = getattr(t, f)
             if p is None:

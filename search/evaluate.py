@@ -41,13 +41,11 @@ def model_bytes(engine, source: str | None = None) -> int:
 
 
 def make_engine(cfg: SearchConfig, threads: int | None = None):
-    import torch
-
     from lazymerge.engine import Engine
+    from lazymerge.engine.threads import per_worker
 
-    torch.set_num_threads(threads or cfg.runtime.threads)
     eng = Engine(cfg.source_paths(), device=cfg.runtime.device, policy="cached", allow_open=False, cache_bytes=0,
-                 cpu_fused=cfg.runtime.cpu_fused)
+                 cpu_fused=cfg.runtime.cpu_fused, threads=threads or per_worker(1, cfg.runtime.threads))
     budget = int(cfg.runtime.cache_factor * model_bytes(eng, cfg.base_model))
     if cfg.space.kind != "ps":  # a path may run more layers than one model has
         budget = int(budget * max(1, cfg.space.repeats))
@@ -108,10 +106,13 @@ class LocalPool:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
+            from lazymerge.engine.threads import per_worker
+
             self.evaluator = None
             self.executor = ProcessPoolExecutor(workers, mp_context=mp.get_context(cfg.runtime.start_method),
                                                 initializer=_worker_init,
-                                                initargs=(cfg.model_dump_json(), cfg.runtime.threads))
+                                                initargs=(cfg.model_dump_json(),
+                                                          per_worker(workers, cfg.runtime.threads)))
 
     def map(self, recipes: list[dict]):
         """Yields EvalResults in the order of `recipes` (as soon as each one and those before it are done)."""
@@ -135,7 +136,8 @@ class RayPool:
         if not ray.is_initialized():
             ray.init(address=cfg.runtime.ray_address, include_dashboard=False, log_to_driver=False)
 
-        @ray.remote(num_cpus=cfg.runtime.threads, num_gpus=cfg.runtime.gpus_per_worker)
+        threads = cfg.runtime.threads or 1
+        @ray.remote(num_cpus=threads, num_gpus=cfg.runtime.gpus_per_worker)
         class _Actor:
             def __init__(self, cfg_json: str, threads: int):
                 _worker_init(cfg_json, threads)
@@ -144,7 +146,7 @@ class RayPool:
                 return _worker_eval(recipe)
 
         self.ray = ray
-        self.actors = [_Actor.remote(cfg.model_dump_json(), cfg.runtime.threads) for _ in range(workers)]
+        self.actors = [_Actor.remote(cfg.model_dump_json(), threads) for _ in range(workers)]
 
     def map(self, recipes: list[dict]):
         from ray.util import ActorPool

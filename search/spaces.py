@@ -23,6 +23,8 @@ from itertools import zip_longest
 
 import numpy as np
 
+from lazymerge.engine.methods import get_method, global_params
+
 DENSITY_METHODS = ("dare_ties", "ties", "dare_linear", "della", "breadcrumbs_ties")
 ON, OFF = 0.75, 0.25
 
@@ -133,7 +135,7 @@ class PSSpace:
             return {p: self._param_value(vals[(m, p)][g]) for p in self.params}
 
         r: dict = {"merge_method": self.method}
-        if self.base_model is not None and self.method != "linear":
+        if self.base_model is not None and self.method != "linear":  # nuslerp, multislerp: merge the deltas
             r["base_model"] = self.base_model
         if self.layer_groups == 1:
             r["models"] = [{"model": m, "parameters": params(m, 0)} for m in self.models]
@@ -146,7 +148,7 @@ class PSSpace:
                 srcs += [{"model": m, "layer_range": [a, b], "parameters": params(m, g)} for m in self.models]
                 slices.append({"sources": srcs})
             r["slices"] = slices
-        if self.normalize is not None:
+        if self.normalize is not None and "normalize" in global_params(get_method(self.method)):
             r["parameters"] = {"normalize": self.normalize}
         r["random_seed"] = self.random_seed
         return r

@@ -15,6 +15,8 @@ Task types (each a score where higher is better):
 * `multiple_choice`: the choice with the highest log-likelihood given the prompt (optionally per character).
   Score: accuracy.
 * `answer_loglik`: mean log-likelihood of the reference answers given the prompts, per token (or per answer).
+* `lm_eval` (`{lm_eval: TASK, metric: acc, limit: N}`): an lm-evaluation-harness task's metric
+  (search/lm_eval_tasks.py: built once per run; held out = the documents after the first `limit`).
 
 `score_task(model, task)` needs of the model only `generate(list[token ids], max_tokens=, stop=)`,
 `loglikelihood(pairs)`, `encode(text)` and `tokenizer`: a `LazyModel`, or an adapter over a loaded transformers
@@ -57,6 +59,7 @@ class Task:
     check_min_fraction: float = 0.5
     per_token: bool = True
     length_normalize: bool = False
+    lm: object = None  # lm_eval tasks: the built `lm_eval_tasks.LmEvalTask`
     _ids: dict = field(default_factory=dict, repr=False, compare=False)  # tokenizer id -> encoded prompts
 
     def prompt_ids(self, model) -> list[list[int]]:
@@ -167,10 +170,26 @@ def load_task(spec: dict | TaskConfig, split: str = "data", base_dir: str | Path
     return make_task(tc, q, f"{tc.name}.{split}")
 
 
+def _lm_eval_task(tc: TaskConfig, cfg: SearchConfig, split: str, where: str) -> Task | None:
+    from .lm_eval_tasks import LmEvalTaskError, build
+
+    inc = str(cfg.path(tc.include_path)) if tc.include_path else None
+    try:
+        lm = build(tc.lm_eval, tc.metric, inc, split, tc.limit, tc.test_limit)
+    except LmEvalTaskError as e:
+        raise SearchConfigError(f"{where}: {e}") from None
+    return None if lm is None else Task(tc.name, "lm_eval", [], tc.weight, lm=lm)
+
+
 def load_tasks(cfg: SearchConfig, split: str = "data") -> list[Task]:
     """The config's tasks on `split` ("data": the search split; "test_data": held out, tasks without one skipped)."""
     out = []
     for i, tc in enumerate(cfg.tasks):
+        if tc.type == "lm_eval":
+            t = _lm_eval_task(tc, cfg, split, f"tasks[{i}]")
+            if t is not None:
+                out.append(t)
+            continue
         p = getattr(tc, split)
         if p is not None:
             out.append(make_task(tc, cfg.path(p), f"tasks[{i}].{split}"))
@@ -229,8 +248,14 @@ def score_loglik(model, task: Task, batch_size: int = 128) -> float:
     return total / max(n, 1)
 
 
+def score_lm_eval(model, task: Task, batch_size: int = 128) -> float:
+    from .lm_eval_tasks import score
+
+    return score(model, task.lm, batch_size)
+
+
 SCORERS = {"generate_exact_match": score_generate, "multiple_choice": score_multiple_choice,
-           "answer_loglik": score_loglik}
+           "answer_loglik": score_loglik, "lm_eval": score_lm_eval}
 
 
 def score_task(model, task: Task, batch_size: int = 128) -> float:

@@ -71,7 +71,8 @@ def _cmd_serve(args) -> int:
                    db=args.db, log_level=args.log_level, device=args.device, max_tokens=args.max_tokens,
                    max_prompt_tokens=args.max_prompt_tokens, max_batch_size=args.max_batch_size,
                    max_body_bytes=int(args.max_body_kb * 1024), max_recipes=args.max_recipes,
-                   max_queue=args.max_queue, num_threads=args.threads, cpu_fused=True if args.cpu_fused else None)
+                   max_queue=args.max_queue, num_threads=args.threads,
+                   cpu_fused=False if args.eager_merge else None)
     return 0
 
 
@@ -92,9 +93,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--db", default="lazymerge_votes.sqlite", help="SQLite file for A/B votes (default "
                    "lazymerge_votes.sqlite; ':memory:' keeps none)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--cpu-fused", action="store_true", help="merge on the CPU with the compiled fused kernel "
-                   "(kernels/merge_cpu.py) instead of eager torch")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--cpu-fused", action="store_true", help="(the default now; kept so that old command lines work)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the CPUs this process "
+                   "may use, or $LAZYMERGE_THREADS)")
+    p.add_argument("--eager-merge", action="store_true", help="merge with the eager PyTorch reference instead of the "
+                   "fused compiled CPU merge (debugging; also LAZYMERGE_CPU_FUSED=0)")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens per request (default 512)")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="cap on prompt length (default 2048)")
     p.add_argument("--max-batch-size", type=int, default=32, help="rows per forward pass and per request "

@@ -4,8 +4,9 @@
 every recipe, then queues all the generations at once: either all of them fit in the queue or none is queued (429),
 so a refused comparison never leaves orphan jobs behind. The recipes run interleaved, step by step, in the scheduler.
 Each result carries its outputs, latency, tokens/s and, given `references`, the mean log-likelihood of each reference
-and exact-match scores. If any recipe's run fails (or the client goes away), the other runs are cancelled and the
-error is raised.
+(null, with a reason in `reference_notes`, for a reference that adds no token to the prompt or only unknown tokens:
+never a perfect 0.0) and exact-match scores. If any recipe's run fails (or the client goes away), the other runs are
+cancelled and the error is raised.
 """
 
 from __future__ import annotations
@@ -73,11 +74,19 @@ class Comparison:
         if req.references is not None:
             pairs = [encode_pair(model.tokenizer, p, r) for p, r in zip(req.prompts, req.references)]
             scores = await s.score(label, model, [c + x for c, x in pairs], 0)
-            means = []
-            for (c, _x), sc in zip(pairs, scores):
+            means: list[float | None] = []
+            notes: list[str | None] = []
+            unk = model.tokenizer.unk_token_id
+            for (c, x), sc in zip(pairs, scores):
                 lps = [lp for lp in sc.logprobs[len(c):] if lp is not None]
-                means.append(sum(lps) / len(lps) if lps else 0.0)
+                note = ("the reference adds no token to the prompt" if not x else
+                        "the reference tokenizes only to unknown tokens" if unk is not None and set(x) == {unk} else
+                        None if lps else "the reference has no scorable token")
+                means.append(None if note else sum(lps) / len(lps))
+                notes.append(note)
+            known = [m for m in means if m is not None]
+            res.reference_logprob, res.reference_notes = means, notes
+            res.mean_reference_logprob = sum(known) / len(known) if known else None
             em = [o.text.strip() == r.strip() for o, r in zip(outs, req.references)]
-            res.reference_logprob, res.mean_reference_logprob = means, sum(means) / len(means)
             res.exact_match, res.exact_match_rate = em, sum(em) / len(em)
         return res

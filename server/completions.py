@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from . import protocol as P
 from .errors import ServingError, bad_request
 from .faults import check_context
-from .logprobs import chat_logprobs, completion_logprobs, echo_text
+from .logprobs import chat_logprobs, completion_logprobs, echo_text, stream_chat_logprobs, stream_completion_logprobs
 from .scheduler import Job
 from .serving import RowOutput
 
@@ -43,14 +43,15 @@ class OpenAIEndpoints:
         self.s.unsupported(req)
         if req.logprobs is not None and req.logprobs > self.s.config.max_logprobs:
             raise bad_request(f"logprobs must be <= {self.s.config.max_logprobs}", param="logprobs")
-        if req.stream and req.logprobs is not None:
-            raise bad_request("logprobs with stream is not supported; use stream: false", param="logprobs")
+        if req.stream and req.logprobs is not None and req.echo:
+            raise bad_request("logprobs with echo and stream is not supported; use stream: false", param="echo")
         label, model = await self.s.resolve(req.model, req.recipe)
         prompts = self._completion_prompts(model, req.prompt)
         rows = [p for p in prompts for _ in range(req.n)]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        params = self.s.sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(rows))
         check_context(model, rows, max_tokens)
+        params = self.s.sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(rows),
+                                 logprobs=req.logprobs if req.stream else None)
         rid = f"cmpl-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         job = self.s.submit(Job("generate", label, model, rows, params=params)) if max_tokens > 0 else None
@@ -61,15 +62,15 @@ class OpenAIEndpoints:
             outs, ttft = await self.s.collect(job, t0)
         else:
             outs, ttft = [RowOutput() for _ in rows], None
-        choices = [P.CompletionChoice(index=i, text=echo_text(tok, p, o.token_ids) + o.text if req.echo else o.text,
+        choices = [P.CompletionChoice(index=i, text=echo_text(tok, p) + o.text if req.echo else o.text,
                                       finish_reason=o.finish_reason) for i, (p, o) in enumerate(zip(rows, outs))]
         if req.logprobs is not None:
-            seqs = [p + o.token_ids for p, o in zip(rows, outs)]
+            # the EOS token that ended a row is scored too (vLLM does): lm-eval's echo parsing drops the last token
+            seqs = [p + o.token_ids + ([o.eos_token] if o.eos_token is not None else []) for p, o in zip(rows, outs)]
             scores = await self.s.score(label, model, seqs, req.logprobs)
             for c, p, s in zip(choices, rows, scores):
                 start = 0 if req.echo else len(p)
-                base = 0 if req.echo else len(tok.decode(p, skip_special_tokens=True))
-                c.logprobs = completion_logprobs(model.tokenizer, s.token_ids, s, start, req.logprobs, base)
+                c.logprobs = completion_logprobs(model.tokenizer, s.token_ids, s, start, req.logprobs)
         n_prompt, n_gen = sum(len(p) for p in rows), sum(len(o.token_ids) for o in outs)
         self.s.record(label, "completions", t0, ttft, n_prompt, n_gen)
         return P.CompletionResponse(id=rid, model=req.model, choices=choices, system_fingerprint=model.digest,
@@ -79,14 +80,23 @@ class OpenAIEndpoints:
     def _stream_completion(self, req, rid, label, model, rows, job, t0) -> AsyncIterator[str]:
         created = int(time.time())
 
-        def chunk(i, text, reason=None):
+        # text offsets count from the prompt's start, as OpenAI's do (the echoed prompt's chunk advances them itself)
+        offsets = [0 if req.echo else len(echo_text(model.tokenizer, p)) for p in rows]
+
+        def chunk(i, text, reason=None, delta=None):
+            lp = None
+            if req.logprobs is not None and delta is not None and delta.logprobs:
+                lp = stream_completion_logprobs(model.tokenizer, delta.token_ids, delta.logprobs, req.logprobs,
+                                                offsets[i])
+            offsets[i] += len(text)
             return P.CompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=model.digest,
-                                        choices=[P.CompletionChoice(index=i, text=text, finish_reason=reason)])
+                                        choices=[P.CompletionChoice(index=i, text=text, finish_reason=reason,
+                                                                    logprobs=lp)])
 
         def usage(u):
             return P.CompletionResponse(id=rid, created=created, model=req.model, choices=[], usage=u)
 
-        opening = ([chunk(i, model.tokenizer.decode(p, skip_special_tokens=True)) for i, p in enumerate(rows)]
+        opening = ([chunk(i, echo_text(model.tokenizer, p)) for i, p in enumerate(rows)]
                    if req.echo else [])
         return self._stream(req, label, "completions", rows, job, t0, opening, chunk, usage)
 
@@ -109,8 +119,8 @@ class OpenAIEndpoints:
                         n_gen += len(d.token_ids)
                         if ttft is None and d.token_ids:
                             ttft = time.perf_counter() - t0
-                        if d.text or d.finish_reason:
-                            yield _sse(chunk(row, d.text, d.finish_reason))
+                        if d.text or d.finish_reason or d.logprobs:
+                            yield _sse(chunk(row, d.text, d.finish_reason, d))
             n_prompt = sum(len(p) for p in rows)
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse(usage(P.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
@@ -140,8 +150,6 @@ class OpenAIEndpoints:
     async def create_chat_completion(self, req: P.ChatCompletionRequest):
         self.s.unsupported(req)
         k = req.top_logprobs or 0
-        if req.stream and req.logprobs:
-            raise bad_request("logprobs with stream is not supported; use stream: false", param="logprobs")
         label, model = await self.s.resolve(req.model, req.recipe)
         try:
             ids = model.chat_prompt(self._messages(req))
@@ -154,8 +162,9 @@ class OpenAIEndpoints:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = min(self.s.config.default_chat_max_tokens, self.s.config.max_tokens)
-        params = self.s.sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(rows))
         check_context(model, rows, max_tokens, param="messages")
+        params = self.s.sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(rows),
+                                 logprobs=k if req.stream and req.logprobs else None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         job = self.s.submit(Job("generate", label, model, rows, params=params)) if max_tokens > 0 else None
@@ -177,13 +186,22 @@ class OpenAIEndpoints:
     def _stream_chat(self, req, rid, label, model, rows, job, t0) -> AsyncIterator[str]:
         created = int(time.time())
 
-        def chunk(i, text, reason=None):
-            delta = P.DeltaMessage(content=text) if text else P.DeltaMessage()
-            return chunk_of(i, delta, reason)
+        context = [list(r) for r in rows]  # per row: the ids so far (the context of the next token's text)
 
-        def chunk_of(i, delta, reason=None):
+        def chunk(i, text, reason=None, d=None):
+            delta = P.DeltaMessage(content=text) if text else P.DeltaMessage()
+            lp = None
+            if req.logprobs and d is not None and d.logprobs:
+                k = req.top_logprobs or 0
+                lp = stream_chat_logprobs(model.tokenizer, context[i], d.token_ids, d.logprobs, k)
+            if d is not None:
+                context[i] = (context[i] + d.token_ids)[-8:]
+            return chunk_of(i, delta, reason, lp)
+
+        def chunk_of(i, delta, reason=None, logprobs=None):
             return P.ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=model.digest,
-                                         choices=[P.ChatStreamChoice(index=i, delta=delta, finish_reason=reason)])
+                                         choices=[P.ChatStreamChoice(index=i, delta=delta, finish_reason=reason,
+                                                                     logprobs=logprobs)])
 
         def usage(u):
             return P.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=u)

@@ -254,9 +254,13 @@ class CompareResult(BaseModel):
     latency_s: float = Field(description="Wall time from submission to the last token of this recipe.")
     completion_tokens: int
     tokens_per_s: float
-    reference_logprob: list[float] | None = Field(None, description="Per prompt: the mean per-token "
-                                                     "log-likelihood of its reference given the prompt.")
-    mean_reference_logprob: float | None = None
+    reference_logprob: list[float | None] | None = Field(None, description="Per prompt: the mean per-token "
+                                                            "log-likelihood of its reference given the prompt; "
+                                                            "null when the reference has no scorable token.")
+    reference_notes: list[str | None] | None = Field(None, description="Per prompt: why its reference_logprob "
+                                                     "is null (it tokenizes to nothing, or only to unknown tokens).")
+    mean_reference_logprob: float | None = Field(None, description="Mean over the non-null reference_logprob "
+                                                 "values; null when none is.")
     exact_match: list[bool] | None = Field(None, description="Per prompt: output == reference (stripped).")
     exact_match_rate: float | None = None
 
@@ -317,3 +321,44 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     models: int
     queued: int
+
+
+# -- tokenizer (vLLM's routes, at the server root; lm-eval's `tokenizer_backend=remote|auto` uses them) -----------
+class TokenizeRequest(_Request):
+    model: str | None = Field(None, description="Whose tokenizer (a recipe or source name); default: the "
+                              "server's default model (GET /tokenizer_info says which).")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, description="Chat messages, tokenized after the chat "
+                                               "template (instead of `prompt`).")
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(description="The model whose tokenizer this is (the default of /tokenize).")
+    tokenizer_class: str
+    eos_token: str | None = None
+    bos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    chat_template: str | None = None
+    model_max_length: int
+    vocab_size: int

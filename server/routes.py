@@ -102,6 +102,21 @@ async def leaderboard(request: Request):
     return serving(request).arena.leaderboard()
 
 
+@router.post("/tokenize", response_model=P.TokenizeResponse)
+async def tokenize(req: P.TokenizeRequest, request: Request):
+    return serving(request).tokenizers.tokenize(req)
+
+
+@router.post("/detokenize", response_model=P.DetokenizeResponse)
+async def detokenize(req: P.DetokenizeRequest, request: Request):
+    return serving(request).tokenizers.detokenize(req)
+
+
+@router.get("/tokenizer_info", response_model=P.TokenizerInfoResponse)
+async def tokenizer_info(request: Request, model: str | None = None):
+    return serving(request).tokenizers.info(model)
+
+
 @router.get("/v1/arena/config", response_model=P.ArenaConfig)
 async def arena_config(request: Request):
     return serving(request).arena.config()

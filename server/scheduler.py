@@ -92,7 +92,8 @@ class _RowLog:
         self.done = bool(d.finish_reason)
         if ids == d.token_ids and text == d.text:
             return d
-        return dataclasses.replace(d, token_ids=ids, text=text)
+        lps = d.logprobs[len(d.logprobs) - len(ids):] if d.logprobs and ids else None
+        return dataclasses.replace(d, token_ids=ids, text=text, logprobs=lps)
 
     def rewind(self) -> None:
         self.run_ids, self.run_text = [], ""

@@ -47,7 +47,7 @@ class ServerConfig:
     max_logprobs: int = 20
     default_chat_max_tokens: int = 128
     batch_window_s: float = 0.002  # an idle worker waits this long for simultaneous requests to batch
-    num_threads: int | None = None  # torch intra-op threads (None: torch's default)
+    num_threads: int | None = None  # torch intra-op threads (None: the CPUs this process may use, engine/threads.py)
     cpu_fused: bool | None = None  # the compiled CPU merge (kernels/merge_cpu.py); None: the engine's default
     examples: list[str] = field(default_factory=list)  # example prompts the A/B page offers (the demo's held-out)
     featured: tuple[str, str] | None = None  # the two recipes the A/B page opens on
@@ -58,6 +58,7 @@ class RowOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
+    eos_token: int | None = None  # the EOS token that ended the row (scored with `logprobs`, as vLLM does)
 
 
 def _stops(stop) -> tuple[str, ...]:
@@ -89,16 +90,17 @@ class MergeServing:
         from .arena import Arena
         from .compare import Comparison
         from .completions import OpenAIEndpoints
+        from .tokenizer import TokenizerEndpoints
 
         self.arena = Arena(self)
+        self.tokenizers = TokenizerEndpoints(self)
         self.comparison = Comparison(self)
         self.openai = OpenAIEndpoints(self)
 
     def start(self) -> None:
-        if self.config.num_threads:
-            import torch
+        from lazymerge.engine.threads import configure
 
-            torch.set_num_threads(self.config.num_threads)
+        configure(self.config.num_threads)  # None: the CPUs this process may use (engine/threads.py)
         self.scheduler.start()
 
     def close(self) -> None:
@@ -178,7 +180,8 @@ class MergeServing:
             raise bad_request(f"token ids must be in [0, {vocab})", param=param)
         return ids
 
-    def sampling(self, max_tokens: int, temperature: float, top_p: float, seed, stop, rows: int) -> list:
+    def sampling(self, max_tokens: int, temperature: float, top_p: float, seed, stop, rows: int,
+                 logprobs: int | None = None) -> list:
         from lazymerge.engine import SamplingParams
 
         if max_tokens > self.config.max_tokens:
@@ -189,7 +192,8 @@ class MergeServing:
                               f"{self.config.max_batch_size}", param="n")
         stops = _stops(stop)
         return [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                               seed=None if seed is None else seed + i, stop=stops) for i in range(rows)]
+                               seed=None if seed is None else seed + i, stop=stops, logprobs=logprobs)
+                for i in range(rows)]
 
     @staticmethod
     def unsupported(req) -> None:
@@ -248,6 +252,8 @@ class MergeServing:
                 o.token_ids += d.token_ids
                 if d.finish_reason:
                     o.finish_reason = d.finish_reason
+                if d.eos_token is not None:
+                    o.eos_token = d.eos_token
         return out, ttft
 
     async def score(self, label: str, model, seqs: list[list[int]], top_k: int) -> list:

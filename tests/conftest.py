@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite checks the eager reference (the oracle) end to end; tests/test_merge_cpu.py checks the fused CPU merge, the
+# default outside tests, against it (its compiled programs are cached per machine: kernels/merge_cpu.py).
+os.environ.setdefault("LAZYMERGE_CPU_FUSED", "0")
 
 import pytest  # noqa: E402
 

@@ -1,5 +1,6 @@
 """The engine on CUDA (Triton merge kernel, fused merge-matmul) against the CPU reference path, end to end.
-Skipped without CUDA."""
+Skipped without CUDA. The engine validates recipes with pydantic, which the GPU image lacks: `kernels/gpu_check.sh`
+installs it from carried wheels (`kernels/gpu_wheels.sh`); without them these tests skip and say so."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytest.importorskip("pydantic", reason="the engine's recipe schema needs pydantic: carry .whl (kernels/gpu_wheels.sh)")
 
 RECIPES = {
     "ties": {"merge_method": "ties", "base_model": "base", "models": [
         {"model": "e1", "parameters": {"weight": 0.8, "density": 0.5}}, {"model": "e2", "parameters": {"weight": 0.5, "density": 0.3}}]},
     "dare_ties": {"merge_method": "dare_ties", "base_model": "base", "random_seed": 1, "models": [
         {"model": "e1", "parameters": {"weight": 0.8, "density": 0.5}}, {"model": "e2", "parameters": {"weight": 0.5, "density": 0.6}}]},
+    "della": {"merge_method": "della", "base_model": "base", "random_seed": 3, "models": [
+        {"model": "e1", "parameters": {"weight": 0.7, "density": 0.5}}, {"model": "e2", "parameters": {"weight": 0.6, "density": 0.4}}]},
     "slerp": {"merge_method": "slerp", "base_model": "e1", "parameters": {"t": 0.4}, "models": [{"model": "e1"}, {"model": "e2"}]},
 }
 

@@ -56,8 +56,8 @@ BAD_AGAINST_SOURCES = [
      "della needs density +/- epsilon inside (0, 1)"),
     ("merge_method: linear\nmodels: [{model: e1, parameters: {weight: 1}}, {model: e2, parameters: {weight: -1}}]",
      "linear weights sum to 0"),
-    ("merge_method: linear\ntokenizer_source: union\nmodels: [{model: e1, parameters: {weight: 1}}]",
-     "tokenizer_source: 'union'"),
+    ("merge_method: linear\ntokenizer: {tokens: {cat: {source: nosuch}}}\nmodels: [{model: e1, parameters: {weight: 1}}]",
+     "tokenizer.tokens['cat'].source: unknown source 'nosuch'"),
 ]
 
 
@@ -112,7 +112,15 @@ def test_bad_checkpoints(fam, families, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"architecture \['GPT2LMHeadModel'\] is not supported"):
+    with pytest.raises(CheckpointError, match="architecture 'GPT2LMHeadModel' does not match model_type 'mistral'"):
+        Source.open(d)
+    cfg["model_type"] = "frobnicate"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model_type 'frobnicate' is not a transformers architecture"):
+        Source.open(d)
+    cfg["model_type"], cfg["architectures"] = "t5", ["T5ForConditionalGeneration"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="is not a transformers causal language model"):
         Source.open(d)
     # sharded index naming a missing shard
     sh = families["llama_sharded"]["base"]

@@ -243,3 +243,44 @@ def test_json_object_recipes_are_bounded_too(fam):
                 {"merge_method": "linear", "parameters": {"w": deep}}):
         with pytest.raises(RecipeError, match="recipe too large"):
             load_recipe(obj)
+
+
+@pytest.mark.parametrize("policy", ["cached", "on_the_fly"])
+def test_changed_source_is_refused_under_a_merged_vocabulary(family, tmp_path, policy):
+    """Rows re-indexed into a union vocabulary (engine/rowmap.py, TensorStore.raw/rows) are read through the same
+    checked reader: a fine-tune with added tokens that changes on disk is refused by name."""
+    from pathlib import Path
+
+    from lazymerge.engine import Engine, toy
+    from lazymerge.engine.checkpoint import SourceUnavailable
+
+    ft = str(toy.make_finetune_with_tokens(Path(family["base"]), tmp_path / "ft", ("zebra", "quux"), seed=6))
+    eng = Engine({"base": family["base"], "ft": ft}, policy=policy, allow_open=False)
+    model = eng.compile({"merge_method": "task_arithmetic", "base_model": "base", "tokenizer_source": "union",
+                         "models": [{"model": "ft", "parameters": {"weight": 0.8}}]})
+    model.generate(["the zebra"], max_tokens=2)
+    _change(ft, "overwrite")
+    with pytest.raises(SourceUnavailable) as ei:
+        model.generate(["the zebra"], max_tokens=2)
+    assert "source 'ft'" in str(ei.value) and "/" not in str(ei.value)
+    assert eng.provider.cache.bytes == 0
+
+
+@pytest.mark.parametrize("case", ["long_token", "many_tokens", "bad_model"])
+def test_tokenizer_section_is_bounded(fam, case):
+    """mergekit's `tokenizer:` section (main's merged vocabularies) is under the same limits as the rest of a recipe."""
+    from lazymerge.engine.limits import MAX_TOKEN_CHARS, MAX_TOKEN_OVERRIDES
+    from lazymerge.engine.plan import SourceSet, compile_plan
+    from lazymerge.engine.recipe import RecipeError
+
+    tokens, needle = {
+        "long_token": ({"x" * (MAX_TOKEN_CHARS + 1): {"source": "base"}}, f"at most {MAX_TOKEN_CHARS} characters"),
+        "many_tokens": ({f"t{i}": {"source": "base"} for i in range(MAX_TOKEN_OVERRIDES + 1)},
+                        f"at most {MAX_TOKEN_OVERRIDES} items"),
+        "bad_model": ({"a": {"source": {"kind": "model_token", "model": "ba\x00se", "token_id": 1}}},
+                      "control character")}[case]
+    recipe = {"merge_method": "task_arithmetic", "base_model": "base", "tokenizer": {"source": "union", "tokens": tokens},
+              "models": [{"model": "e1", "parameters": {"weight": 0.5}}]}
+    with pytest.raises(RecipeError) as ei:
+        compile_plan(recipe, SourceSet.open(fam))
+    assert len(str(ei.value)) < 4000 and needle in str(ei.value), str(ei.value)[:1000]

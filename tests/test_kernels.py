@@ -68,6 +68,9 @@ GPU_MATMUL_TOL = {torch.float32: (1e-3, 1e-4), torch.bfloat16: (3e-2, 2.0**-7), 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MODES = ["linear", "slerp", "passthrough", "task_arithmetic", "ties_all", "ties", "breadcrumbs", "dare_linear",
          "dare_ties", "della", "della_linear", "zero_weight_sum"]
+# issue 13's modes: per-row coefficients (row-wise nuslerp / filter-wise model_stock, with and without a base),
+# nearswap, sce's variance cut (and its consensus on unweighted deltas), arcee_fusion's row-KL cut, ram, ramplus_tl
+NEW_MODES = ["rows_delta", "cols_combine", "nearswap", "sce", "sce_all", "arcee_fusion", "ram", "ramplus_tl"]
 # odd shapes (no multiple of any block size) paired with source counts
 SHAPES_N = [((7, 341), 2), ((1, 1023), 3), ((33, 65), 5)]
 
@@ -170,6 +173,44 @@ def build(mode, base, xs, seed=0):
         return MergeSpec("delta", keep="della", densities=dens, eps=eps, keys=keys,
                          scales=tuple(1.1 + 0.2 * i for i in range(n)), weights=w, consensus=cons,
                          normalize=cons, lam=1.0 if cons else 1.3), xs, aux
+    if mode in ("rows_delta", "cols_combine"):
+        g = torch.Generator().manual_seed(seed + 7)
+        col = mode == "cols_combine"
+        width = math.prod(xs[0].shape[1:]) if col else xs[0].shape[-1]
+        rows = width if col else numel // width
+        aux = [(torch.randn(rows, generator=g) * 0.7 + 0.5) for _ in range(n)]
+        aux[0][::3] = 0.0  # exact zero coefficients
+        if col:
+            return MergeSpec("combine", coeffs=ones, row_layout="col", row_width=width), xs, aux
+        return MergeSpec("delta", weights=ones, scales=ones, row_layout="row", row_width=width), xs, aux
+    if mode == "nearswap":
+        return MergeSpec("nearswap", t=0.02), xs[:1], None
+    if mode in ("sce", "sce_all"):
+        from lazymerge.kernels.merge import source_variance
+
+        var = source_variance([x.float() - base.float() for x in xs]).reshape(-1)
+        k = int(int(torch.count_nonzero(var)) * 0.45)
+        sw = tuple(0.9 / (i + 1) for i in range(n))
+        keep = dict(keep="all")
+        if mode == "sce":
+            t = float(torch.kthvalue(var, numel - k + 1).values)
+            ties = (var == t).nonzero().reshape(-1)
+            need = k - int((var > t).sum())
+            keep = dict(keep="vartopk", t_in=(t,), c_in=(int(ties[need - 1]) if need < ties.numel() else 2**32,))
+        return MergeSpec("delta", weights=sw, scales=ones, consensus=True, consensus_raw=True, normalize=True,
+                         div_min=1e-6, **keep), xs, None
+    if mode == "arcee_fusion":
+        from lazymerge.engine.method_stats import kl_rows
+
+        width = xs[0].shape[-1]
+        kl = kl_rows(xs[0], base)
+        imp = (xs[0].float() - base.float()).abs().reshape(-1, width) * kl[:, None]
+        thr = float(imp.reshape(-1).kthvalue(int(0.6 * numel) + 1).values)  # a value of the tensor: ties at it
+        return MergeSpec("delta", keep="fusion", weights=(1.0,), scales=(1.0,), t_in=(thr,), row_width=width), \
+            xs[:1], [kl]
+    if mode in ("ram", "ramplus_tl"):
+        sc = ones if mode == "ram" else tuple(1.0 + 0.03 * (i + 1) for i in range(n))
+        return MergeSpec("delta", keep="ram", weights=ones, eps=(0.02,) * n, scales=sc), xs, None
     raise ValueError(mode)
 
 
@@ -223,6 +264,16 @@ def test_merge_matches_reference(shape, n, mode, dtype):
 
 
 @kernel_test
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("mode", NEW_MODES)
+@pytest.mark.parametrize("shape,n", SHAPES_N, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"n{v}")
+def test_new_modes_match_reference(shape, n, mode, dtype):
+    """Issue 13's modes, bit for bit (float16 left out: its upcast is exact like bfloat16's, and the interpreter's
+    time is better spent on shapes)."""
+    test_merge_matches_reference(shape, n, mode, dtype)
+
+
+@kernel_test
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("mode", ["linear", "ties", "dare_ties", "della"])
 def test_merge_into_out_buffer(mode, out_dtype):
@@ -238,14 +289,15 @@ def test_merge_into_out_buffer(mode, out_dtype):
 
 
 @kernel_test
-@pytest.mark.parametrize("mode", ["ties", "dare_ties", "della", "breadcrumbs", "linear"])
+@pytest.mark.parametrize("mode", ["ties", "dare_ties", "della", "breadcrumbs", "linear", "rows_delta", "cols_combine",
+                                  "sce", "arcee_fusion"])
 def test_merge_gathered_rows_with_index(mode):
     """Rows gathered (embedding lookups) with `index`: equal to the same rows of the whole merged tensor."""
     base, xs = make_inputs((37, 23), 3, torch.float32, seed=4)
     spec, srcs, aux = build(mode, base, xs)
     rows = torch.tensor([36, 0, 5, 5, 17])
     index = rows.reshape(-1, 1) * 23 + torch.arange(23)
-    g_aux = [a[rows] for a in aux] if aux is not None else None
+    g_aux = [a[rows] for a in aux] if aux is not None and not spec.aux_per_row else aux
     got = kmt.merge_triton(to_dev(base[rows]), to_dev([x[rows] for x in srcs]), spec, aux=to_dev(g_aux),
                            index=to_dev(index))
     assert torch.equal(got.cpu(), merge_reference(base, srcs, spec, aux=aux)[rows])
@@ -353,7 +405,9 @@ def test_merge_matmul_matches_reference(M, mode, dtype):
 
 @kernel_test
 @pytest.mark.parametrize("N,K,n,mode", [(7, 341, 5, "breadcrumbs"), (1, 1023, 2, "della"), (70, 33, 1, "passthrough"),
-                                        (65, 130, 8, "dare_linear")])
+                                        (65, 130, 8, "dare_linear"), (9, 77, 3, "rows_delta"), (33, 65, 2, "cols_combine"),
+                                        (13, 40, 1, "nearswap"), (17, 33, 3, "sce"), (11, 50, 1, "arcee_fusion"),
+                                        (5, 129, 3, "ramplus_tl")])
 def test_merge_matmul_odd_shapes(N, K, n, mode):
     base, xs = make_inputs((N, K), n, torch.bfloat16, seed=N)
     spec, srcs, aux = build(mode, base, xs)
@@ -394,7 +448,7 @@ def test_merged_linear_reference_on_cpu_without_triton(monkeypatch):
 
 # -- GPU only: large shapes, autotuned launches -------------------------------------------------------------------------
 @gpu
-@pytest.mark.parametrize("mode", ["linear", "task_arithmetic", "ties", "breadcrumbs", "dare_ties", "della"])
+@pytest.mark.parametrize("mode", ["linear", "task_arithmetic", "ties", "breadcrumbs", "dare_ties", "della"] + NEW_MODES)
 def test_cuda_merge_large(mode):
     base, xs = make_inputs((1024, 4096), 3, torch.bfloat16, seed=7)
     spec, srcs, aux = build(mode, base, xs)
@@ -405,13 +459,20 @@ def test_cuda_merge_large(mode):
 
 
 @gpu
-@pytest.mark.parametrize("autotune", ["0", "1"])
+@pytest.mark.parametrize("autotune", ["0", "1"], ids=["fixed", "autotune"])
 @pytest.mark.parametrize("M", [1, 16, 17, 300])
 def test_cuda_merge_matmul_large(M, autotune, monkeypatch):
     monkeypatch.setenv("LAZYMERGE_AUTOTUNE", autotune)
     N, K = 1536, 4096
     base, xs = make_inputs((N, K), 3, torch.bfloat16, seed=M)
     spec, srcs, aux = build("dare_ties", base, xs)
+    if autotune == "1":  # compile the autotuner's configs in parallel first (it compiles them one by one)
+        from lazymerge.kernels import aot
+
+        meta = [torch.empty((N, K), dtype=torch.bfloat16, device="meta") for _ in range(4)]
+        mx = torch.empty((M, K), dtype=torch.bfloat16, device="meta")
+        aot.warm([lambda: kmm.merge_matmul_triton(mx, meta[0], meta[1:], spec),
+                  lambda: kmt.merge_triton(meta[0], meta[1:], spec)])
     x = (torch.randn(M, K, generator=torch.Generator().manual_seed(M)) / 8).to(torch.bfloat16)
     bias = torch.randn(N)
     want = kmm.merge_matmul_reference(x, base, srcs, spec, bias=bias)

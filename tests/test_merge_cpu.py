@@ -1,4 +1,4 @@
-"""The fused CPU merge (torch.compile) equals the eager reference bit for bit."""
+"""The fused CPU merge (AOT-compiled, kernels/merge_cpu.py) equals the eager reference bit for bit."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ SPECS = {
                                   c_out=(-1, 100, -1), scales=(1.0, 1.2, 1.0), consensus=True, normalize=True),
     "della_linear": MergeSpec("delta", weights=(0.7, 0.5, 0.3), keep="della", densities=(0.5, 0.3, 1.0),
                               eps=(0.1, 0.2, 0.0), keys=KEYS, scales=(2.0, 1.0, 1.1), lam=1.3),
+    # issue 13: sce (variance cut, consensus on unweighted deltas, divisor floor), ram(plus), arcee_fusion
+    "sce": MergeSpec("delta", weights=(0.5, 0.3, 0.2), keep="vartopk", t_in=(4e-5,), c_in=(20_000,),
+                     scales=(1.0,) * 3, consensus=True, consensus_raw=True, normalize=True, div_min=1e-6),
+    "ramplus_tl": MergeSpec("delta", weights=(1.0,) * 3, keep="ram", eps=(0.005,) * 3, scales=(1.1, 1.0, 0.9)),
+    "arcee_fusion": MergeSpec("delta", weights=(1.0,), keep="fusion", t_in=(0.004,), scales=(1.0,), row_width=N),
 }
 
 
@@ -28,8 +33,16 @@ def test_fused_cpu_merge_equals_reference(name):
     xs = [(b + 0.01 * torch.randn(N, generator=g)).to(torch.bfloat16) for _ in range(3)]
     xs[0][:50] = b[:50].to(torch.bfloat16)  # exact zeros in a delta
     aux = [torch.rand(N, generator=g) for _ in range(3)] if name.startswith("della") else None
+    if name == "arcee_fusion":
+        xs, aux = xs[:1], [torch.tensor([1.3])]  # one row: its KL
     want = merge_reference(b, xs, SPECS[name], aux=aux)
     got = merge_cpu.merge_delta_fused(b, xs, SPECS[name], aux=aux)
+    if not merge_cpu.fusable(SPECS[name]):
+        # the newer methods' keep rules are not in the fused loop: it declines, and the dispatcher runs the reference
+        from lazymerge.kernels.merge import merge
+
+        assert got is None
+        got = merge(b, xs, SPECS[name], aux=aux, cpu_fused=True)
     assert torch.equal(got, want), f"{int((got != want).sum())} elements differ"
 
 
@@ -45,3 +58,26 @@ def test_fused_l1_sums_equal_eager():
     before, after = merge_cpu.l1_sums_fused(b, x, spec, 0)
     assert abs(before - float(d.abs().double().sum())) < 1e-9 * before + 1e-6
     assert abs(after - float((d * k).abs().double().sum())) < 1e-9 * after + 1e-6
+
+
+def test_della_ranks_in_the_pass_equal_given_ranks():
+    """Without `aux`, the reference and the fused merge form DELLA's per-row ranks per block of rows: the same merge
+    as with the whole tensor's ranks given (what the GPU kernel reads)."""
+    from lazymerge.kernels.merge import row_ranks
+
+    g = torch.Generator().manual_seed(2)
+    rows, width = 37, 1_111  # blocks of whole rows that do not divide the tensor
+    b = torch.randn(rows, width, generator=g)
+    xs = [(b + 0.01 * torch.randn(rows, width, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    aux = [row_ranks((x.float() - b).abs()) for x in xs]
+    spec = SPECS["della_linear"]
+    want = merge_reference(b, xs, spec, aux=aux)
+    assert torch.equal(merge_reference(b, xs, spec), want)
+    got = merge_cpu.merge_delta_fused(b, xs, spec)
+    assert got is not None and torch.equal(got, want)
+
+
+def test_compiled_programs_are_cached_on_disk():
+    """A structure is compiled once per machine: its package is on disk, named by the structure."""
+    files = [p.name for p in merge_cpu.cache_dir().glob("*.pt2")]
+    assert any(f.startswith("delta-topk-1-1-3-") for f in files), files

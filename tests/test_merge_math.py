@@ -281,14 +281,23 @@ def test_dare_masks_identical_across_runs_orders_and_dtypes(families):
     assert not torch.equal(keep_mask(spec2, 1, d, torch.arange(d.numel()).reshape(d.shape), None), masks[0][name_a])
 
 
-def test_magnitude_order_is_reused_across_densities(fam):
+def test_cut_statistics_are_reused_and_flat_in_size(fam, monkeypatch):
+    """A new density reuses the first-digit histogram of each (source, tensor); what the merger keeps per tensor is
+    O(1) in its size (a fixed-size histogram), never the O(elements) magnitude order."""
+    from lazymerge.engine import merger as merger_mod
+
+    monkeypatch.setattr(merger_mod, "KEEP_HISTOGRAM_FROM", 1)  # the toy tensors are small: keep them all
     S = SourceSet.open(fam)
     M = Merger(S)
-    name = TENSORS[0]
+    names = [n for n in TENSORS if S["base"].get(n).numel() > 1]
     for dens in (0.2, 0.4, 0.6, 0.8):
-        M.merge(compile_plan(gta_recipe("ties", [{"density": dens}, {"density": dens}]), S).tensors[name])
-    orders = [k for k in M.stats.data if k[0] == "order"]
-    assert len(orders) == 2  # one sort per (source, tensor), not per density
+        plan = compile_plan(gta_recipe("ties", [{"density": dens}, {"density": dens}]), S)
+        for name in names:
+            M.merge(plan.tensors[name])
+    tops = [k for k in M.stats.data if k[0] == "top"]
+    assert len(tops) == 2 * len(names)  # one histogram per (source, tensor), not per density
+    assert M.stats.hits == 3 * len(tops)
+    assert M.stats.bytes == len(tops) * (1 << 15) * 4  # 128 KiB each, whatever the tensor's size
 
 
 def test_gradient_and_filter_parameters(fam):
@@ -305,3 +314,189 @@ def test_gradient_and_filter_parameters(fam):
     assert w("model.layers.2.self_attn.k_proj.weight") == (1.0, 1.0)
     assert w("model.embed_tokens.weight") == (0.0, 0.25)  # non-layer tensors take the first value
     assert w("lm_head.weight") == (0.0, 0.25)
+
+
+# ---------------------------------------------------------------- issue 13: statistics-driven methods
+def _slerp64(t, v0, v1):
+    """Textbook slerp of two float64 vectors (the independent reference of the Gram-matrix coefficients)."""
+    u0, u1 = v0 / v0.norm(), v1 / v1.norm()
+    th = torch.acos((u0 * u1).sum().clamp(-1, 1))
+    return (torch.sin((1 - t) * th) * v0 + torch.sin(t * th) * v1) / torch.sin(th)
+
+
+def test_gram_coefficients_reproduce_slerp_rowwise_and_model_stock():
+    from lazymerge.engine import method_stats as ms
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(7, 13, generator=g, dtype=torch.float64)
+    xs = [base + torch.randn(7, 13, generator=g, dtype=torch.float64) * s for s in (0.3, 0.5)]
+    # flattened, with a base
+    c0, c1 = ms.nuslerp_coeffs(ms.gram(xs, base), 0.3)
+    want = _slerp64(0.3, (xs[0] - base).reshape(-1), (xs[1] - base).reshape(-1))
+    got = float(c0) * (xs[0] - base).reshape(-1) + float(c1) * (xs[1] - base).reshape(-1)
+    assert torch.allclose(got, want, atol=1e-12, rtol=1e-12)
+    # per row and per column
+    for layout, rows in (("row", [(xs[0][r], xs[1][r]) for r in range(7)]),
+                         ("col", [(xs[0][:, c], xs[1][:, c]) for c in range(13)])):
+        c0, c1 = ms.nuslerp_coeffs(ms.gram(xs, None, layout), 0.7)
+        assert c0.shape == (len(rows),)
+        for r, (a, b) in enumerate(rows):
+            assert torch.allclose(c0[r] * a + c1[r] * b, _slerp64(0.7, a, b), atol=1e-12, rtol=1e-12)
+    # endpoints, orthogonal and colinear vectors
+    e = torch.eye(2, dtype=torch.float64)
+    assert [float(v) for v in ms.nuslerp_coeffs(e, 0.0)] == [1.0, 0.0]
+    c0, c1 = ms.nuslerp_coeffs(e, 0.5)
+    assert abs(float(c0) - math.sqrt(0.5)) < 1e-15 and abs(float(c1) - math.sqrt(0.5)) < 1e-15
+    same = torch.ones(2, 2, dtype=torch.float64)
+    assert [float(v) for v in ms.nuslerp_coeffs(same, 0.25)] == [0.75, 0.25]  # colinear: linear interpolation
+    # model_stock: identical deltas t = 1, orthogonal t = 0, opposite (n = 2) singular -> 0
+    assert float(ms.model_stock_t(torch.ones(3, 3, dtype=torch.float64))) == 1.0
+    assert float(ms.model_stock_t(torch.eye(3, dtype=torch.float64))) == 0.0
+    assert float(ms.model_stock_t(torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64))) == 0.0
+    # nuslerp's t from the weights, and its degenerate sum
+    assert ms.nuslerp_t((1.0, 3.0)) == 0.75 and ms.nuslerp_t((1.0, -1.0)) == 0.5
+
+
+def test_multislerp_and_karcher_invariants():
+    from lazymerge.engine import method_stats as ms
+
+    e = torch.eye(3, dtype=torch.float64)
+    # karcher of orthonormal vectors: the normalized sum, times the mean norm 1
+    c = ms.karcher_coeffs(e)
+    assert all(abs(x - 1 / math.sqrt(3)) < 1e-9 for x in c)
+    # the same vector twice: multislerp and karcher return it (coefficients summing to 1), whatever the weights
+    same = torch.full((2, 2), 4.0, dtype=torch.float64)  # |v| = 2, both inputs equal
+    assert abs(sum(ms.multislerp_coeffs(same, [0.3, 0.9])) - 1.0) < 1e-7
+    assert abs(sum(ms.karcher_coeffs(same)) - 1.0) < 1e-12
+    # antipodal pair with balancing weights: mergekit's linear fallback for two inputs, an error for more
+    anti = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    assert ms.multislerp_coeffs(anti, [1.0, 1.0]) == [0.5, 0.5]
+    with pytest.raises(ValueError, match="zero"):
+        ms.multislerp_coeffs(torch.tensor([[1.0, -1, 0], [-1, 1, 0], [0, 0, 1]], dtype=torch.float64), [1, 1, 0])
+
+
+def _spec_of(fam, recipe, tensor):
+    S = SourceSet.open(fam)
+    plan = compile_plan(recipe, S)
+    m = Merger(S)
+    return m, plan.tensors[tensor], S
+
+
+def test_sce_cut_keeps_exactly_k_by_variance_with_ties(fam):
+    """sce: one mask for every model, exactly int(count_nonzero(var) * select_topk) elements, ties at the cut to the
+    lower flat index; the models' weights are their kept deltas' mean squares, normalized."""
+    from lazymerge.kernels.merge import merge_reference, source_variance
+
+    name = "model.layers.1.mlp.up_proj.weight"
+    r = {"merge_method": "sce", "base_model": "base", "models": [{"model": "e1"}, {"model": "e2"}],
+         "parameters": {"select_topk": 0.37}}
+    m, p, S = _spec_of(fam, r, name)
+    base = S["base"].get(name).float()
+    xs = [S[s].get(name).float() for s in ("e1", "e2")]
+    # quantize the sources so that variances tie at the cut
+    xs = [base + torch.round((x - base) * 200) / 200 for x in xs]
+    var = source_variance([x - base for x in xs]).reshape(-1)
+    k = int(int(torch.count_nonzero(var)) * 0.37)
+    t, c = m._topk_cut(var, k)
+    kept = (var > t) | ((var == t) & (torch.arange(var.numel()) <= c))
+    assert int(kept.sum()) == k and int((var == t).sum()) > 1  # a real tie straddles the cut
+    order = torch.argsort(var, descending=True, stable=True)
+    assert set(order[:k].tolist()) == set(kept.nonzero().reshape(-1).tolist())
+    spec, _ = m.spec(p)
+    assert spec.keep == "vartopk" and abs(sum(spec.weights) - 1.0) < 1e-6
+    out = merge_reference(S["base"].get(name), [S[s].get(name) for s in ("e1", "e2")], spec)
+    vv = source_variance([S[s].get(name).float() - base for s in ("e1", "e2")]).reshape(-1)
+    dropped = ~((vv > spec.t_in[0]) | ((vv == spec.t_in[0]) & (torch.arange(vv.numel()) <= spec.c_in[0])))
+    assert torch.equal(out.reshape(-1)[dropped], base.reshape(-1)[dropped])  # outside the cut: the base exactly
+
+
+def test_ram_nearswap_arcee_invariants(fam):
+    from lazymerge.kernels.merge import merge_reference
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    S = SourceSet.open(fam)
+    base = S["base"].get(name).float()
+    d = [S[s].get(name).float() - base for s in ("e1", "e2")]
+    eps = float(d[0].abs().median())
+    for method, lam in (("ram", 1.0), ("ramplus_tl", None)):
+        r = {"merge_method": method, "base_model": "base", "models": [{"model": "e1"}, {"model": "e2"}],
+             "parameters": {"epsilon": eps}}
+        m = Merger(S)
+        spec, _ = m.spec(compile_plan(r, S).tensors[name])
+        out = merge_reference(S["base"].get(name), [S[s].get(name) for s in ("e1", "e2")], spec) - base
+        k = [x.abs() > eps for x in d]
+        only0, only1, both, none = k[0] & ~k[1], k[1] & ~k[0], k[0] & k[1], ~k[0] & ~k[1]
+        assert only0.any() and only1.any() and both.any() and none.any()
+        assert torch.equal(out[none], torch.zeros_like(out[none]))
+        assert torch.allclose(out[both], (d[0][both] / 2 + d[1][both] / 2), atol=1e-7)
+        lam0 = spec.scales[0]
+        assert torch.allclose(out[only0], (base + d[0] * lam0)[only0] - base[only0], atol=1e-6)
+        if lam == 1.0:
+            assert spec.scales == (1.0, 1.0)
+        else:  # 1 + 0.1 * clamp(shared / unique, 0, 0.2)
+            sh, un = int((k[0] & k[1]).sum()), int((k[0] & ~k[1]).sum())
+            assert abs(lam0 - (1 + 0.1 * min(max(sh / un, 0.0), 0.2))) < 1e-6
+    # nearswap: |delta| <= t takes the model exactly, elsewhere a convex mix of model and base
+    t = float(d[0].abs().median())
+    r = {"merge_method": "nearswap", "base_model": "base", "models": [{"model": "e1"}], "parameters": {"t": t}}
+    m = Merger(S)
+    out = m.merge(compile_plan(r, S).tensors[name])
+    near = d[0].abs() <= t
+    assert torch.equal(out[near], S["e1"].get(name).float()[near])
+    lo, hi = torch.minimum(base, base + d[0]), torch.maximum(base, base + d[0])
+    assert bool(((out >= lo) & (out <= hi)).all())
+    # arcee_fusion: each element is the base or the model; the kept ones are the important ones
+    r = {"merge_method": "arcee_fusion", "base_model": "base", "models": [{"model": "e1"}]}
+    m = Merger(S)
+    plan = compile_plan(r, S).tensors[name]
+    spec, aux = m.spec(plan)
+    out = m.merge(plan)
+    e1 = S["e1"].get(name).float()
+    took = out == e1
+    assert bool((took | (out == base)).all()) and 0 < int(took.sum()) < took.numel()
+    imp = d[0].abs() * aux[0][:, None]
+    assert bool((imp[took & (d[0] != 0)] >= spec.t_in[0]).all()) and bool((imp[~took] < spec.t_in[0]).all())
+
+
+def test_arcee_fusion_samples_deterministically_above_a_million():
+    """mergekit samples 1,000,000 elements without a seed above that size; lazymerge's sample is a pure function of
+    (random_seed, tensor name): the same indices every time, different for another seed, uniform in range."""
+    from lazymerge.kernels.rng import mask_keys, sample_indices
+
+    a = sample_indices(mask_keys(0, "w", 0), 1000, 3_000_001)
+    assert torch.equal(a, sample_indices(mask_keys(0, "w", 0), 1000, 3_000_001))
+    assert not torch.equal(a, sample_indices(mask_keys(1, "w", 0), 1000, 3_000_001))
+    big = sample_indices(mask_keys(0, "w", 0), 200_000, 10)
+    assert int(big.min()) == 0 and int(big.max()) == 9 and abs(float(big.float().mean()) - 4.5) < 0.05
+
+
+@pytest.mark.parametrize("recipe,match", [
+    ({"merge_method": "nuslerp", "models": [{"model": "a", "parameters": {"weight": 1}}]}, "2 models besides"),
+    ({"merge_method": "nearswap", "base_model": "b", "models": [{"model": "a"}]}, "needs `t`"),
+    ({"merge_method": "arcee_fusion", "base_model": "b", "models": [{"model": "a"}, {"model": "c"}]}, "takes 2"),
+    ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a"}]}, "takes 3"),
+    ({"merge_method": "multislerp", "models": [{"model": "a"}]}, "weight: required"),
+    ({"merge_method": "karcher", "models": [{"model": "a"}], "parameters": {"max_iter": 2.5}}, "integer"),
+    ({"merge_method": "sce", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}]},
+     "unknown parameter"),
+    ({"merge_method": "nuslerp", "models": [{"model": "a", "parameters": {"weight": 1}},
+                                            {"model": "c", "parameters": {"weight": 1}}],
+      "parameters": {"nuslerp_flatten": 0}}, "true or false"),
+])
+def test_new_methods_validate_like_mergekit(recipe, match):
+    from lazymerge.engine.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(recipe)
+    # ram's epsilon is a threshold, not della's (density +/- epsilon) one: any value is accepted
+    load_recipe({"merge_method": "ram", "base_model": "b", "models": [{"model": "a"}], "parameters": {"epsilon": 0.7}})
+
+def test_della_keeps_no_per_element_statistic(fam):
+    """DELLA's per-row ranks are formed inside the merge pass: nothing of the tensor's size stays in the merger."""
+    S = SourceSet.open(fam)
+    M = Merger(S)
+    plan = compile_plan(gta_recipe("della", [{"density": 0.5, "epsilon": 0.1}, {"density": 0.6, "epsilon": 0.1}]), S)
+    for name in TENSORS:
+        M.merge(plan.tensors[name])
+    assert M.stats.bytes == 0 and not M.stats.data
+    assert all(aux is None for _, aux in M.specs.data.values())

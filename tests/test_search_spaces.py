@@ -16,6 +16,9 @@ PS_SPACES = [
     PSSpace("linear", None, ("base", "e1", "e2"), 4, layer_groups=4, normalize=None),
     PSSpace("ties", "base", ("e1", "e2"), 4, layer_groups=2, shared_filters=("embed_tokens", "lm_head")),
     PSSpace("ties", "base", ("e1", "e2"), 4, layer_groups=3, filters=("mlp",), shared_filters=("lm_head",)),
+    # issue 13: weight-only genomes of the spherical methods (with a base: they merge the deltas)
+    PSSpace("nuslerp", "base", ("e1", "e2"), 4, layer_groups=2, weight_range=(0.1, 1.0)),
+    PSSpace("multislerp", None, ("base", "e1", "e2"), 4, filters=("mlp",)),
 ]
 DFS_SPACES = [
     DFSSpace("e1", "e2", 4, 4, repeats=3),

@@ -289,8 +289,8 @@ def test_elo_and_win_rate():
 
 
 def test_serve_cpu_fused_flag_reaches_the_engine(monkeypatch, server_sources):
-    """`lazymerge serve --cpu-fused` -> ServerConfig(cpu_fused=True) -> Engine(..., cpu_fused=True); without the flag
-    the engine keeps its default (None)."""
+    """`lazymerge serve --eager-merge` -> ServerConfig(cpu_fused=False) -> Engine(..., cpu_fused=False); without it
+    (or with the old `--cpu-fused`) the engine keeps its default (None: fused)."""
     import argparse
 
     import lazymerge.engine
@@ -301,7 +301,7 @@ def test_serve_cpu_fused_flag_reaches_the_engine(monkeypatch, server_sources):
     monkeypatch.setattr(cli, "serve_blocking", lambda *a, **kw: got.append(kw))
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
-    for argv, want in ((["--cpu-fused"], True), ([], None)):
+    for argv, want in ((["--eager-merge"], False), (["--cpu-fused"], None), ([], None)):
         args = parser.parse_args(["serve", "--source", f"base={server_sources['base']}", *argv])
         assert args.func(args) == 0 and got[-1]["cpu_fused"] is want
     seen, real = [], lazymerge.engine.Engine

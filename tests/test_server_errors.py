@@ -82,7 +82,8 @@ def test_400_invalid_requests(client):
     assert_error(post("/v1/completions", json={"model": "base", "prompt": "a", "max_tokens": -1}), 400, "max_tokens")
     assert_error(post("/v1/completions", json={"model": "base", "prompt": "a", "top_p": 0}), 400, "top_p")
     assert_error(post("/v1/completions", json={"model": "base", "prompt": "a", "logit_bias": {"5": 1}}), 400)
-    assert_error(post("/v1/completions", json={"model": "base", "prompt": "a", "logprobs": 1, "stream": True}), 400)
+    assert_error(post("/v1/completions", json={"model": "base", "prompt": "a", "logprobs": 1, "stream": True,
+                                              "echo": True}), 400)
     assert_error(post("/v1/completions", json={"model": "base"}), 400, "prompt")
     r = post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert_error(r, 400)

@@ -1,0 +1,235 @@
+"""Exact top-k cuts of |X - base| without sorting: a radix select over float32 bit patterns.
+
+    topk_cuts(base, x, ks, top=None) -> [(threshold, cutoff), ...]      one pair per k in `ks`
+
+The cut of k is the pair (t, c) with which `kernels.merge.keep_mask`'s topk rule
+
+    in(t, c) = a > t or (a == t and j <= c)          a = |x[j] - base[j]| (float32), j the flat index
+
+keeps exactly the first k elements of the *stable descending order* of a (ties by increasing j): mergekit's TIES /
+breadcrumbs kept set with ties at the cut broken towards the lower flat index. Conventions (those of the merge
+spec): k <= 0 -> (inf, -1) (nothing), k >= numel -> (-1.0, -1) (everything); c = MAX_INDEX (2**32) when no element
+equal to t lies past the cut.
+
+How. For non-negative float32 values the int32 bit pattern orders like the value (denormals, zeros, inf and NaN
+included: NaN sorts above inf, as in `torch.sort`). So the k-th largest value is found digit by digit from the top
+of its bit pattern: a histogram of the first digit over the whole tensor gives the digit of the k-th largest value
+and how many elements lie strictly above it; the next histogram counts only the elements sharing the digits found so
+far, and so on (`DIGITS_CPU` = 16 + 16 bits: two passes; `DIGITS_GPU` = 11 + 11 + 10: three). The last histogram gives
+t and m, the number of elements equal to t that belong to the top k; a last counting pass finds c, the flat index of
+the m-th element equal to t, only when some element equal to t falls outside the cut. Every pass recomputes the
+delta from the inputs chunk by chunk (`CHUNK` elements: the temporaries stay in cache), so the extra memory is the
+histograms (O(2**16) counts), never O(numel). The first histogram depends only on the (source, tensor) pair and can be
+kept by the caller (`top`) so that a new density costs one pass (plus the tie pass when needed).
+
+Backends: `histogram` runs vectorized PyTorch on any device; `histogram_triton` is the Triton kernel (atomic adds
+into a global histogram), used for CUDA tensors and tested under TRITON_INTERPRET=1. `topk_cut_reference` is the
+sort-based oracle (O(numel) extra memory).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .rng import MAX_INDEX
+
+CHUNK = 1 << 16  # elements per step of the PyTorch passes (~10 temporaries of 256 KB: they stay in L2)
+COLLECT_MAX = 1 << 18  # a cut's first-digit bucket up to this many elements is finished in one collecting pass
+DIGITS_CPU = (16, 16)
+DIGITS_GPU = (11, 11, 10)
+
+
+def abs_delta_bits(base: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of |x - base| (float32 arithmetic); any shape -> the same shape."""
+    d = x.float() - base.float() if base is not None else x.float()
+    return d.abs_().view(torch.int32)
+
+
+def bits_to_float(bits: int) -> float:
+    """The float32 value of a bit pattern, as a Python float (exact)."""
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
+
+
+# -- histograms ---------------------------------------------------------------------------------------------------
+def histogram(base: torch.Tensor | None, x: torch.Tensor, prefix: int, prefix_shift: int, shift: int,
+              nbins: int) -> torch.Tensor:
+    """int64 (nbins,) histogram of digit = (bits >> shift) & (nbins - 1) over the elements whose
+    bits >> prefix_shift == prefix (prefix_shift >= 32: every element); bits = abs_delta_bits(base, x)."""
+    fx = x.reshape(-1)
+    fb = base.reshape(-1) if base is not None else None
+    out = torch.zeros(nbins, dtype=torch.int64, device=x.device)
+    for s in range(0, fx.numel(), CHUNK):
+        e = min(fx.numel(), s + CHUNK)
+        bits = abs_delta_bits(None if fb is None else fb[s:e], fx[s:e])
+        if prefix_shift < 32:
+            bits = bits[(bits >> prefix_shift) == prefix]
+            if bits.numel() == 0:
+                continue
+        out += torch.bincount((bits >> shift) & (nbins - 1), minlength=nbins)
+    return out
+
+
+def collect_bucket(base: torch.Tensor | None, x: torch.Tensor, digit: int, shift: int) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+    """(bit patterns, flat indices) of the elements whose bits >> shift == digit, in index order (one pass; the
+    result has the bucket's size, which the caller bounds by COLLECT_MAX from the first histogram)."""
+    fx = x.reshape(-1)
+    fb = base.reshape(-1) if base is not None else None
+    vals, idx = [], []
+    for s in range(0, fx.numel(), CHUNK):
+        e = min(fx.numel(), s + CHUNK)
+        bits = abs_delta_bits(None if fb is None else fb[s:e], fx[s:e])
+        sel = (bits >> shift) == digit
+        pos = sel.nonzero().reshape(-1)
+        if pos.numel():
+            vals.append(bits[pos])
+            idx.append(pos + s)
+    if not vals:
+        return torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int64)
+    return torch.cat(vals), torch.cat(idx)
+
+
+def nth_equal_index(base: torch.Tensor | None, x: torch.Tensor, bits_value: int, m: int) -> int:
+    """Flat index of the m-th (1-based, in index order) element whose |delta| bit pattern is `bits_value`."""
+    fx = x.reshape(-1)
+    fb = base.reshape(-1) if base is not None else None
+    seen = 0
+    for s in range(0, fx.numel(), CHUNK):
+        e = min(fx.numel(), s + CHUNK)
+        eq = abs_delta_bits(None if fb is None else fb[s:e], fx[s:e]) == bits_value
+        n = int(eq.sum())
+        if seen + n >= m:
+            return s + int(eq.nonzero()[m - seen - 1, 0])
+        seen += n
+    raise ValueError(f"fewer than {m} elements equal the cut value")  # unreachable for a consistent histogram
+
+
+# -- the selection ------------------------------------------------------------------------------------------------
+def _digits_for(x: torch.Tensor) -> tuple[int, ...]:
+    return DIGITS_GPU if x.device.type == "cuda" else DIGITS_CPU
+
+
+def first_histogram(base: torch.Tensor | None, x: torch.Tensor, digits: tuple[int, ...] | None = None,
+                    hist=None) -> torch.Tensor:
+    """The first-digit histogram of |x - base| (what a caller may keep per (source, tensor)): 2**(digits[0] - 1)
+    int64 counts, the sign bit of |delta| being 0."""
+    digits = digits or _digits_for(x)
+    hist = hist or _hist_fn(x)
+    return hist(base, x, 0, 32, 32 - digits[0], 1 << digits[0])[: 1 << (digits[0] - 1)]
+
+
+def _hist_fn(x: torch.Tensor):
+    from . import dispatch
+
+    if dispatch.use_triton(x):
+        return histogram_triton
+    return histogram
+
+
+def topk_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, top: torch.Tensor | None = None,
+              digits: tuple[int, ...] | None = None, hist=None) -> list[tuple[float, int]]:
+    """Exact (threshold, cutoff) of each k in `ks` (see the module docstring); `top` = `first_histogram(base, x)`
+    if the caller has it. Raises ValueError if the digits do not cover 32 bits."""
+    digits = tuple(digits or _digits_for(x))
+    if sum(digits) != 32:
+        raise ValueError(f"digits {digits} must cover the 32 bits of a float32")
+    hist = hist or _hist_fn(x)
+    numel = x.numel()
+    out = []
+    for k in ks:
+        k = int(k)
+        if k <= 0:
+            out.append((math.inf, -1))
+            continue
+        if k >= numel:
+            out.append((-1.0, -1))
+            continue
+        prefix, done, r = 0, 0, k  # digits fixed so far (as an int, `done` bits), elements still to take
+        counts = None
+        if top is not None and x.device.type == "cpu":  # small bucket: finish in one collecting pass
+            t0 = top.long()
+            at_or_above = t0.flip(0).cumsum(0).flip(0)
+            digit = int((at_or_above >= r).nonzero()[-1, 0])
+            if int(t0[digit]) <= COLLECT_MAX:
+                r -= int(at_or_above[digit]) - int(t0[digit])
+                vals, idx = collect_bucket(base, x, digit, 32 - digits[0])
+                order = torch.sort(vals, descending=True, stable=True).indices  # ties: lower index first
+                vals, idx = vals[order], idx[order]
+                tb = int(vals[r - 1])
+                straddles = r < vals.numel() and int(vals[r]) == tb
+                out.append((bits_to_float(tb), int(idx[r - 1]) if straddles else MAX_INDEX))
+                continue
+        for level, nd in enumerate(digits):
+            shift = 32 - done - nd
+            if level == 0:
+                counts = top if top is not None else first_histogram(base, x, digits, hist)
+            else:
+                counts = hist(base, x, prefix, 32 - done, shift, 1 << nd)
+            at_or_above = counts.flip(0).cumsum(0).flip(0)  # [D] = elements with this digit >= D
+            digit = int((at_or_above >= r).nonzero()[-1, 0])
+            r -= int(at_or_above[digit]) - int(counts[digit])
+            prefix = (prefix << nd) | digit
+            done += nd
+        n_eq = int(counts[prefix & ((1 << digits[-1]) - 1)])
+        t = bits_to_float(prefix)
+        out.append((t, MAX_INDEX if r == n_eq else nth_equal_index(base, x, prefix, r)))
+    return out
+
+
+def topk_cut_reference(base: torch.Tensor | None, x: torch.Tensor, k: int) -> tuple[float, int]:
+    """Sort-based oracle of one cut: the stable descending order of |x - base|, cut after k elements."""
+    a = abs_delta_bits(base, x).view(torch.float32).reshape(-1)
+    n = a.numel()
+    if k <= 0:
+        return math.inf, -1
+    if k >= n:
+        return -1.0, -1
+    vals, idx = torch.sort(a, descending=True, stable=True)
+    t = float(vals[k - 1])
+    if bool(torch.isnan(vals[k - 1])):
+        t = bits_to_float(int(vals[k - 1:k].view(torch.int32)[0]))
+    if int(vals[k:k + 1].view(torch.int32)[0]) != int(vals[k - 1:k].view(torch.int32)[0]):
+        return t, MAX_INDEX
+    return t, int(idx[k - 1])
+
+
+# -- Triton -----------------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency, but keep the CPU path importable without it
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _histogram_kernel(B, X, N, HIST, prefix,
+                          HAS_BASE: tl.constexpr, HAS_PREFIX: tl.constexpr, PREFIX_SHIFT: tl.constexpr,
+                          SHIFT: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr):
+        # pointers: base (or a dummy), source, int32 histogram of NBINS; N: elements; prefix: int32 digits so far
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        m = offs < N
+        d = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_BASE:
+            d = d - tl.load(B + offs, mask=m, other=0.0).to(tl.float32)
+        bits = tl.abs(d).to(tl.int32, bitcast=True)
+        sel = m
+        if HAS_PREFIX:
+            sel = sel & ((bits >> PREFIX_SHIFT) == prefix)
+        digit = (bits >> SHIFT) & (NBINS - 1)
+        tl.atomic_add(HIST + digit, tl.full([BLOCK], 1, tl.int32), mask=sel)
+
+
+def histogram_triton(base: torch.Tensor | None, x: torch.Tensor, prefix: int, prefix_shift: int, shift: int,
+                     nbins: int, block: int = 1024) -> torch.Tensor:
+    """Triton twin of `histogram` (same arguments and result, int64 counts)."""
+    fx = x.reshape(-1).contiguous()
+    fb = base.reshape(-1).contiguous() if base is not None else fx
+    h = torch.zeros(nbins, dtype=torch.int32, device=x.device)
+    n = fx.numel()
+    _histogram_kernel[(triton.cdiv(n, block),)](fb, fx, n, h, prefix, HAS_BASE=base is not None,
+                                                HAS_PREFIX=prefix_shift < 32, PREFIX_SHIFT=min(prefix_shift, 31),
+                                                SHIFT=shift, NBINS=nbins, BLOCK=block)
+    return h.to(torch.int64)

@@ -1,0 +1,109 @@
+"""Exact top-k cuts without sorting (kernels/select.py) equal the stable sort's cut, on adversarial inputs."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from lazymerge.kernels import select
+
+
+def _inputs(kind: str, n: int = 20_011):
+    g = torch.Generator().manual_seed(hash(kind) % 1000)
+    b = torch.randn(n, generator=g)
+    if kind == "gaussian":
+        return b, b + 0.01 * torch.randn(n, generator=g)
+    if kind == "many_ties":  # |delta| takes 4 values: every cut straddles a tie
+        return b, b + torch.randint(-3, 4, (n,), generator=g).float() * 0.5
+    if kind == "bf16":  # bf16 storage: few distinct deltas, the engine's usual case
+        return b.bfloat16(), (b + 0.01 * torch.randn(n, generator=g)).bfloat16()
+    if kind == "zeros_denormals":  # exact zeros, denormals (incl. the smallest), one inf
+        x = torch.zeros(n)
+        x[::3] = 1e-40
+        x[::7] = -1e-45
+        x[::11] = 3e-39
+        x[5] = float("inf")
+        return None, x
+    if kind == "bucket_edges":  # values one ulp apart around 1.0: same first digit, different last
+        v = torch.tensor([1.0, 1.0000001, 0.99999994, 1.0000002], dtype=torch.float32)
+        return None, v[torch.randint(0, 4, (n,), generator=g)]
+    raise ValueError(kind)
+
+
+KINDS = ["gaussian", "many_ties", "bf16", "zeros_denormals", "bucket_edges"]
+
+
+def _ks(n: int, x: torch.Tensor, base) -> list[int]:
+    """Cut sizes at the ends, at fractions, and exactly at the boundaries of equal-value runs (bucket edges)."""
+    a = select.abs_delta_bits(base, x).reshape(-1)
+    vals = torch.sort(a, descending=True).values
+    runs = (vals[1:] != vals[:-1]).nonzero().reshape(-1)[:4].tolist()
+    edges = [r + d for r in runs for d in (0, 1, 2)]
+    return sorted({0, 1, 2, n // 7, n // 3, n // 2, n - 1, n, n + 3, *edges})
+
+
+@pytest.mark.parametrize("path", ["histograms", "kept_first_histogram_collect", "kept_first_histogram_refine"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuts_equal_the_sorted_reference(kind, path, monkeypatch):
+    """Every route: two histogram levels + tie pass; a kept first histogram with the cut's bucket collected in one
+    pass; a kept first histogram whose bucket is too large to collect (refined by histograms)."""
+    base, x = _inputs(kind)
+    n = x.numel()
+    ks = _ks(n, x, base)
+    top = None if path == "histograms" else select.first_histogram(base, x)
+    if path.endswith("refine"):
+        monkeypatch.setattr(select, "COLLECT_MAX", 0)
+    got = select.topk_cuts(base, x, ks, top=top)
+    for k, cut in zip(ks, got):
+        assert cut == select.topk_cut_reference(base, x, k), f"k={k}"
+
+
+@pytest.mark.parametrize("kind", ["many_ties", "bf16", "zeros_denormals"])
+def test_kept_set_has_exactly_k_elements(kind):
+    """Applying the cut with the merge's topk rule keeps exactly the first k of the stable descending order."""
+    from lazymerge.kernels.merge import MergeSpec, keep_mask
+
+    base, x = _inputs(kind)
+    d = x.float() - (base.float() if base is not None else 0.0)
+    order = torch.sort(d.abs(), descending=True, stable=True).indices
+    for k in (1, 17, d.numel() // 4, d.numel() - 5):
+        (t, c), = select.topk_cuts(base, x, [k])
+        spec = MergeSpec("delta", weights=(1.0,), keep="topk", t_in=(t,), c_in=(c,), t_out=(math.inf,), c_out=(-1,))
+        kept = keep_mask(spec, 0, d, torch.arange(d.numel()), None)
+        want = torch.zeros_like(kept)
+        want[order[:k]] = True
+        assert torch.equal(kept, want), f"k={k}: {int((kept != want).sum())} differ"
+
+
+def test_first_histogram_reuse_and_digit_plans_agree():
+    base, x = _inputs("many_ties")
+    ks = [3, 5000, 12345]
+    top = select.first_histogram(base, x)
+    assert top.numel() == 1 << 15  # the sign bit of |delta| is 0: half the first digit's range
+    assert select.topk_cuts(base, x, ks, top=top) == select.topk_cuts(base, x, ks)
+    assert select.topk_cuts(base, x, ks, digits=select.DIGITS_GPU) == select.topk_cuts(base, x, ks)
+    with pytest.raises(ValueError, match="32 bits"):
+        select.topk_cuts(base, x, ks, digits=(16, 8))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="Triton runs on CPU only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind", ["many_ties", "bf16", "zeros_denormals"])
+def test_triton_histogram_equals_torch(kind):
+    base, x = _inputs(kind, n=3_001)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    base = base.to(dev) if base is not None else None
+    x = x.to(dev)
+    for prefix, pshift, shift, nbins in ((0, 32, 21, 2048), (0, 32, 16, 1 << 16)):
+        assert torch.equal(select.histogram_triton(base, x, prefix, pshift, shift, nbins).cpu(),
+                           select.histogram(base, x, prefix, pshift, shift, nbins).cpu())
+    # a refinement level: only the elements sharing the first digit of the largest value
+    top = int(select.abs_delta_bits(base, x).max()) >> 21
+    assert torch.equal(select.histogram_triton(base, x, top, 21, 10, 2048).cpu(),
+                       select.histogram(base, x, top, 21, 10, 2048).cpu())
+    ks = [1, 100, 1500, 2999]
+    assert (select.topk_cuts(base, x, ks, digits=select.DIGITS_GPU, hist=select.histogram_triton)
+            == [select.topk_cut_reference(base, x, k) for k in ks])
