@@ -230,7 +230,8 @@ class LazyModel:
         return self.tokenizer.encode(text, add_special_tokens=True)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  chat_template=self.plan.chat_template)  # None: the tokenizer's
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _params(self, n, params, kw) -> list[SamplingParams]:

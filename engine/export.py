@@ -3,10 +3,11 @@
 `export(plan, out_dir)` writes config.json, sharded `model-XXXXX-of-YYYYY.safetensors` with an index (or one
 `model.safetensors` when it fits one shard), and the tokenizer: the files of the recipe's tokenizer source, or the
 merged tokenizer (engine/vocab.py) saved by transformers, with `vocab_size` in config.json set to the output
-vocabulary's rows; `generation_config.json` comes from the same source as the tokenizer, so that its token ids
-(`eos_token_id`...) refer to the tokenizer written beside it. At most one
-shard's worth of merged tensors is held in memory at a time, never the whole model. Layer paths whose hops scale the
-hidden state cannot be expressed as a plain checkpoint and are refused (scales of 1 export as layer stacking).
+vocabulary's rows; when the recipe gives a `chat_template`, the tokenizer written is re-saved with it.
+`generation_config.json` comes from the same source as the tokenizer, so that its token ids (`eos_token_id`...)
+refer to the tokenizer written beside it. At most one shard's worth of merged tensors is held in memory at a time,
+never the whole model. Layer paths whose hops scale the hidden state cannot be expressed as a plain checkpoint and
+are refused (scales of 1 export as layer stacking).
 """
 
 from __future__ import annotations
@@ -66,12 +67,20 @@ def export(plan: ModelPlan, out_dir: str | Path, merger: Merger | None = None, s
     cfg = dict(plan.config)  # the planner sets tie_word_embeddings: tied iff no output head tensor is written
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tok_dir = plan.sources[plan.tokenizer_source].path
-    if plan.vocab is not None and plan.vocab.tokenizer is not None:
-        plan.vocab.tokenizer.save_pretrained(str(out))
-    else:
+    tok = plan.vocab.tokenizer if plan.vocab is not None else None  # the merged tokenizer, when one was built
+    if tok is None and plan.chat_template is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    if tok is None:
         for f in TOKENIZER_FILES:
             if (tok_dir / f).exists():
                 shutil.copy(tok_dir / f, out / f)
+    else:
+        if plan.chat_template is not None:
+            # the recipe's chat_template set on the tokenizer written, as mergekit does (merge.py _copy_tokenizer)
+            tok.chat_template = plan.chat_template
+        tok.save_pretrained(str(out))
     if (tok_dir / "generation_config.json").exists():
         shutil.copy(tok_dir / "generation_config.json", out / "generation_config.json")
     (out / "lazymerge_recipe.yaml").write_text(plan.recipe.to_yaml())

@@ -81,11 +81,11 @@ def path_plan(recipe: Recipe, S: SourceSet) -> ModelPlan:
     cfg["num_hidden_layers"] = out
     cfg["tie_word_embeddings"] = head_lay.tied
     if head_kind == "def":
-        dtype = recipe.dtype or defs[head].dtype
+        dtype = recipe.out_dtype or recipe.dtype or defs[head].dtype
         tok = defs[head].tokenizer_source if recipe.tokenizer_source in (None, "base") else \
             _tokenizer_source(recipe, S, defs[head].tokenizer_source)
     else:
-        dtype = recipe.dtype or _dtype_of(head_cfg)
+        dtype = recipe.out_dtype or recipe.dtype or _dtype_of(head_cfg)
         tok = _tokenizer_source(recipe, S, head)
     vocab = defs[head].vocab if head_kind == "def" and recipe.tokenizer_source in (None, "base") else None
     plan = ModelPlan(recipe, _fix_config(cfg, dtype, origin), tensors, scales, tok, dtype, S, vocab=vocab)

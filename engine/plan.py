@@ -8,8 +8,11 @@ Conventions (documented in README):
 * `models:` form: output layer l is the merge of layer l of every model, gradients at t = l / (L - 1).
 * `slices:` form: output layers are the slices in order; a slice's i-th layer merges layer start_s + i of each of
   its sources, gradients at t = i / (n - 1) (t = 1 for a one-layer slice, as mergekit). Embeddings come from the
-  first slice's sources, final norm and LM head from the last slice's; all non-layer tensors use t = 0 (a
+  first slice's sources, final norm and LM head from the last slice's (its first k sources, k = the first slice's
+  source count, as mergekit's planner pairs them); an empty slice (`layer_range: [n, n]`) adds no layer but can
+  supply those. A slice's own `base_model` replaces the recipe's for it. All non-layer tensors use t = 0 (a
   gradient's first value).
+* Model references: a source name, a checkpoint folder, or `BASE+ADAPTER` (a LoRA input, engine/lora.py).
 * `path`: see engine/path.py (one output layer per hop; scales on the hidden state entering a hop).
 * Tensor names are the checkpoints' own; which tensors form decoder layer i, which come before / after the layers,
   and which are the embedding and output head come from transformers (engine/arch.py, `Source.layout`). The planned
@@ -29,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .arch import Architecture, analyze
+from .chat_template import resolve_chat_template
 from .checkpoint import CheckpointError, Source, check_compatible
+from .lora import open_source, source_identity, split_reference
 from .methods import SPARSIFY_PARAMS, TENSOR_PARAMS, Family, Sparsify, global_params
 from .params import resolve
 from .recipe import Recipe, RecipeError, load_recipe
@@ -87,10 +92,11 @@ class ModelPlan:
     tensors: dict[str, TensorPlan]  # output tensor name -> plan, in checkpoint order
     layer_scales: list[float]  # per output layer: factor on the hidden state entering it
     tokenizer_source: str  # source name
-    dtype: str
+    dtype: str  # the output's dtype (export, config): the recipe's out_dtype, else dtype, else the reference's
     sources: "SourceSet"
     _layout: Architecture | None = field(default=None, repr=False, compare=False)
     vocab: OutputVocab | None = None  # the merged vocabulary, when the recipe merges one
+    chat_template: str | None = None  # the recipe's chat_template resolved to Jinja text (None: the tokenizer's own)
 
     @property
     def num_layers(self) -> int:
@@ -126,7 +132,7 @@ class SourceSet:
         srcs = {}
         for name, p in paths.items():
             try:
-                srcs[name] = Source.open(p)
+                srcs[name] = open_source(p)  # a folder, or BASE+ADAPTER (engine/lora.py)
             except CheckpointError as e:
                 raise CheckpointError(f"source {name!r}: {e}") from None
             srcs[name].name = name
@@ -140,34 +146,48 @@ class SourceSet:
         return name in self.sources
 
     def resolve(self, ref: str, where: str) -> str:
-        """The source name a recipe's model reference denotes (opening it if allowed)."""
+        """The source name a recipe's model reference denotes (opening it if allowed). A reference is a name, a
+        checkpoint folder, or mergekit's `BASE+LORA` (a PEFT adapter applied lazily, engine/lora.py)."""
         if ref in self.sources:
             return ref
-        cands = [Path(ref)]
-        if self.base_dir is not None and not Path(ref).is_absolute():
-            cands.insert(0, self.base_dir / ref)
-        for c in cands:
-            try:
-                rp = c.expanduser().resolve()
-            except OSError:
-                continue
-            for name, src in self.sources.items():
-                if src.path == rp:
-                    return name
+        try:
+            parts = [p for p in split_reference(ref) if p is not None]
+        except ValueError as e:
+            raise RecipeError(f"{where}: {e}") from None
+        cands = [self._candidates(p) for p in parts]
+        for name, src in self.sources.items():
+            ident = source_identity(src)
+            if len(ident) == len(parts) and all(want in c for want, c in zip(ident, cands)):
+                return name
         if not self.allow_open:
             known = ", ".join(sorted(self.sources)) or "(none)"
             raise RecipeError(f"{where}: unknown source {ref!r}; registered sources: {known}")
+        found = [next((c for c in cs if c.exists()), None) for cs in cands]
+        if all(found):
+            try:
+                src = open_source("+".join(str(f) for f in found))
+            except CheckpointError as e:
+                raise RecipeError(f"{where}: {e}") from None
+            check_compatible({**self.sources, ref: src})
+            src.name = ref
+            self.sources[ref] = src
+            return ref
+        missing = parts[found.index(None)]
+        raise RecipeError(f"{where}: unknown source {ref!r} (not a registered name, and no such folder"
+                          + (f": {missing!r})" if len(parts) > 1 else ")"))
+
+    def _candidates(self, ref: str) -> list[Path]:
+        """Resolved folders a path-like reference may mean: relative to the recipe's folder first, then as given."""
+        cands = [Path(ref)]
+        if self.base_dir is not None and not Path(ref).is_absolute():
+            cands.insert(0, self.base_dir / ref)
+        out = []
         for c in cands:
-            if c.exists():
-                try:
-                    src = Source.open(c)
-                except CheckpointError as e:
-                    raise RecipeError(f"{where}: {e}") from None
-                check_compatible({**self.sources, ref: src})
-                src.name = ref
-                self.sources[ref] = src
-                return ref
-        raise RecipeError(f"{where}: unknown source {ref!r} (not a registered name, and no such folder)")
+            try:
+                out.append(c.expanduser().resolve())
+            except OSError:
+                continue
+        return out
 
 
 def _digest(obj) -> str:
@@ -375,20 +395,36 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
     lay = ref.layout
     vocab_keys = set(lay.vocab_keys)
 
+    def planner(gname: str) -> _Planner:
+        """A slice with its own `base_model` (mergekit's OutputSliceDefinition.base_model) plans against it."""
+        sb = r.slices[int(gname.removeprefix(f"{prefix}slices[")[:-1])].base_model if r.slices else None
+        if sb is None:
+            return P
+        S.resolve(sb, f"{gname}.base_model")
+        return _Planner(r.model_copy(update={"base_model": sb}), S)
+
+    def group_base(gname: str) -> str | None:
+        """The source name of a group's base: its slice's own `base_model`, else the recipe's."""
+        sb = r.slices[int(gname.removeprefix(f"{prefix}slices[")[:-1])].base_model if r.slices else None
+        return S.resolve(sb, f"{gname}.base_model") if sb is not None else base
+
     def plan_nonlayer(names, gname, entries, sparams):
+        GP = planner(gname)
         models = [(src, params) for src, params, _ in entries]
         for name in names:
             shape = next(S[src].shape(name) for src in [ref_src] + [m for m, _ in models] if name in S[src].tensors)
             is_vocab = name in vocab_keys or name == head
             if is_vocab:
                 shape = ((vocab if ov is None else ov.n_rows),) + tuple(shape[1:])
-            p = plan_group(P, name, name, models, sparams, 0.0, vocab, gname, shape)
-            tensors[name] = _in_vocab(P, p, ov, base, gname) if is_vocab and ov is not None else p
+            p = plan_group(GP, name, name, models, sparams, 0.0, vocab, gname, shape)
+            # the vocabulary maps use the recipe base_model, as mergekit's tokenizer merge does
+            tensors[name] = _in_vocab(GP, p, ov, base, gname) if is_vocab and ov is not None else p
 
     g0 = groups[0]
     plan_nonlayer(lay.pre_keys, *g0)
     out_layer = 0
     for gname, entries, sparams in groups:
+        GP = planner(gname)
         if entries[0][2] is None:
             n_layers, starts = ref.num_layers, [0] * len(entries)
         else:
@@ -404,16 +440,21 @@ def _merge_plan(recipe: Recipe, S: SourceSet, prefix: str = "") -> ModelPlan:
                 for (src, params, _), st in zip(entries, starts):
                     per_model.append((src, params, S[src].layout.rename_layer(name, st + i)))
                 shape = S[first_src].shape(name)
-                tensors[out_name] = _plan_layer_tensor(P, out_name, per_model, sparams, t, gname, shape)
+                tensors[out_name] = _plan_layer_tensor(GP, out_name, per_model, sparams, t, gname, shape)
             out_layer += 1
-    last = groups[-1]
-    head = _head_key(S, [src for src, _, _ in last[1]] + ([base] if base is not None else []))
+    # final norm and LM head: the last slice's sources, only as many as the first slice has (mergekit 0.1.5's
+    # MergePlanner.plan_module zips them with the first slice's weight list); an empty last slice ([n, n]) thus
+    # picks the model(s) they come from
+    gname, entries, sparams = groups[-1]
+    entries = entries[: len(groups[0][1])]
+    last_base = group_base(gname)
+    head = _head_key(S, [src for src, _, _ in entries] + ([last_base] if last_base is not None else []))
     post = [k for k in lay.post_keys if k != lay.head_key] + ([head] if head is not None else [])
-    plan_nonlayer(post, *last)
+    plan_nonlayer(post, gname, entries, sparams)
     cfg = dict(ref.config)
     cfg["num_hidden_layers"] = out_layer
     cfg["tie_word_embeddings"] = head is None
-    dtype = r.dtype or _dtype_of(ref.config)
+    dtype = r.out_dtype or r.dtype or _dtype_of(ref.config)
     if ov is not None:
         cfg["vocab_size"] = ov.n_rows
         tok = ov.source
@@ -499,9 +540,17 @@ def compile_plan(recipe: str | dict | Path | Recipe, sources: SourceSet) -> Mode
         if r.method.family is Family.path:
             from .path import path_plan  # noqa: PLC0415  (path.py builds on this module)
 
-            return path_plan(r, sources)
-        return _merge_plan(r, sources)
+            plan = path_plan(r, sources)
+        else:
+            plan = _merge_plan(r, sources)
     except CheckpointError as e:
         raise RecipeError(str(e)) from None
+    if r.chat_template is not None:
+        # `auto`: one vote per source the merge reads, the base's first (engine/chat_template.py)
+        used = ([sources.resolve(r.base_model, "base_model")] if r.base_model else []) + [
+            ref.source for p in plan.tensors.values() for ref in p.refs()]
+        dirs = [sources[n].path for n in dict.fromkeys(used)]
+        plan.chat_template = resolve_chat_template(r.chat_template, dirs)
+    return plan
 
 

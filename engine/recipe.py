@@ -41,6 +41,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import limits
+from .chat_template import check_chat_template
 from .methods import (
     BOOL_PARAMS,
     INT_PARAMS,
@@ -56,6 +57,11 @@ from .methods import (
 from .params import all_numbers, check_value
 
 DTYPES = ("float32", "float16", "bfloat16")
+# fields of mergekit 0.1.5's MergeConfiguration that lazymerge refuses, and why (README lists them)
+UNSUPPORTED_FIELDS = {
+    "modules": "mergekit's per-module merges (`modules:`, for multi-module models) are not supported; "
+               "use `models:` or `slices:`",
+}
 
 
 class RecipeError(ValueError):
@@ -86,14 +92,17 @@ class SliceSource(_Frozen):
     @field_validator("layer_range")
     @classmethod
     def _range(cls, v):
-        if v[0] < 0 or v[1] <= v[0]:
-            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        # [n, n] is an empty slice: mergekit uses a final one to take the final norm and LM head from its model
+        if v[0] < 0 or v[1] < v[0]:
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start <= end")
         return v
 
 
 class Slice(_Frozen):
     sources: list[SliceSource] = Field(max_length=limits.MAX_MODELS)
     parameters: dict[str, Any] = Field(default_factory=dict)
+    base_model: Optional[ModelRef] = None  # mergekit: this slice's base, instead of the recipe's
+    residual_weight: Optional[float] = None  # accepted as mergekit 0.1.5 does: it has no effect there
 
     @model_validator(mode="after")
     def _lengths(self):
@@ -184,11 +193,24 @@ class Recipe(_Frozen):
     slices: Optional[list[Slice]] = Field(None, max_length=limits.MAX_SLICES)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Optional[str] = Field(None, max_length=64)
+    out_dtype: Optional[str] = Field(None, max_length=64)  # mergekit: the written dtype (merged as `dtype` says)
     tokenizer_source: Optional[ModelRef] = None
     tokenizer: Optional[TokenizerSection] = None
+    chat_template: Optional[str] = Field(None, max_length=limits.MAX_RECIPE_CHARS)  # mergekit: auto | a built-in name
+    # | Jinja text (engine/chat_template.py)
+    name: Optional[str] = Field(None, max_length=limits.MAX_NAME_CHARS)  # mergekit-multi's document name: no effect
     random_seed: int = Field(0, ge=0, lt=2**64)
     definitions: Optional[dict[ModelRef, "Recipe"]] = Field(None, max_length=limits.MAX_DEFINITIONS)
     path: Optional[list[Hop]] = Field(None, max_length=limits.MAX_OUTPUT_LAYERS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data):
+        if isinstance(data, dict):
+            for key, why in UNSUPPORTED_FIELDS.items():
+                if key in data:
+                    raise ValueError(f"{key}: {why}")
+        return data
 
     @model_validator(mode="after")
     def _validate(self):
@@ -224,8 +246,15 @@ def _validate_recipe(r: Recipe) -> None:
     if r.merge_method not in METHODS:
         raise ValueError(f"merge_method: unknown method {r.merge_method!r}; known: {', '.join(sorted(METHODS))}")
     m = r.method
-    if r.dtype is not None and r.dtype not in DTYPES:
-        raise ValueError(f"dtype: {r.dtype!r} is not one of {', '.join(DTYPES)}")
+    for key in ("dtype", "out_dtype"):
+        value = getattr(r, key)
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"{key}: {value!r} is not one of {', '.join(DTYPES)}")
+    if r.chat_template is not None:
+        try:
+            check_chat_template(r.chat_template)
+        except ValueError as e:
+            raise ValueError(f"chat_template: {e}") from None
     if r.tokenizer_source is not None and r.tokenizer is not None:
         raise ValueError("tokenizer/tokenizer_source: give one of them, not both (as mergekit)")
     if m.family is Family.path:
@@ -248,7 +277,7 @@ def _validate_recipe(r: Recipe) -> None:
         raise ValueError("models/slices: give exactly one of `models` or `slices`")
     if r.models is not None and not r.models:
         raise ValueError("models: empty list")
-    if m.needs_base and r.base_model is None:
+    if m.needs_base and r.base_model is None and not (r.slices and all(s.base_model for s in r.slices)):
         raise ValueError(f"base_model: merge_method {m.name!r} needs a base_model")
 
     # global parameters
@@ -273,13 +302,14 @@ def _validate_recipe(r: Recipe) -> None:
         names = [e[1] for e in entries]
         if len(set(names)) != len(names):
             raise ValueError(f"{gname}: a model is listed twice")
+        gbase = _group_base(r, gname)
         with_base = m.needs_base or m.family is Family.karcher  # mergekit adds an unlisted base to the inputs
-        n_models = len(set(names) | ({r.base_model} if with_base and r.base_model else set()))
+        n_models = len(set(names) | ({gbase} if with_base and gbase else set()))
         if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
             want = m.min_models if m.max_models == m.min_models else f"{m.min_models}..{m.max_models or 'n'}"
             raise ValueError(f"{gname}: merge_method {m.name!r} takes {want} models (base included), got {n_models}")
         if m.non_base is not None:
-            k = len([x for x in names if x != r.base_model])
+            k = len([x for x in names if x != gbase])
             lo, hi = m.non_base
             if k < lo or (hi is not None and k > hi):
                 want = lo if hi == lo else f"{lo}..{hi or 'n'}"
@@ -288,10 +318,18 @@ def _validate_recipe(r: Recipe) -> None:
             _check_params(params, f"{where}.parameters", m, tensor_known)
         if "weight" in TENSOR_PARAMS[m.family] and TENSOR_PARAMS[m.family]["weight"] is None:
             for where, name, params in entries:
-                if name == r.base_model and m.family is not Family.linear:
+                if name == gbase and m.family is not Family.linear:
                     continue
                 if "weight" not in params and "weight" not in r.parameters and not _slice_has(r, gname, "weight"):
                     raise ValueError(f"{where}.parameters.weight: required by {m.name!r}")
+
+
+def _group_base(r: Recipe, gname: str) -> str | None:
+    """The base model of a model group: a slice's own `base_model` (mergekit's OutputSliceDefinition), else the
+    recipe's."""
+    if gname.startswith("slices["):
+        return r.slices[int(gname[7:-1])].base_model or r.base_model
+    return r.base_model
 
 
 def _slice_has(r: Recipe, gname: str, key: str) -> bool:
@@ -357,6 +395,11 @@ def load_recipe(src: str | dict | Path | Recipe) -> Recipe:
         if isinstance(src, str):
             try:
                 data = limits.safe_yaml_load(src)  # bounded before any alias is expanded
+            except yaml.composer.ComposerError as e:
+                if "single document" in str(e):
+                    raise RecipeError("a recipe is one YAML document, this text has several (mergekit-multi's "
+                                      "multi-document form is not supported)") from None
+                raise RecipeError(limits.clip(f"recipe is not valid YAML: {e}", 1000)) from None
             except yaml.YAMLError as e:
                 raise RecipeError(limits.clip(f"recipe is not valid YAML: {e}", 1000)) from None
         else:

@@ -1,8 +1,9 @@
 """The model references of a recipe: every place a recipe names a source, and rewriting those names.
 
-A recipe names its sources in `base_model`, `models[].model`, `slices[].sources[].model`, `tokenizer_source` (unless
-it is `base` or `union`), `tokenizer.source` and `tokenizer.tokens.*.source`, a path recipe's hops (`path[].model`,
-unless the name is one of its `definitions`) and, recursively, in the definitions themselves. A reference may be a
+A recipe names its sources in `base_model`, `models[].model`, `slices[].sources[].model`, `slices[].base_model`,
+`tokenizer_source` (unless it is `base` or `union`), `tokenizer.source` and `tokenizer.tokens.*.source`, a path
+recipe's hops (`path[].model`, unless the name is one of its `definitions`) and, recursively, in the definitions
+themselves. A reference may be a
 LoRA pair `base+adapter` (mergekit's syntax): each side is rewritten on its own.
 
 `rename_models(recipe, mapping)` is how the project writes recipes that run anywhere: a search evaluates recipes
@@ -37,6 +38,8 @@ def _walk(r: dict, fn: Callable[[str], str]) -> None:
         if isinstance(e, dict) and "model" in e:
             e["model"] = g(e["model"])
     for s in r.get("slices") or []:
+        if isinstance(s, dict) and isinstance(s.get("base_model"), str):  # a slice's own base (mergekit)
+            s["base_model"] = g(s["base_model"])
         for e in (s.get("sources") or []) if isinstance(s, dict) else []:
             if isinstance(e, dict) and "model" in e:
                 e["model"] = g(e["model"])

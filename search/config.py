@@ -259,7 +259,8 @@ class SearchConfig(_Frozen):
         return q if q.is_absolute() or self.base_dir is None else Path(self.base_dir) / q
 
     def source_paths(self) -> dict[str, str]:
-        return {k: str(self.path(v)) for k, v in self.sources.items()}
+        # a LoRA source BASE+ADAPTER (mergekit's syntax): each folder relative to this file
+        return {k: "+".join(str(self.path(p)) for p in v.split("+")) for k, v in self.sources.items()}
 
     def digest(self) -> str:
         """Identity of what the search computes (runtime settings excluded): a resumed run must match it."""
