@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import threads as _threads
+from .checkpoint import SourceUnavailable
 from .generate import Completion, SamplingParams, UsageError
 from .generate import generate as _generate
 from .generate import stream as _stream
@@ -27,6 +28,7 @@ from .lazy import build_lazy_module
 from .merger import Merger
 from .plan import ModelPlan, SourceSet, compile_plan
 from .recipe import Recipe
+from .safety import check_logits
 from .score import TokenScores, score_tokens
 from .score import loglikelihood as _loglikelihood
 from .vocab import OutputVocab
@@ -85,6 +87,24 @@ class Engine:
             self._tokenizers[key] = tok
         return tok
 
+    def check_sources(self, names) -> None:
+        """Raise SourceUnavailable if a weights file of a source in `names` changed since it was opened; the first
+        time, every cached merged weight and statistic is dropped (engine/reader.py: nothing computed from old content
+        outlives it)."""
+        try:
+            for n in names:
+                self.sources[n].check()
+        except SourceUnavailable:
+            self.invalidate()
+            raise
+
+    def invalidate(self) -> None:
+        """Drop every merged weight, merge statistic and resident source copy (all recipes)."""
+        self.provider.cache.clear()
+        self.provider.forget_checks()
+        self.merger.stats.clear()
+        self.merger.specs.clear()
+        self.merger.store.clear()
     def generation_eos(self, source_name: str) -> set[int]:
         """`eos_token_id` (an id or a list) of source `source_name`'s generation_config.json (empty without one):
         e.g. Llama-3-Instruct's end-of-turn token is only there."""
@@ -156,6 +176,7 @@ class LazyModel:
         self.eos_ids = {i for i in ids if 0 <= i < self.vocab_rows}
         params = inspect.signature(self.module.base_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.source_names = sorted({r.source for p in plan.tensors.values() for r in p.refs()})
 
     @property
     def digest(self) -> str:
@@ -168,9 +189,16 @@ class LazyModel:
         if last_only:
             kw["logits_to_keep"] = 1
         with self.engine.lock:
-            out = self.module(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
+            self.engine.check_sources(self.source_names)  # before any cached weight is used (engine/reader.py)
+            try:
+                out = self.module(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
+            except SourceUnavailable:
+                self.engine.invalidate()
+                raise
         logits = out.logits
-        return logits[:, -1] if last_only else logits
+        logits = logits[:, -1] if last_only else logits
+        check_logits(self, logits, None if last_only else mask)  # NaN/Inf: NonFiniteError naming the cause
+        return logits
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids (+ mask, 1 = real token; right or left padding) -> (B, T, V) logits."""

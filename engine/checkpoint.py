@@ -1,19 +1,21 @@
-"""Hugging Face checkpoint folders opened memory-mapped: a tensor is read when asked for, never before.
+"""Hugging Face checkpoint folders: a tensor is read when asked for, never before.
+
 `Source.open(path)` reads `config.json` and the safetensors headers (`model.safetensors` if present, else the shards
-of `model.safetensors.index.json`: the precedence of transformers' `from_pretrained`) and nothing else; it asks
-transformers (engine/arch.py) how the architecture turns those tensors into model parameters, so a tensor no parameter
-takes, or a parameter no tensor feeds, is a `CheckpointError` at open time. `Source.get(name)` returns a zero-copy
-tensor view into the memory-mapped file (copy-on-write mapping: the file is never modified). Pickle checkpoints
-(`*.bin`, `*.pt`) are refused. `check_compatible` compares sources with each other (architecture, layer count, tensor
-names and shapes; the vocabulary dimension of embeddings and LM head may differ and is cropped by the planner; a tied
-and an untied output head may be mixed).
+of `model.safetensors.index.json`: the precedence of transformers' `from_pretrained`) and nothing else, and keeps each
+weights file open. It checks the config's core fields and the header shapes against the config (engine/validate.py),
+then asks transformers (engine/arch.py) how the architecture turns those tensors into model parameters, so a tensor no
+parameter takes, or a parameter no tensor feeds, is a `CheckpointError` at open time. `Source.get(name)` reads the
+tensor from its file (`engine/reader.py`: `pread` into a fresh buffer, after checking that the file still is the one
+the source was opened with; `SourceUnavailable` otherwise). Pickle checkpoints (`*.bin`, `*.pt`) are refused.
+`check_compatible` compares sources with each other (architecture, layer count, tensor names and shapes; the
+vocabulary dimension of embeddings and LM head may differ and is cropped by the planner; a tied and an untied output
+head may be mixed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -21,12 +23,24 @@ from pathlib import Path
 
 import torch
 
+from . import validate
 from .arch import Architecture, analyze
 from .errors import CheckpointError
+from .reader import FileReader, ReaderSet, SourceChanged
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+
+
+class SourceUnavailable(CheckpointError):
+    """A source whose weights files changed on disk after it was opened (see engine/reader.py); `source` is its
+    name (or its folder, for a source opened without one). The message names the source, not a path."""
+
+    def __init__(self, source: str, detail: str):
+        super().__init__(f"source {source} changed on disk since it was opened ({detail}); it is not served until "
+                         "it is opened again (restart)")
+        self.source = source
 
 
 @dataclass
@@ -38,29 +52,18 @@ class TensorInfo:
     end: int
 
 
-@dataclass
-class _Mapped:
-    path: Path
-    mm: mmap.mmap | None = None
-
-    def buffer(self) -> mmap.mmap:
-        if self.mm is None:
-            with open(self.path, "rb") as f:
-                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self.mm
-
-
-def _read_header(path: Path) -> dict[str, TensorInfo]:
+def _read_header(path: Path, f: FileReader) -> dict[str, TensorInfo]:
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{path}: corrupt safetensors header (length {n})")
-            header = json.loads(f.read(n))
+        size = f.ident[0]
+        raw = f.pread(8, 0)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt safetensors header (length {n})")
+        header = json.loads(f.pread(n, 8))
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -93,7 +96,8 @@ class Source:
     config: dict
     tensors: dict[str, TensorInfo]
     fingerprint: str
-    _maps: dict[Path, _Mapped] = field(default_factory=dict, repr=False)
+    name: str = ""  # the name a SourceSet registered it under ("" until then)
+    _readers: ReaderSet = field(default_factory=ReaderSet, repr=False)
     _layout: Architecture | None = field(default=None, repr=False)
 
     @classmethod
@@ -108,8 +112,11 @@ class Source:
             raise CheckpointError(f"{path}: no config.json") from None
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: config.json is not valid JSON ({e.msg})") from None
-        if not isinstance(config, dict) or "model_type" not in config:
-            raise CheckpointError(f"{path}: config.json has no model_type")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{path}: config.json is not UTF-8 text") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read config.json ({e.strerror})") from None
+        validate.check_config(path, config)  # an object, with a model_type and well-typed core fields
         index = path / "model.safetensors.index.json"
         single = path / "model.safetensors"
         if single.exists():  # transformers' precedence: the single file wins over an index
@@ -117,8 +124,10 @@ class Source:
         elif index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, OSError):
                 raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: not a valid safetensors index (weight_map is not names to files)")
             files = sorted(set(weight_map.values()))
         else:
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -128,13 +137,25 @@ class Source:
             raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
         tensors: dict[str, TensorInfo] = {}
         h = hashlib.sha256()
+        readers = ReaderSet()
         for fname in files:
             fpath = path / fname
             if not fpath.exists():
+                readers.close()
                 raise CheckpointError(f"{path}: shard {fname} named in the index is missing")
-            header = _read_header(fpath)
-            st = fpath.stat()
-            h.update(f"{fname}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode())
+            try:
+                reader = FileReader.open(fpath, fname)  # held open: the header and every tensor come from this file
+            except OSError as e:
+                readers.close()
+                raise CheckpointError(f"{fpath}: cannot read ({e.strerror})") from None
+            readers.add(reader)
+            try:
+                header = _read_header(fpath, reader)
+            except CheckpointError:
+                readers.close()
+                raise
+            size, mtime_ns, _, ino, _ = reader.ident
+            h.update(f"{fname}:{size}:{mtime_ns}:{ino}".encode())
             for name, info in header.items():
                 if weight_map is not None and weight_map.get(name) != fname:
                     continue
@@ -142,10 +163,16 @@ class Source:
         if weight_map is not None:
             missing = [n for n in weight_map if n not in tensors]
             if missing:
+                readers.close()
                 raise CheckpointError(f"{path}: tensor {missing[0]!r} is in the index but not in its shard")
         h.update(json.dumps(config, sort_keys=True).encode())
-        src = cls(path, config, tensors, h.hexdigest()[:16])
-        src._check_layout()
+        src = cls(path, config, tensors, h.hexdigest()[:16], _readers=readers)
+        try:
+            validate.check_shapes(path, config, {n: i.shape for n, i in tensors.items()})  # headers vs config
+            src._check_layout()  # every tensor feeds a parameter and every parameter has one (engine/arch.py)
+        except CheckpointError:
+            readers.close()
+            raise
         return src
 
     # -- facts ------------------------------------------------------------------------------------------------
@@ -190,34 +217,34 @@ class Source:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape
 
+    @property
+    def label(self) -> str:
+        """How messages name this source: its registered name, else its folder."""
+        return repr(self.name) if self.name else str(self.path)
+
+    def check(self) -> None:
+        """Raise SourceUnavailable if any weights file changed since open (engine/reader.py)."""
+        try:
+            self._readers.check()
+        except SourceChanged as e:
+            raise SourceUnavailable(self.label, str(e)) from None
+
     def get(self, name: str) -> torch.Tensor:
-        """A zero-copy view of tensor `name` in the memory-mapped file (do not write to it)."""
+        """Tensor `name`, read from its file now (a fresh tensor; raises SourceUnavailable if the file changed)."""
         try:
             info = self.tensors[name]
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor {name!r}") from None
-        m = self._maps.get(info.file)
-        if m is None:
-            m = self._maps[info.file] = _Mapped(info.file)
-        numel = 1
-        for d in info.shape:
-            numel *= d
-        if numel == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        t = torch.frombuffer(m.buffer(), dtype=info.dtype, count=numel, offset=info.start)
-        return t.view(info.shape)
+        try:
+            return self._readers.files[info.file].read(info.start, info.end, info.dtype, info.shape)
+        except SourceChanged as e:
+            raise SourceUnavailable(self.label, str(e)) from None
 
     def nbytes(self) -> int:
         return sum(i.end - i.start for i in self.tensors.values())
 
     def close(self) -> None:
-        for m in self._maps.values():
-            if m.mm is not None:
-                try:
-                    m.mm.close()
-                except BufferError:
-                    pass  # tensor views still alive; the mapping goes with them
-                m.mm = None
+        self._readers.close()
 
 
 def check_compatible(sources: dict[str, Source]) -> None:

@@ -118,6 +118,9 @@ class TensorStore:
             return gather(ref.vocab, t, self.raw)
         return t[: ref.rows] if ref.rows is not None else t
 
+    def clear(self) -> None:
+        with self._lock:
+            self._resident.clear()
     def rows(self, ref: TensorRef, rows: torch.Tensor) -> torch.Tensor:
         """Rows `rows` (1-D int64) of `get(ref)`, reading only those rows."""
         if ref.vocab is not None:

@@ -65,10 +65,11 @@ def path_plan(recipe: Recipe, S: SourceSet) -> ModelPlan:
         where = f"path[{hi}]"
         kind, m = model_of(hop.model, f"{where}.model")
         lay = layout(kind, m)
-        for layer in hop.layers():
-            if layer >= n_layers(kind, m):
-                raise RecipeError(f"{where}: layer {layer} is out of bounds: {hop.model!r} has "
-                                  f"{n_layers(kind, m)} layers")
+        layers = hop.layers()
+        if layers.stop > n_layers(kind, m):  # checked on the range's bounds, before any hop is expanded
+            raise RecipeError(f"{where}: layer {layers.stop - 1} is out of bounds: {hop.model!r} has "
+                              f"{n_layers(kind, m)} layers")
+        for layer in layers:
             for name in lay.layer_keys[layer]:
                 take(lay.rename_layer(name, out), kind, m, name, where)
             scales.append(float(hop.scale))

@@ -135,6 +135,7 @@ class SourceSet:
                 srcs[name] = open_source(p)  # a folder, or BASE+ADAPTER (engine/lora.py)
             except CheckpointError as e:
                 raise CheckpointError(f"source {name!r}: {e}") from None
+            srcs[name].name = name
         check_compatible(srcs)
         return cls(srcs, allow_open=allow_open)
 
@@ -168,6 +169,7 @@ class SourceSet:
             except CheckpointError as e:
                 raise RecipeError(f"{where}: {e}") from None
             check_compatible({**self.sources, ref: src})
+            src.name = ref
             self.sources[ref] = src
             return ref
         missing = parts[found.index(None)]

@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import limits
 from .chat_template import check_chat_template
 from .methods import (
     BOOL_PARAMS,
@@ -71,13 +72,20 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _name(v: str) -> str:
+    return limits.check_name(v)
+
+
+ModelRef = Annotated[str, AfterValidator(_name)]
+
+
 class ModelEntry(_Frozen):
-    model: str
+    model: ModelRef
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class SliceSource(_Frozen):
-    model: str
+    model: ModelRef
     layer_range: tuple[int, int]
     parameters: dict[str, Any] = Field(default_factory=dict)
 
@@ -91,9 +99,9 @@ class SliceSource(_Frozen):
 
 
 class Slice(_Frozen):
-    sources: list[SliceSource]
+    sources: list[SliceSource] = Field(max_length=limits.MAX_MODELS)
     parameters: dict[str, Any] = Field(default_factory=dict)
-    base_model: Optional[str] = None  # mergekit: this slice's base, instead of the recipe's
+    base_model: Optional[ModelRef] = None  # mergekit: this slice's base, instead of the recipe's
     residual_weight: Optional[float] = None  # accepted as mergekit 0.1.5 does: it has no effect there
 
     @model_validator(mode="after")
@@ -107,7 +115,7 @@ class Slice(_Frozen):
 
 
 class Hop(_Frozen):
-    model: str
+    model: ModelRef
     layer: Optional[int] = None
     layer_range: Optional[tuple[int, int]] = None
     scale: float = 1.0
@@ -124,10 +132,11 @@ class Hop(_Frozen):
             raise ValueError(f"scale {self.scale} is not finite")
         return self
 
-    def layers(self) -> list[int]:
+    def layers(self) -> range:
+        """The layers of this hop, lazily (check `stop` against the model's depth before iterating)."""
         if self.layer is not None:
-            return [self.layer]
-        return list(range(*self.layer_range))
+            return range(self.layer, self.layer + 1)
+        return range(*self.layer_range)
 
 
 class ZeroEmbedding(_Frozen):
@@ -141,9 +150,9 @@ class ModelTokenEmbedding(_Frozen):
     tokenizer) of one model (mergekit/tokenizer/config.py)."""
 
     kind: Literal["model_token"]
-    model: str
-    token_id: Optional[int] = None
-    token: Optional[str] = None
+    model: ModelRef
+    token_id: Optional[int] = Field(None, ge=0, lt=2**31)
+    token: Optional[str] = Field(None, max_length=limits.MAX_TOKEN_CHARS)
 
     @model_validator(mode="after")
     def _one(self):
@@ -156,7 +165,7 @@ class TokenEmbedding(_Frozen):
     """`tokenizer.tokens.<token>`: where the token's row comes from; `force` uses it for every model, even those
     that have the token."""
 
-    source: Union[ZeroEmbedding, ModelTokenEmbedding, str, None] = None
+    source: Union[ZeroEmbedding, ModelTokenEmbedding, ModelRef, None] = None
     force: bool = False
 
 
@@ -164,9 +173,10 @@ class TokenizerSection(_Frozen):
     """mergekit's `tokenizer:` section (mergekit/tokenizer/config.py): output vocabulary `source` (`union`, `base`
     or a model), per-token row sources, and padding of the vocabulary to a multiple."""
 
-    source: str = "union"
-    tokens: Optional[dict[str, TokenEmbedding]] = None
-    pad_to_multiple_of: Optional[int] = None
+    source: ModelRef = "union"
+    tokens: Optional[dict[Annotated[str, Field(max_length=limits.MAX_TOKEN_CHARS)], TokenEmbedding]] = Field(
+        None, max_length=limits.MAX_TOKEN_OVERRIDES)
+    pad_to_multiple_of: Optional[int] = Field(None, lt=2**20)
 
     @field_validator("pad_to_multiple_of")
     @classmethod
@@ -177,20 +187,21 @@ class TokenizerSection(_Frozen):
 
 
 class Recipe(_Frozen):
-    merge_method: str
-    base_model: Optional[str] = None
-    models: Optional[list[ModelEntry]] = None
-    slices: Optional[list[Slice]] = None
+    merge_method: str = Field(max_length=64)
+    base_model: Optional[ModelRef] = None
+    models: Optional[list[ModelEntry]] = Field(None, max_length=limits.MAX_MODELS)
+    slices: Optional[list[Slice]] = Field(None, max_length=limits.MAX_SLICES)
     parameters: dict[str, Any] = Field(default_factory=dict)
-    dtype: Optional[str] = None
-    out_dtype: Optional[str] = None  # mergekit: the written dtype (merging computes as `dtype` says)
-    tokenizer_source: Optional[str] = None
+    dtype: Optional[str] = Field(None, max_length=64)
+    out_dtype: Optional[str] = Field(None, max_length=64)  # mergekit: the written dtype (merged as `dtype` says)
+    tokenizer_source: Optional[ModelRef] = None
     tokenizer: Optional[TokenizerSection] = None
-    chat_template: Optional[str] = None  # mergekit: auto | a built-in name | Jinja text (engine/chat_template.py)
-    name: Optional[str] = None  # mergekit-multi's document name: accepted, no effect on the merge
-    random_seed: int = 0
-    definitions: Optional[dict[str, "Recipe"]] = None
-    path: Optional[list[Hop]] = None
+    chat_template: Optional[str] = Field(None, max_length=limits.MAX_RECIPE_CHARS)  # mergekit: auto | a built-in name
+    # | Jinja text (engine/chat_template.py)
+    name: Optional[str] = Field(None, max_length=limits.MAX_NAME_CHARS)  # mergekit-multi's document name: no effect
+    random_seed: int = Field(0, ge=0, lt=2**64)
+    definitions: Optional[dict[ModelRef, "Recipe"]] = Field(None, max_length=limits.MAX_DEFINITIONS)
+    path: Optional[list[Hop]] = Field(None, max_length=limits.MAX_OUTPUT_LAYERS)
 
     @model_validator(mode="before")
     @classmethod
@@ -218,7 +229,20 @@ class Recipe(_Frozen):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _output_layers(r: Recipe) -> int:
+    """Decoder layers the recipe's output has, from the unexpanded numbers (0 for `models:`: the sources' own)."""
+    if r.path:
+        return sum(1 if h.layer is not None else h.layer_range[1] - h.layer_range[0] for h in r.path)
+    if r.slices:
+        return sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in r.slices if s.sources)
+    return 0
+
+
 def _validate_recipe(r: Recipe) -> None:
+    n_out = _output_layers(r)
+    if n_out > limits.MAX_OUTPUT_LAYERS:
+        raise ValueError(f"{'path' if r.path else 'slices'}: the output would have {n_out} layers; the limit is "
+                         f"{limits.MAX_OUTPUT_LAYERS}")
     if r.merge_method not in METHODS:
         raise ValueError(f"merge_method: unknown method {r.merge_method!r}; known: {', '.join(sorted(METHODS))}")
     m = r.method
@@ -344,14 +368,17 @@ def _check_params(params: dict, where: str, m, known: set[str]) -> None:
                 raise ValueError(f"{w}: expected an integer, got {value!r}")
 
 
-def _format_validation_error(e: ValidationError) -> str:
+def _format_validation_error(e: ValidationError, max_errors: int = 5) -> str:
     lines = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
+    errors = e.errors(include_input=False, include_url=False)
+    for err in errors[:max_errors]:
+        loc = limits.clip(".".join(str(x) for x in err["loc"]), 200)
+        msg = limits.clip(err["msg"].removeprefix("Value error, "), 300)
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         lines.append(f"{loc}: {msg}" if loc else msg)
+    if len(errors) > max_errors:
+        lines.append(f"and {len(errors) - max_errors} more errors")
     return "invalid recipe: " + "; ".join(lines)
 
 
@@ -364,18 +391,22 @@ def load_recipe(src: str | dict | Path | Recipe) -> Recipe:
             src = src.read_text()
         except OSError as e:
             raise RecipeError(f"cannot read recipe file {src}: {e.strerror}") from None
-    if isinstance(src, str):
-        try:
-            data = yaml.safe_load(src)
-        except yaml.composer.ComposerError as e:
-            if "single document" in str(e):
-                raise RecipeError("a recipe is one YAML document, this text has several (mergekit-multi's "
-                                  "multi-document form is not supported)") from None
-            raise RecipeError(f"recipe is not valid YAML: {e}") from None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"recipe is not valid YAML: {e}") from None
-    else:
-        data = src
+    try:
+        if isinstance(src, str):
+            try:
+                data = limits.safe_yaml_load(src)  # bounded before any alias is expanded
+            except yaml.composer.ComposerError as e:
+                if "single document" in str(e):
+                    raise RecipeError("a recipe is one YAML document, this text has several (mergekit-multi's "
+                                      "multi-document form is not supported)") from None
+                raise RecipeError(limits.clip(f"recipe is not valid YAML: {e}", 1000)) from None
+            except yaml.YAMLError as e:
+                raise RecipeError(limits.clip(f"recipe is not valid YAML: {e}", 1000)) from None
+        else:
+            data = src
+            limits.check_tree(data)
+    except limits.TooLarge as e:
+        raise RecipeError(f"recipe too large: {e}") from None
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping with at least `merge_method`")
     try:

@@ -10,16 +10,23 @@ On a GPU with the on-the-fly policy, a linear layer does not even form its merge
 pass: `linear` hands the sources to `kernels.linear.merged_linear`, which picks the fused merge-matmul (merged tile in
 registers) or merge-into-a-reused-buffer + cuBLAS by token count.
 
-Either way an identity tensor (a layer taken as is from one source, in the compute dtype) is the source's own
-memory-mapped view: no copy, no cache.
+An identity tensor (a layer taken as is from one source, in the compute dtype) is read from its source as is (no
+merge); sources are read with `pread` (engine/reader.py), so under the cached policy on the CPU it is cached like a
+merged tensor (on the fly: read at each use; with LAZYMERGE_UNSAFE_MMAP=1: the file's own mapped view, never cached).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
 from .merger import LRU, Merger, _nbytes
 from .plan import TensorPlan
+from .reader import unsafe_mmap
+from .safety import NonFiniteError, blame, finite
+
+CHECKED_KEYS = 1 << 17  # tensor plans remembered as checked finite (engine/safety.py)
 
 POLICIES = ("on_the_fly", "cached")
 
@@ -34,6 +41,8 @@ class WeightProvider:
         self.dtype = dtype
         self.cache = LRU(cache_bytes if policy == "cached" else 0, _nbytes)
         self.merges = 0  # merged tensors computed (cache misses and on-the-fly merges)
+        self._checked: OrderedDict[str, None] = OrderedDict()  # plan keys whose weight was found finite
+        self._mmap = unsafe_mmap()  # sources are zero-copy mapped views (engine/reader.py)
         self._buffers: dict = {}  # GPU on-the-fly: one reused merge buffer per (shape, dtype); forwards are serialized
 
     @property
@@ -49,21 +58,38 @@ class WeightProvider:
 
     def weight(self, plan: TensorPlan) -> torch.Tensor:
         """The merged tensor of `plan` in the compute dtype (cached or transient, per the policy)."""
-        t = self._identity(plan)
-        if t is not None:
-            return t
         key = (plan.key, self.dtype)
         if self.policy == "cached":
             t = self.cache.get(key)
             if t is not None:
                 return t
+        t = self._identity(plan)
+        if t is not None:
+            self._check(plan, t)
+            if self.policy == "cached" and self.device.type == "cpu" and not self._mmap:
+                self.cache.put(key, t)  # a copy read from the file: keep it rather than read it again
+            return t
         self.merges += 1
         t = self.merger.merge(plan)
         if t.dtype != self.dtype:
             t = t.to(self.dtype)
+        self._check(plan, t)
         if self.policy == "cached":
             self.cache.put(key, t)
         return t
+
+    def _check(self, plan: TensorPlan, t: torch.Tensor) -> None:
+        """NonFiniteError (naming the source or recipe tensor) the first time plan `plan` gives a NaN/Inf weight."""
+        if plan.key in self._checked:
+            return
+        if not finite(t):
+            raise NonFiniteError(blame(plan, self.merger.store))
+        self._checked[plan.key] = None
+        if len(self._checked) > CHECKED_KEYS:
+            self._checked.popitem(last=False)
+
+    def forget_checks(self) -> None:
+        self._checked.clear()
 
     def linear(self, x: torch.Tensor, w: TensorPlan, b: TensorPlan | None) -> torch.Tensor:
         """x @ W.T (+ bias) with W the merged weight of plan `w` (x: (..., in) -> (..., out))."""
@@ -86,15 +112,20 @@ class WeightProvider:
 
     def full_rows(self, plan: TensorPlan) -> torch.Tensor | None:
         """The whole merged matrix when it costs no merge (an identity tensor, or cached); else None."""
+        if self.policy == "cached":
+            return self.weight(plan)  # identity tensors too: read with pread, checked, cached (see `weight`)
         t = self._identity(plan)
-        if t is None and self.policy == "cached":
-            t = self.weight(plan)
+        if t is not None:
+            self._check(plan, t)
         return t
 
     def some_rows(self, plan: TensorPlan, rows: torch.Tensor) -> torch.Tensor:
         """Rows `rows` (1-D, unique) of the merged tensor, merging only those rows: (len(rows), ...)."""
         self.merges += 1
-        return self.merger.merge(plan, rows=rows).to(self.dtype)
+        part = self.merger.merge(plan, rows=rows).to(self.dtype)
+        if plan.key not in self._checked and not finite(part):  # rows only: checked each time until the whole is
+            raise NonFiniteError(blame(plan, self.merger.store))
+        return part
 
     def rows(self, plan: TensorPlan, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (any shape) of the merged tensor: embedding lookups merge only the rows they need."""
@@ -121,6 +152,7 @@ class WeightProvider:
             if t is None:
                 self.merges += 1
                 t = self.merger.merge(p).to(self.dtype)
+            self._check(p, t)
             parts.append(t)
         built = group.build(parts, config)
         out = {n: built[n].to(self.dtype) for n in group.params}

@@ -32,8 +32,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lazymerge.engine.checkpoint import CheckpointError
     from lazymerge.engine.generate import UsageError
     from lazymerge.engine.recipe import RecipeError
+    from lazymerge.engine.safety import NonFiniteError
 
-    errs: list[type[BaseException]] = [RecipeError, CheckpointError, UsageError, FileNotFoundError]
+    errs: list[type[BaseException]] = [RecipeError, CheckpointError, UsageError, NonFiniteError, FileNotFoundError]
     try:
         from lazymerge.search.config import SearchConfigError
 

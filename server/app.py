@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import _TYPES, ServingError
+from .faults import as_serving_error
 from .routes import STATIC, router
 from .serving import MergeServing, ServerConfig
 
@@ -157,6 +158,6 @@ def create_app(config: ServerConfig | None = None, serving: MergeServing | None 
 
     @app.exception_handler(Exception)
     async def _internal_error(_request, exc: Exception):
-        return _json_error(ServingError(500, f"internal error: {type(exc).__name__}: {exc}"))
+        return _json_error(as_serving_error(exc))  # engine errors by kind; else a 500 with an id, no internals
 
     return app

@@ -12,6 +12,11 @@ server-sent events the page renders::
     [DONE]
 
 `Arena.vote(req)` records the winner once per battle in the `VoteStore` and returns the names and the leaderboard.
+
+Blindness: before the vote, nothing the page's credentials can read names a side: the stream carries no names or
+digests, a side's error carries only its kind, and the battle's jobs are labelled `arena` in /metrics (never by
+recipe), so no per-recipe series moves while a battle runs; /metrics leaves out the per-recipe cache gauge while a
+battle streams.
 """
 
 from __future__ import annotations
@@ -26,9 +31,18 @@ from dataclasses import dataclass
 
 from . import protocol as P
 from .errors import ServingError, bad_request
+from .faults import as_serving_error, check_context
 from .scheduler import Job, Sink
 
 MAX_BATTLES = 10_000
+ARENA_LABEL = "arena"
+
+
+def _blind(exc: BaseException) -> ServingError:
+    """A side's error without anything that names its recipe or sources (the kind of failure only)."""
+    err = as_serving_error(exc)
+    return ServingError(err.status, f"this side's model failed ({err.code or err.type}); the names are revealed "
+                        "after the vote", code=err.code, type=err.type)
 
 
 @dataclass
@@ -44,6 +58,7 @@ class Arena:
         self.s = serving
         self._battles: OrderedDict[str, Battle] = OrderedDict()
         self._rng = random.Random()
+        self.active = 0  # battle streams in flight (server/serving.py hides per-recipe gauges meanwhile)
 
     def _pick(self, names: list[str] | None) -> list[str]:
         if names is None:
@@ -69,8 +84,11 @@ class Arena:
         params = {side: self.s.sampling(req.max_tokens, req.temperature, req.top_p, req.seed, None, 1)
                   for side in entries}
         sides = list(entries)  # both sides are queued, or neither (429)
+        for side, e in entries.items():
+            check_context(e.model, [prompts[side]], req.max_tokens)
+        # metrics see battles under one label, "arena": no series tells which recipe is behind which side
         jobs = dict(zip(sides, self.s.submit_all(
-            [Job("generate", entries[s].name, entries[s].model, [prompts[s]], params=params[s]) for s in sides],
+            [Job("generate", ARENA_LABEL, entries[s].model, [prompts[s]], params=params[s]) for s in sides],
             [Sink(queue, tag=s) for s in sides])))
         b = Battle(uuid.uuid4().hex, {s: e.name for s, e in entries.items()},
                    {s: e.digest for s, e in entries.items()}, req.prompt)
@@ -80,6 +98,14 @@ class Arena:
         return self._stream(b, jobs, t0)
 
     async def _stream(self, b: Battle, jobs: dict[str, Job], t0: float):
+        self.active += 1
+        try:
+            async for line in self._events(b, jobs, t0):
+                yield line
+        finally:
+            self.active -= 1
+
+    async def _events(self, b: Battle, jobs: dict[str, Job], t0: float):
         yield f"data: {json.dumps({'type': 'battle', 'battle_id': b.id})}\n\n"
         queue = jobs["A"].sink.queue
         open_sides = set(jobs)
@@ -103,14 +129,13 @@ class Arena:
                                   "completion_tokens": tokens[side], "latency_s": round(lat, 4),
                                   "tokens_per_s": round(tokens[side] / max(lat, 1e-9), 2)}
                             yield f"data: {json.dumps(ev)}\n\n"
-                            self.s.record(b.names[side], "arena", t0, ttft.get(side), len(jobs[side].prompts[0]),
+                            self.s.record(ARENA_LABEL, "arena", t0, ttft.get(side), len(jobs[side].prompts[0]),
                                           tokens[side])
                 elif kind == "end":
                     open_sides.discard(side)
                 elif kind == "error":
                     open_sides.discard(side)
-                    err = value if isinstance(value, ServingError) else ServingError(500, f"internal error: {value}")
-                    yield f"data: {json.dumps({'type': 'error', 'side': side, **err.body()})}\n\n"
+                    yield f"data: {json.dumps({'type': 'error', 'side': side, **_blind(value).body()})}\n\n"
         finally:
             for s in open_sides:
                 jobs[s].cancelled = True

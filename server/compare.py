@@ -17,6 +17,7 @@ import uuid
 
 from . import protocol as P
 from .errors import bad_request
+from .faults import check_context
 from .scheduler import Job
 
 
@@ -42,6 +43,7 @@ class Comparison:
         for label, model in resolved:
             ids = [s.check_prompt(model, model.encode(p), param="prompts") for p in req.prompts]
             params = s.sampling(req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(ids))
+            check_context(model, ids, req.max_tokens, param="prompts")
             runs.append((label, model, ids, params))
         t0 = time.perf_counter()
         jobs = s.submit_all([Job("generate", label, model, ids, params=params) for label, model, ids, params in runs])

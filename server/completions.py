@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from . import protocol as P
 from .errors import ServingError, bad_request
+from .faults import check_context
 from .logprobs import chat_logprobs, completion_logprobs, echo_text, stream_chat_logprobs, stream_completion_logprobs
 from .scheduler import Job
 from .serving import RowOutput
@@ -48,6 +49,7 @@ class OpenAIEndpoints:
         prompts = self._completion_prompts(model, req.prompt)
         rows = [p for p in prompts for _ in range(req.n)]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        check_context(model, rows, max_tokens)
         params = self.s.sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(rows),
                                  logprobs=req.logprobs if req.stream else None)
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -160,6 +162,7 @@ class OpenAIEndpoints:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = min(self.s.config.default_chat_max_tokens, self.s.config.max_tokens)
+        check_context(model, rows, max_tokens, param="messages")
         params = self.s.sampling(max_tokens, req.temperature, req.top_p, req.seed, req.stop, len(rows),
                                  logprobs=k if req.stream and req.logprobs else None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from lazymerge.engine.limits import clip
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 422: "invalid_recipe_error", 429: "rate_limit_error",
           500: "internal_error", 503: "service_unavailable"}
@@ -11,6 +13,7 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
 class ServingError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str | None = None):
+        message = clip(str(message))  # bounded, whatever user input it quotes
         super().__init__(message)
         self.status = status
         self.message = message

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .bounds import Count, Penalty, Seed, Temperature, TokenCount, TopP
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -48,21 +50,21 @@ RecipeSpec = str | dict[str, Any]  # YAML text or the same structure as a JSON o
 class CompletionRequest(_Request):
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
+    best_of: Count | None = None
     echo: bool = False
-    frequency_penalty: float = 0.0
+    frequency_penalty: Penalty = 0.0
     logit_bias: dict[str, float] | None = None
-    logprobs: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(16, ge=0)
-    n: int = Field(1, ge=1)
-    presence_penalty: float = 0.0
-    seed: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=100)
+    max_tokens: TokenCount | None = 16
+    n: Count = 1
+    presence_penalty: Penalty = 0.0
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     suffix: str | None = None
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     user: str | None = None
 
     # -- lazymerge extensions --
@@ -104,20 +106,20 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    frequency_penalty: float = 0.0
+    frequency_penalty: Penalty = 0.0
     logit_bias: dict[str, float] | None = None
     logprobs: bool = False
-    max_completion_tokens: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=0)
-    n: int = Field(1, ge=1)
-    presence_penalty: float = 0.0
-    seed: int | None = None
+    max_completion_tokens: TokenCount | None = None
+    max_tokens: TokenCount | None = None
+    n: Count = 1
+    presence_penalty: Penalty = 0.0
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(1.0, ge=0.0)
+    temperature: Temperature = 1.0
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: TopP = 1.0
     user: str | None = None
 
     # -- lazymerge extensions --
@@ -233,15 +235,15 @@ class DeletedResponse(BaseModel):
 
 # -- A/B comparison ----------------------------------------------------------------------------------------------
 class CompareRequest(_Request):
-    prompts: list[str] = Field(min_length=1)
-    recipes: list[RecipeSpec] = Field(min_length=2, description="Recipe names, or inline recipes.")
+    prompts: list[str] = Field(min_length=1, max_length=64)
+    recipes: list[RecipeSpec] = Field(min_length=2, max_length=8, description="Recipe names, or inline recipes.")
     references: list[str] | None = Field(None, description="One reference answer per prompt: scored by "
                                             "mean log-likelihood and exact match.")
-    max_tokens: int = Field(32, ge=0)
-    seed: int | None = None
+    max_tokens: TokenCount = 32
+    seed: Seed | None = None
     stop: str | list[str] | None = None
-    temperature: float = Field(0.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
 
 
 class CompareResult(BaseModel):
@@ -273,13 +275,13 @@ class CompareResponse(BaseModel):
 # -- arena: blind votes and leaderboard --------------------------------------------------------------------------
 class BattleRequest(_Request):
     prompt: str = Field(min_length=1)
-    recipes: list[str] | None = Field(None, description="Two recipe names; omitted: two distinct models at "
-                                         "random. Their order is shuffled into sides A and B.")
+    recipes: list[str] | None = Field(None, max_length=2, description="Two recipe names; omitted: two distinct "
+                                      "models at random. Their order is shuffled into sides A and B.")
     chat: bool = Field(False, description="Wrap the prompt in the tokenizer's chat template.")
-    max_tokens: int = Field(32, ge=0)
-    seed: int | None = None
-    temperature: float = Field(0.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: TokenCount = 32
+    seed: Seed | None = None
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
 
 
 class VoteRequest(_Request):

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from . import protocol as P
+from .faults import with_cancellation
+from .metrics import CONTENT_TYPE
 from .serving import MergeServing
 
 STATIC = Path(__file__).parent / "static"
@@ -33,7 +35,7 @@ async def health(request: Request):
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request):
-    return PlainTextResponse(serving(request).render_metrics(), media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(serving(request).render_metrics(), media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/models", response_model=P.ModelList)
@@ -47,11 +49,13 @@ async def get_model(model_id: str, request: Request):
 
 
 @router.post("/v1/completions", response_model=P.CompletionResponse)
+@with_cancellation  # a client that hangs up cancels its generation (server/faults.py)
 async def completions(req: P.CompletionRequest, request: Request):
     return _maybe_stream(await serving(request).create_completion(req))
 
 
 @router.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
+@with_cancellation  # a client that hangs up cancels its generation (server/faults.py)
 async def chat_completions(req: P.ChatCompletionRequest, request: Request):
     return _maybe_stream(await serving(request).create_chat_completion(req))
 
@@ -78,6 +82,7 @@ async def delete_recipe(name: str, request: Request):
 
 
 @router.post("/v1/compare", response_model=P.CompareResponse)
+@with_cancellation  # a client that hangs up cancels its generation (server/faults.py)
 async def compare(req: P.CompareRequest, request: Request):
     return await serving(request).compare(req)
 

@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 
 from . import protocol as P
 from .errors import ServingError, bad_request
-from .metrics import Gauge, Metrics
+from .faults import as_serving_error
+from .metrics import Metrics
 from .registry import RecipeRegistry, parse_recipe
 from .scheduler import Job, QueueFull, Scheduler, Sink
 from .votes import VoteStore
+
+FIXED_LABELS = ("inline", "arena", "other")  # metrics model labels besides registered names
 
 
 @dataclass
@@ -75,7 +78,8 @@ class MergeServing:
         policy = "cached" if config.cache_mb > 0 else "on_the_fly"
         self.engine = engine or Engine(config.sources, policy=policy, cache_bytes=int(config.cache_mb * (1 << 20)),
                                        allow_open=False, device=config.device, cpu_fused=config.cpu_fused)
-        self.metrics = Metrics()
+        self.metrics = Metrics(model_label=self.model_label)
+        self.metrics.set_scrape(self._scrape_metrics)
         self.registry = RecipeRegistry(self.engine, config.max_recipes)
         for name, rec in config.recipes.items():
             self.registry.register(name, rec)
@@ -136,7 +140,14 @@ class MergeServing:
 
     def delete_recipe(self, name: str) -> P.DeletedResponse:
         self.registry.delete(name)
+        self.metrics.forget_model(name)  # bounded /metrics: a deleted recipe's series go with it
         return P.DeletedResponse(id=name)
+
+    def model_label(self, name: str) -> str:
+        """The metrics label of a job's model: registered names stay, anything else folds into a fixed few."""
+        if name in FIXED_LABELS or name in self.registry:
+            return name
+        return "inline" if name.startswith("inline") else "other"
 
     async def resolve(self, name: str, inline) -> tuple[str, object]:
         """(metrics label, LazyModel) of a request's `model` / inline `recipe`."""
@@ -217,8 +228,7 @@ class MergeServing:
                 _, kind, value = await job.sink.queue.get()
                 if kind == "error":
                     finished = True
-                    raise value if isinstance(value, ServingError) else \
-                        ServingError(500, f"internal error: {type(value).__name__}: {value}")
+                    raise as_serving_error(value)
                 if kind == "end":
                     finished = True
                     return
@@ -278,22 +288,32 @@ class MergeServing:
         return P.HealthResponse(models=len(self.registry.entries()), queued=self.scheduler.depth()[0])
 
     def render_metrics(self) -> str:
+        return self.metrics.render()
+
+    def _scrape_metrics(self):
+        """Gauges computed at scrape time (prometheus_client metric families)."""
+        from prometheus_client.core import GaugeMetricFamily
+
         cache = self.engine.provider.cache
-        with cache.lock:
-            sizes = {k[0]: cache.size(v) for k, v in cache.data.items()}
-        per_model = Gauge("lazymerge_cache_bytes", "Bytes of this model's merged tensors resident in the shared "
-                          "merged-weight cache (a tensor shared by two recipes counts for both).", ("model",))
-        for e in self.registry.entries():
-            keys = {p.key for p in e.model.plan.tensors.values()}
-            per_model.set(e.name, value=sum(sizes.get(k, 0) for k in keys))
+        if not self.arena.active:  # while a battle streams, no per-recipe series may move (server/arena.py)
+            with cache.lock:
+                sizes = {k[0]: cache.size(v) for k, v in cache.data.items()}
+            per_model = GaugeMetricFamily("lazymerge_cache_bytes", "Bytes of this model's merged tensors resident in "
+                                          "the shared merged-weight cache (a tensor shared by two recipes counts for "
+                                          "both; left out while an arena battle streams).", labels=["model"])
+            for e in self.registry.entries():
+                keys = {p.key for p in e.model.plan.tensors.values()}
+                per_model.add_metric([e.name], sum(sizes.get(k, 0) for k in keys))
+            yield per_model
         st = self.engine.stats()
-        glob = Gauge("lazymerge_engine", "Engine-wide cache state (all recipes).", ("stat",))
+        glob = GaugeMetricFamily("lazymerge_engine", "Engine-wide cache state (all recipes).", labels=["stat"])
         for k in ("cache_bytes", "cache_budget", "cache_entries", "cache_hits", "cache_misses", "merges"):
-            glob.set(k, value=st[k])
+            glob.add_metric([k], st[k])
+        yield glob
         queued, active = self.scheduler.depth()
-        sched = Gauge("lazymerge_scheduler", "Scheduler state.", ("stat",))
-        sched.set("queued_rows", value=queued)
-        sched.set("running_batches", value=active)
-        sched.set("batches_started", value=self.scheduler.batches)
-        sched.set("recipes", value=sum(e.kind == "recipe" for e in self.registry.entries()))
-        return self.metrics.render([per_model, glob, sched])
+        sched = GaugeMetricFamily("lazymerge_scheduler", "Scheduler state.", labels=["stat"])
+        sched.add_metric(["queued_rows"], queued)
+        sched.add_metric(["running_batches"], active)
+        sched.add_metric(["batches_started"], self.scheduler.batches)
+        sched.add_metric(["recipes"], sum(e.kind == "recipe" for e in self.registry.entries()))
+        yield sched

@@ -104,7 +104,7 @@ def test_concurrent_mixed_recipes_equal_alone(server_sources, server_recipes, en
     # batching happened: fewer batches than requests, and some batch held several requests of one recipe
     for m in models:
         n_batches = _metric(metrics, "lazymerge_batch_requests_count", model=m, kind="generate")
-        singles = _metric(metrics, "lazymerge_batch_requests_bucket", model=m, kind="generate", le="1")
+        singles = _metric(metrics, "lazymerge_batch_requests_bucket", model=m, kind="generate", le="1.0")
         assert 1 <= n_batches < len(PROMPTS), (m, n_batches)
         assert singles < n_batches, m
     assert _metric(metrics, "lazymerge_batch_requests_sum", kind="generate") == len(reqs)
