@@ -108,7 +108,7 @@ def _evaluate(model, model_args, tasks):
 
 def _start_server(root, fam):
     args = [sys.executable, "-m", "lazymerge.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--threads", "1",
-            "--recipe", str(root / "served.yaml")]
+            "--recipe", str(root / "served.yaml"), "--db", str(root / "votes.sqlite")]
     for name, path in fam.items():
         args += ["--source", f"{name}={path}"]
     log = open(root / "server.log", "w")  # noqa: SIM115 - closed by the caller's process teardown
