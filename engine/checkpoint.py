@@ -240,6 +240,18 @@ class Source:
         except SourceChanged as e:
             raise SourceUnavailable(self.label, str(e)) from None
 
+    def get_rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of tensor `name` (first dimension), reading only their bytes (embedding lookups)."""
+        info = self.tensors.get(name)
+        if info is None or not info.shape or not (0 <= lo <= hi <= info.shape[0]):
+            return self.get(name)[lo:hi]
+        row = (info.end - info.start) // info.shape[0] if info.shape[0] else 0
+        try:
+            return self._readers.files[info.file].read(info.start + lo * row, info.start + hi * row, info.dtype,
+                                                       (hi - lo,) + tuple(info.shape[1:]))
+        except SourceChanged as e:
+            raise SourceUnavailable(self.label, str(e)) from None
+
     def nbytes(self) -> int:
         return sum(i.end - i.start for i in self.tensors.values())
 

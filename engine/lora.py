@@ -115,6 +115,10 @@ class LoraSource(Source):
             w = (w.float() + lb * self.deltas[owner].scale).to(w.dtype)
         return w
 
+    def get_rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of `get(name)`: a targeted tensor is formed whole (W + scale B @ A), then sliced."""
+        return self.get(name)[lo:hi]
+
     def _adapter_tensor(self, key: str) -> torch.Tensor:
         with self._lock:
             if self._adapter is None:

@@ -125,6 +125,10 @@ class TensorStore:
         """Rows `rows` (1-D int64) of `get(ref)`, reading only those rows."""
         if ref.vocab is not None:
             return gather(ref.vocab, self.raw(ref.source, ref.name), self.raw, rows)
+        if self.device.type == "cpu" and rows.numel():
+            # read only the block of rows the lookup spans, not the whole (vocab, hidden) tensor
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            return self.sources[ref.source].get_rows(ref.name, lo, hi)[rows - lo]
         return self.get(ref)[rows]
 
     def resident_bytes(self) -> int:

@@ -219,3 +219,24 @@ def test_chat_template_from_tokenizer(fam):
     model = Engine(fam).compile(METHOD_RECIPES["ties"])
     ids = model.chat_prompt([{"role": "user", "content": "hello world"}])
     assert model.tokenizer.decode(ids) == "user : hello world </s> assistant :"
+
+
+def test_row_lookups_read_only_their_rows(fam, monkeypatch):
+    """An embedding lookup reads the block of rows it spans, and returns exactly the rows of the whole tensor."""
+    import torch
+
+    from lazymerge.engine.merger import TensorStore
+    from lazymerge.engine.plan import SourceSet, TensorRef
+
+    S = SourceSet.open({"base": fam["base"]})
+    store = TensorStore(S)
+    name = S["base"].embed_name
+    full = S["base"].get(name)
+    sizes = []
+    reader = S["base"]._readers.files[S["base"].tensors[name].file]
+    real = reader.read
+    monkeypatch.setattr(reader, "read", lambda s, e, *a: (sizes.append(e - s), real(s, e, *a))[1])
+    rows = torch.tensor([7, 3, 7, 12])
+    got = store.rows(TensorRef("base", name), rows)
+    assert torch.equal(got, full[rows])
+    assert sizes == [(12 - 3 + 1) * full.shape[1] * full.element_size()]
