@@ -11,7 +11,7 @@ install:
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	$(PIP) -e .
 	@# an editable install skips setup.py's .pth (lazymerge/lm_eval_plugin.py): `lm_eval --model lazymerge` needs it
-	$(PY) -m lazymerge.lm_eval_plugin
+	$(PY) -c "from lazymerge.lm_eval_plugin import write_pth; print(write_pth())"
 
 install-dev: install
 	$(PIP) -e ".[dev]"

@@ -80,4 +80,4 @@ def write_pth() -> str:
 
 
 if __name__ == "__main__":
-    print(f"wrote {write_pth()}")
+    print(f"wrote {write_pth()}")  # prefer `python -c "...write_pth()"`: -m re-imports this module

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -160,4 +161,14 @@ def test_lm_eval_resolves_the_model_name_in_a_fresh_interpreter():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.split()[0] == "lazymerge.engine.harness", (
         "lm-eval does not find lazymerge: install it with `make install` (an editable install needs "
-        f"`python -m lazymerge.lm_eval_plugin`)\n{r.stderr[-1500:]}")
+        f"`python -c 'from lazymerge.lm_eval_plugin import write_pth; write_pth()'`)\n{r.stderr[-1500:]}")
+
+
+def test_the_pth_hook_is_silent_when_lazymerge_is_gone(tmp_path):
+    """The `.pth` line runs at every interpreter start; after lazymerge is uninstalled or its editable checkout moved
+    (the `.pth`, written by `make install`, stays), it must do nothing rather than print a traceback."""
+    line = (Path(__file__).parents[1] / "lazymerge" / "lazymerge-lm_eval.pth").read_text()
+    # -I -S: no site-packages and no working directory on sys.path, so `lazymerge` cannot be found
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", line], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
