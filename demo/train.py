@@ -99,12 +99,13 @@ def train(
     seed: int,
     frozen: tuple[str, ...] = (),
     rows: list[int] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Train in place on `steps * batch_size` texts drawn from `next_text` (already seeded by the caller).
 
     `frozen`: substrings of parameter names that stay fixed. `rows`: if given, only these token rows of
     `embed_tokens` and `lm_head` train (their other rows get zero gradient; with weight decay 0, AdamW leaves them
-    exactly unchanged)."""
+    exactly unchanged). `on_step(k)`: called after step k (1-based), e.g. `StepProgress.update`."""
     torch.manual_seed(seed)
     vocab = tokenizer.get_vocab()
     bos = tokenizer.bos_token_id
@@ -142,6 +143,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1)
     model.eval()
     for h in hooks:
         h.remove()

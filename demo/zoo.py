@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from lazymerge.demo import corpus
+from lazymerge.demo.progress import StepProgress
 from lazymerge.demo.train import ModelSpec, make_model, make_tokenizer, train
 
 ZOO_VERSION = 5  # 4: the foreign expert adapts the foreign vocabulary, the math expert its body; 5: math replays
@@ -124,8 +125,11 @@ def _read_manifest(out: Path) -> dict | None:
         return None
 
 
-def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: bool = False) -> Path:
-    """Build (or reuse) the zoo for `seed` and `size` under `out_dir`; returns `out_dir` as a Path."""
+def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: bool = False, stream=None) -> Path:
+    """Build (or reuse) the zoo for `seed` and `size` under `out_dir`; returns `out_dir` as a Path.
+
+    Training shows its progress on `stream` (default stderr): a bar with ETA on a terminal, a line per phase and
+    every 20 s otherwise (demo/progress.py); a reused zoo prints nothing."""
     if size not in RECIPES:
         raise ValueError(f"size must be one of {sorted(RECIPES)}, got {size!r}")
     out = Path(out_dir)
@@ -159,6 +163,7 @@ def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: boo
         for name in MODELS:
             model = base if name == "base" else copy.deepcopy(base)
             text_rng = random.Random(f"{name}-{seed}")
+            progress = StepProgress(f"zoo seed {seed}: training {name}", recipe.steps[name], stream=stream)
             stats[name] = train(
                 model,
                 tokenizer,
@@ -170,7 +175,9 @@ def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: boo
                 seed=seed,
                 frozen=FROZEN[name],
                 rows=foreign_rows if name == "foreign" else None,
+                on_step=progress.update,
             )
+            progress.close(f", loss {stats[name]['final_loss']:.3f}")
             model.save_pretrained(out / name, safe_serialization=True)
             tokenizer.save_pretrained(out / name)
     finally:

@@ -1,6 +1,7 @@
 """The toy zoo: loadable HF checkpoints, well-formed disjoint datasets, determinism, caching, CLI."""
 
 import argparse
+import io
 import json
 import random
 import re
@@ -146,7 +147,13 @@ def test_word_problem_answers_are_the_arithmetic():
 
 
 def test_same_seed_same_bytes_other_seed_differs(small_zoo, tmp_path):
-    again = zoo.build_zoo(tmp_path / "again", seed=0, size="small")
+    log = io.StringIO()  # not a terminal: one line per phase start and end (and every 20 s), no carriage returns
+    again = zoo.build_zoo(tmp_path / "again", seed=0, size="small", stream=log)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    for name in ("base", "foreign", "math"):
+        assert any(x.startswith(f"zoo seed 0: training {name}: ") and x.endswith(" steps ...") for x in lines)
+        assert any(x.startswith(f"zoo seed 0: training {name}: done in ") and "loss" in x for x in lines)
     for name in ("base", "foreign", "math"):
         a = (small_zoo / name / "model.safetensors").read_bytes()
         assert a == (again / name / "model.safetensors").read_bytes()
@@ -184,3 +191,17 @@ def test_cli_build_handler(tmp_path, capsys):
     assert str(out.resolve()) in capsys.readouterr().out
     defaults = parser.parse_args(["zoo", "build"])
     assert (defaults.dir, defaults.seed, defaults.small, defaults.force) == ("./zoo", 0, False, False)
+
+
+def test_step_progress_lines_with_eta_off_a_terminal():
+    from lazymerge.demo.progress import StepProgress
+
+    log = io.StringIO()
+    p = StepProgress("train x", 4, stream=log, every_s=0.0)
+    for k in range(1, 5):
+        p.update(k)
+    p.close(", loss 1.0")
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "train x: 4 steps ..." and lines[-1].startswith("train x: done in ")
+    assert [x.split(",")[0] for x in lines[1:-1]] == [f"train x: step {k}/4" for k in (1, 2, 3)]
+    assert all("ETA" in x for x in lines[1:-1])
