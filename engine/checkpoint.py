@@ -52,7 +52,9 @@ class TensorInfo:
     end: int
 
 
-def _read_header(path: Path, f: FileReader) -> dict[str, TensorInfo]:
+def read_header(path: Path, f: FileReader) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file's header lists, read through `f` (its open reader); `path` names the file in
+    errors. Raises CheckpointError for a truncated, oversized, non-JSON or inconsistent header."""
     try:
         size = f.ident[0]
         raw = f.pread(8, 0)
@@ -150,7 +152,7 @@ class Source:
                 raise CheckpointError(f"{fpath}: cannot read ({e.strerror})") from None
             readers.add(reader)
             try:
-                header = _read_header(fpath, reader)
+                header = read_header(fpath, reader)
             except CheckpointError:
                 readers.close()
                 raise

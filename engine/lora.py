@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, Source
+from .checkpoint import CheckpointError, Source, SourceUnavailable, TensorInfo, read_header
+from .reader import FileReader, SourceChanged
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -77,8 +77,7 @@ class LoraSource(Source):
     deltas: dict[str, LoraDelta] = field(default_factory=dict)  # base tensor name -> its LoRA
     bias_of: dict[str, str] = field(default_factory=dict)  # base bias name -> base weight name whose LoRA has it
     replaced: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter key saved whole
-    _adapter: object = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    adapter_tensors: dict[str, TensorInfo] = field(default_factory=dict)  # adapter file key -> where it lies
 
     @classmethod
     def open(cls, base_path, adapter_path=None) -> "LoraSource":  # type: ignore[override]
@@ -87,10 +86,23 @@ class LoraSource(Source):
             raise CheckpointError(f"{base_path}: a LoRA source needs an adapter folder")
         base = Source.open(base_path)
         apath = Path(adapter_path).expanduser().resolve()
-        spec = _read_adapter(apath, base)
+        try:
+            reader, header = _open_adapter(apath)
+        except CheckpointError:
+            base.close()
+            raise
+        # the adapter file is read like base weights (engine/reader.py): one descriptor held open, pread copies,
+        # identity checked before and after each read, so a truncated or replaced adapter is refused by name
+        base._readers.add(reader)
+        try:
+            spec = _read_adapter(apath, base, {k: i.shape for k, i in header.items()})
+            fingerprint = _fingerprint(base.fingerprint, apath, reader)
+        except CheckpointError:
+            base.close()
+            raise
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Source)}
-        src = cls(**fields, adapter_path=apath, **spec)
-        src.fingerprint = _fingerprint(base.fingerprint, apath)
+        src = cls(**fields, adapter_path=apath, **spec, adapter_tensors=header)
+        src.fingerprint = fingerprint
         return src
 
     def get(self, name: str) -> torch.Tensor:
@@ -120,20 +132,14 @@ class LoraSource(Source):
         return self.get(name)[lo:hi]
 
     def _adapter_tensor(self, key: str) -> torch.Tensor:
-        with self._lock:
-            if self._adapter is None:
-                from safetensors import safe_open
-
-                self._adapter = safe_open(str(self.adapter_path / ADAPTER_WEIGHTS), framework="pt")
-            return self._adapter.get_tensor(key)
+        info = self.adapter_tensors[key]
+        try:
+            return self._readers.files[info.file].read(info.start, info.end, info.dtype, info.shape)
+        except SourceChanged as e:
+            raise SourceUnavailable(self.label, str(e)) from None
 
     def nbytes(self) -> int:
-        return super().nbytes() + (self.adapter_path / ADAPTER_WEIGHTS).stat().st_size
-
-    def close(self) -> None:
-        super().close()
-        with self._lock:
-            self._adapter = None
+        return super().nbytes() + sum(i.end - i.start for i in self.adapter_tensors.values())
 
 
 def open_source(ref: str | Path) -> Source:
@@ -151,17 +157,23 @@ def source_identity(src: Source) -> tuple[Path, ...]:
 
 
 # -- reading the adapter ---------------------------------------------------------------------------------------
-def _fingerprint(base_fp: str, apath: Path) -> str:
+def _fingerprint(base_fp: str, apath: Path, reader: FileReader) -> str:
+    """The base's fingerprint, the adapter config and the adapter file's content as `reader` opened it."""
     h = hashlib.sha256(base_fp.encode())
-    h.update((apath / ADAPTER_CONFIG).read_bytes())
-    with open(apath / ADAPTER_WEIGHTS, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
+    try:
+        h.update((apath / ADAPTER_CONFIG).read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{apath}/{ADAPTER_CONFIG}: cannot read ({e.strerror})") from None
+    offset = 0
+    while chunk := reader.pread(1 << 24, offset):
+        h.update(chunk)
+        offset += len(chunk)
     return h.hexdigest()[:16]
 
 
-def _read_adapter(apath: Path, base: Source) -> dict:
-    """The LoRA's effect on `base`: {deltas, bias_of, replaced} (see LoraSource). Raises CheckpointError."""
+def _open_adapter(apath: Path) -> tuple[FileReader, dict[str, TensorInfo]]:
+    """The adapter folder's weights file, open, and its header. Raises CheckpointError (no folder, no PEFT config,
+    pickle-only or missing weights, a malformed safetensors file)."""
     if not apath.is_dir():
         raise CheckpointError(f"{apath}: not a LoRA adapter folder")
     if not (apath / ADAPTER_CONFIG).exists():
@@ -172,6 +184,21 @@ def _read_adapter(apath: Path, base: Source) -> dict:
             raise CheckpointError(f"{apath}: pickle adapter files ({', '.join(pickles)}) are refused; "
                                   f"save the adapter as {ADAPTER_WEIGHTS}")
         raise CheckpointError(f"{apath}: no {ADAPTER_WEIGHTS}")
+    path = apath / ADAPTER_WEIGHTS
+    try:
+        reader = FileReader.open(path, f"adapter {ADAPTER_WEIGHTS}")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return reader, read_header(path, reader)
+    except CheckpointError:
+        reader.close()
+        raise
+
+
+def _read_adapter(apath: Path, base: Source, file_keys: dict[str, tuple[int, ...]]) -> dict:
+    """The LoRA's effect on `base`: {deltas, bias_of, replaced} (see LoraSource), given the adapter file's
+    {key: shape}. Raises CheckpointError."""
     try:
         from peft import PeftConfig, PeftType
     except ImportError:
@@ -185,19 +212,8 @@ def _read_adapter(apath: Path, base: Source) -> dict:
     for key in ("layer_replication", "target_parameters", "trainable_token_indices"):
         if getattr(config, key, None):
             raise CheckpointError(f"{apath}: adapter_config `{key}` is not supported for LoRA inputs")
-    file_keys = _file_keys(apath / ADAPTER_WEIGHTS)
     tree = _inject_on_meta(apath, base, config)
     return _map_keys(apath, base, tree, file_keys)
-
-
-def _file_keys(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _inject_on_meta(apath: Path, base: Source, config):

@@ -188,3 +188,61 @@ def test_lora_errors(fam, loras, tmp_path):
     other = toy.make_family(tmp_path / "wide", "mistral", 0, hidden=48)["base"]
     with pytest.raises(CheckpointError, match="do not fit the base"):
         open_source(f"{other}+{adapter}")
+
+
+@pytest.mark.parametrize("how", ["truncate", "overwrite", "replace", "delete"])
+def test_changed_adapter_is_refused_by_name_never_sigbus(fam, loras, tmp_path, how):
+    """Issue 17, kind 1, for the adapter file a LoRA input adds: it is read like base weights (pread copies, identity
+    checked), so an adapter truncated, overwritten, replaced or deleted under a running engine is refused by the
+    source's name, in a child process that must survive (a memory-mapped read of a truncated file is a SIGBUS)."""
+    import shutil
+    import subprocess
+    import sys
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(loras["plain"][0], adapter)
+    sources = {"base": str(fam["base"]), "tuned": f"{fam['e1']}+{adapter}"}
+    recipe = {"merge_method": "task_arithmetic", "base_model": "base",
+              "models": [{"model": "tuned", "parameters": {"weight": 0.8}}]}
+    code = f"""
+import os, shutil, time
+from lazymerge.engine import Engine
+from lazymerge.engine.checkpoint import SourceUnavailable
+eng = Engine({sources!r}, policy="on_the_fly", allow_open=False)
+m = eng.compile({recipe!r})
+m.generate(["the cat"], max_tokens=2)
+f = os.path.join({str(adapter)!r}, "adapter_model.safetensors")
+time.sleep(0.01)
+how = {how!r}
+if how == "truncate":
+    os.truncate(f, 100)
+elif how == "overwrite":
+    with open(f, "r+b") as fh:
+        fh.seek(os.path.getsize(f) - 64); fh.write(os.urandom(64))
+elif how == "replace":
+    shutil.copyfile(f, f + ".new"); os.replace(f + ".new", f)
+else:
+    os.remove(f)
+for _ in range(2):
+    try:
+        m.generate(["the cat"], max_tokens=2)
+        print("served")
+    except SourceUnavailable as e:
+        print("refused:", e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and all(x.startswith("refused: source 'tuned'") for x in lines), r.stdout
+    assert "adapter_model.safetensors" in lines[0] and str(adapter) not in r.stdout
+
+
+def test_truncated_adapter_at_open_is_a_checkpoint_error(fam, loras, tmp_path):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(loras["plain"][0], adapter)
+    f = adapter / "adapter_model.safetensors"
+    os.truncate(f, os.path.getsize(f) - 8)
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors: tensor .* lies outside the file"):
+        open_source(f"{fam['e1']}+{adapter}")
