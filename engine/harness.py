@@ -52,14 +52,16 @@ class LazymergeLM(TemplateLM):
     checkpoint folders, relative to the file) or a recipe dict/text; `engine` an `Engine` to compile it with (else
     one is opened: `device`, `dtype`, `policy`, `cache_mb`); `model` an already compiled `LazyModel`;
     `batch_size` requests per forward pass (int, or "auto" = 16); `max_length` context limit in tokens (default: the
-    config's `max_position_embeddings`); `max_gen_toks` default generation length (256, as `hf`).
+    config's `max_position_embeddings`); `max_gen_toks` default generation length (256, as `hf`); `add_bos_token`
+    as `hf`'s: None keeps the tokenizer's default special tokens, True/False forces them on/off (False is what
+    `local-completions` with the server's remote tokenizer does: lm-eval's RemoteTokenizer encodes without them).
     Raises RecipeError / CheckpointError / UsageError for a bad recipe, checkpoint or argument.
     """
 
     def __init__(self, recipe=None, *, engine=None, model=None, device: str = "cpu", dtype: str | None = None,
                  policy: str = "cached", cache_mb: float = 1024, batch_size: int | str = 1,
                  max_batch_size: int | None = None, max_length: int | None = None,
-                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, **unused):
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, add_bos_token: bool | str | None = None, **unused):
         super().__init__()
         if model is None:
             if recipe is None:
@@ -83,6 +85,11 @@ class LazymergeLM(TemplateLM):
         cfg_len = model.module.config.to_dict().get("max_position_embeddings")
         self._max_length = _as_int(max_length, "max_length") if max_length else (cfg_len or DEFAULT_MAX_LENGTH)
         self._max_gen_toks = _as_int(max_gen_toks, "max_gen_toks")
+        self.add_bos_token = None if add_bos_token is None else lm_utils.handle_arg_string(str(add_bos_token))
+        if self.add_bos_token is not None and not isinstance(self.add_bos_token, bool):
+            from .generate import UsageError
+
+            raise UsageError(f"lazymerge model_args: add_bos_token must be True or False, got {add_bos_token!r}")
 
     # -- what lm-eval asks of a model ---------------------------------------------------------------------------
     @property
@@ -115,8 +122,10 @@ class LazymergeLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None,
                    **kwargs) -> list[int]:
-        """Token ids of `string` as lm-eval's `hf` model encodes them (tokenizer defaults; no second BOS)."""
-        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        """Token ids of `string` as lm-eval's `hf` model encodes them (tokenizer defaults unless `add_bos_token` or
+        the caller says otherwise; no second BOS)."""
+        special = add_special_tokens if add_special_tokens is not None else self.add_bos_token
+        kw = {} if special is None else {"add_special_tokens": special}
         bos = self.tokenizer.bos_token
         if add_special_tokens is None and bos and string.startswith(bos):
             kw["add_special_tokens"] = False

@@ -1,8 +1,14 @@
-"""lm-evaluation-harness (the `lm-eval` package) three ways on one recipe, with a local multiple-choice task and a
-local generation task (task YAMLs under an `include_path`, JSONL data files, nothing downloaded): `--model lazymerge`
-on the recipe, `--model hf` on its `lazymerge merge` export, and `--model local-completions` against `lazymerge serve`
-with the server's own tokenizer (`tokenizer_backend=auto` finds /tokenizer_info and /tokenize). Same metrics, and
-the same per-choice log-likelihoods."""
+"""lm-evaluation-harness (the `lm-eval` package) three ways on one recipe over the demo zoo (`lazymerge.demo.zoo`,
+built at its test size: the demo's Mistral checkpoints and word-level tokenizer, trained in seconds), with a local
+multiple-choice task and a local generation task (task YAMLs under an `include_path`, JSONL data files, nothing
+downloaded): `--model lazymerge` on the recipe, `--model hf` on its `lazymerge merge` export, and `--model
+local-completions` against `lazymerge serve` with the server's own tokenizer (`tokenizer_backend=auto` finds
+/tokenizer_info and /tokenize). Same metrics, and the same per-choice log-likelihoods.
+
+The zoo's tokenizer adds BOS. lm-eval's RemoteTokenizer encodes with `add_special_tokens: false` (lm_eval/utils.py),
+so `local-completions` scores without BOS whatever the server does (vLLM behaves the same); it equals `hf` and
+`lazymerge` run with `add_bos_token=False`, and those two also agree with each other at their default (with BOS).
+"""
 
 from __future__ import annotations
 
@@ -20,8 +26,8 @@ import pytest
 pytest.importorskip("lm_eval")
 httpx = pytest.importorskip("httpx")
 
-RECIPE = ("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {e1}\n    parameters: {{weight: 8.0, density: 0.5}}\n"
-          "  - model: {e2}\n    parameters: {{weight: 8.0, density: 0.5}}\n")
+RECIPE = ("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {e1}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+          "  - model: {e2}\n    parameters: {{weight: 1.0, density: 0.5}}\n")
 MC_TASK = """task: toy_mc
 dataset_path: json
 dataset_kwargs:
@@ -58,17 +64,15 @@ metric_list:
 """
 
 
-def write_tasks(root, model, n: int = 8, seed: int = 0):
-    """Local task YAMLs + JSONL data: half the answers are `model`'s own greedy outputs (so neither metric is 0)."""
-    from lazymerge.engine import toy
-
+def write_tasks(root, model, prompts: list[str], seed: int = 0):
+    """Local task YAMLs + JSONL data over `prompts`: half the answers are `model`'s own greedy outputs (so neither
+    metric is 0); the other choices and answers are other numbers."""
     rng = random.Random(seed)
-    prompts = [" ".join(rng.choice(toy.WORDS) for _ in range(4)) for _ in range(n)]
-    outs = model.generate(prompts, max_tokens=2)
-    gen = [{"prompt": p, "answer": o.text.strip() if i % 2 == 0 else rng.choice(toy.WORDS)}
-           for i, (p, o) in enumerate(zip(prompts, outs))]
-    mc = [{"prompt": p, "choices": [o.text.strip(), f"{rng.choice(toy.WORDS)} {rng.choice(toy.WORDS)}",
-                                    rng.choice(toy.WORDS)], "answer": i % 2} for i, (p, o) in enumerate(zip(prompts, outs))]
+    outs = [o.text.strip() for o in model.generate(prompts, max_tokens=2)]
+    other = lambda o: next(x for x in map(str, rng.sample(range(30), 5)) if x != o)  # noqa: E731
+    gen = [{"prompt": p, "answer": o if i % 2 == 0 else other(o)} for i, (p, o) in enumerate(zip(prompts, outs))]
+    mc = [{"prompt": p, "choices": [o, f"{other(o)} {other(o)}", other(o)], "answer": i % 2}
+          for i, (p, o) in enumerate(zip(prompts, outs))]
     tasks = root / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)
     for name, rows, template in (("toy_mc", mc, MC_TASK), ("toy_gen", gen, GEN_TASK)):
@@ -79,14 +83,17 @@ def write_tasks(root, model, n: int = 8, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from lazymerge.engine import Engine, toy
+    from lazymerge.demo.zoo import build_zoo
+    from lazymerge.engine import Engine
 
     root = tmp_path_factory.mktemp("lm_eval")
-    fam = {k: str(v) for k, v in toy.make_family(root / "fam", "mistral", 2, seed=0).items()}
+    zoo = build_zoo(root / "zoo", seed=0, size="small")
+    fam = {"base": str(zoo / "base"), "e1": str(zoo / "foreign"), "e2": str(zoo / "math")}
     (root / "recipe.yaml").write_text(RECIPE.format(**fam))
     (root / "served.yaml").write_text(RECIPE.format(base="base", e1="e1", e2="e2"))
     model = Engine().compile(root / "recipe.yaml")
-    tasks = write_tasks(root, model)
+    rows = (zoo / "data" / "target_test.jsonl").read_text().splitlines()[:8]
+    tasks = write_tasks(root, model, [json.loads(r)["prompt"] for r in rows])
     r = subprocess.run([sys.executable, "-m", "lazymerge.cli", "merge", str(root / "recipe.yaml"), str(root / "export")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -141,16 +148,26 @@ def test_same_metrics_three_ways(setup):
     try:
         ours = _evaluate("lazymerge", f"recipe={root / 'recipe.yaml'},batch_size=8", tasks)
         hf = _evaluate("hf", f"pretrained={root / 'export'},device=cpu,dtype=float32,batch_size=8", tasks)
+        ours_nobos = _evaluate("lazymerge", f"recipe={root / 'recipe.yaml'},batch_size=8,add_bos_token=False", tasks)
+        hf_nobos = _evaluate("hf", f"pretrained={root / 'export'},device=cpu,dtype=float32,batch_size=8,"
+                                   "add_bos_token=False", tasks)
         base = _wait_for_server(proc, root)
         remote = _evaluate("local-completions", f"model=served,base_url={base}/v1/completions,tokenizer_backend=auto,"
                                                 "max_retries=1,timeout=60", tasks)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert ours[0] == hf[0] == remote[0], (ours[0], hf[0], remote[0])
+    # the tokenizer's default (BOS): lazymerge on the recipe == hf on the export
+    assert ours[0] == hf[0], (ours[0], hf[0])
     assert 0 < ours[0]["toy_gen"]["exact_match,strip"] < 1  # a real comparison, not two zeros
-    assert ours[1] == pytest.approx(hf[1], abs=1e-4) and remote[1] == pytest.approx(hf[1], abs=1e-4)
-    assert ours[2] == hf[2] == remote[2]
+    assert ours[1] == pytest.approx(hf[1], abs=1e-4)
+    assert ours[2] == hf[2]
+    # without special tokens (the remote tokenizer's way): all three agree
+    assert ours_nobos[0] == hf_nobos[0] == remote[0], (ours_nobos[0], hf_nobos[0], remote[0])
+    assert ours_nobos[1] == pytest.approx(hf_nobos[1], abs=1e-4) and remote[1] == pytest.approx(hf_nobos[1], abs=1e-4)
+    assert ours_nobos[2] == hf_nobos[2] == remote[2]
+    # and BOS does change the scores here, so the two conventions are told apart (add_bos_token is not ignored)
+    assert max(abs(a - b) for a, b in zip(ours[1], ours_nobos[1])) > 1e-3
 
 
 def test_lm_eval_resolves_the_model_name_in_a_fresh_interpreter():
