@@ -178,7 +178,7 @@ def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: boo
                 on_step=progress.update,
             )
             progress.close(f", loss {stats[name]['final_loss']:.3f}")
-            model.save_pretrained(out / name, safe_serialization=True)
+            _save_quietly(model, out / name)
             tokenizer.save_pretrained(out / name)
     finally:
         torch.set_num_threads(threads)
@@ -195,6 +195,19 @@ def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: boo
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def _save_quietly(model, path: Path) -> None:
+    """`save_pretrained` without transformers' one-shard "Writing model shards" bar (noise between our lines)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------- CLI
