@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import alloc as _alloc
 from . import threads as _threads
 from .checkpoint import SourceUnavailable
 from .generate import Completion, SamplingParams, UsageError
@@ -50,6 +51,8 @@ class Engine:
         else:
             self.sources = SourceSet.open(sources or {}, allow_open=allow_open)
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            _alloc.tune()  # transient merge tensors reuse heap memory instead of faulting fresh pages (engine/alloc.py)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {device!r}: CUDA is not available on this machine")
         if dtype is None:

@@ -1,0 +1,64 @@
+"""engine/alloc.py: with the allocator tuned (the default on glibc), an on-the-fly forward's transient tensors (pread
+copies of the sources, the merged weight) reuse freed heap memory; untuned, glibc hands them back to the OS and every
+forward faults fresh zeroed pages in again (measured: 202k page faults and 2.2x the time per 1-token forward of an
+8-layer, hidden-1024 TIES merge; BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CODE = """
+import json, resource, sys, torch
+torch.set_num_threads(1)
+from lazymerge.engine import Engine, alloc
+paths = json.loads(sys.argv[1])
+m = Engine(paths, policy="on_the_fly", cpu_fused=False).compile({"merge_method": "ties", "base_model": "base",
+    "models": [{"model": "e1", "parameters": {"weight": 0.7, "density": 0.5}},
+               {"model": "e2", "parameters": {"weight": 0.5, "density": 0.4}}]})
+ids = torch.tensor([[5]]); mask = torch.ones_like(ids); pos = mask.cumsum(-1) - 1
+for _ in range(3):  # warm: the first forwards fault in whatever the heap needs
+    m._forward(ids, mask, pos, last_only=True)
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    m._forward(ids, mask, pos, last_only=True)
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 5
+print(json.dumps({"tuned": alloc.tune(), "faults_per_forward": faults}))
+"""
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """Layers of a few MB each (above glibc's 128 KiB mmap threshold, below the tuned 32 MiB)."""
+    from lazymerge.engine import toy
+
+    fam = toy.make_family(tmp_path_factory.mktemp("alloc"), "mistral", 2, seed=0, hidden=512, layers=2, heads=8,
+                          kv_heads=4, intermediate=1408)
+    return {k: str(v) for k, v in fam.items()}
+
+
+def _run(paths: dict, env_extra: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    env.pop("LAZYMERGE_MALLOC_TUNE", None)
+    env.update(env_extra)
+    r = subprocess.run([sys.executable, "-c", CODE, json.dumps(paths)], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_tuned_allocator_stops_page_faults_on_the_hot_path(medium):
+    tuned, untuned = _run(medium, {}), _run(medium, {"LAZYMERGE_MALLOC_TUNE": "0"})
+    if not tuned["tuned"]:
+        pytest.skip("not glibc: engine/alloc.py does nothing here")
+    assert untuned["tuned"] is False
+    assert untuned["faults_per_forward"] > 1000, untuned  # ~5 MB of sources + weights per layer, faulted each time
+    assert tuned["faults_per_forward"] < untuned["faults_per_forward"] / 20, (tuned, untuned)
+
+
+def test_an_environment_that_tunes_glibc_itself_is_left_alone(medium):
+    assert _run(medium, {"MALLOC_TRIM_THRESHOLD_": "1000000"})["tuned"] is False
