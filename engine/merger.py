@@ -12,10 +12,10 @@ lookups). It splits the work as the kernels want it:
 2. `kernels.merge.merge(...)`: the elementwise pass (Triton on CUDA, the fused compiled loop on CPU, the PyTorch
    reference as the oracle).
    The other mergekit methods keep no per-element statistic either: the spherical ones and model_stock cache the
-   inputs' Gram matrix (O(rows * n^2), engine/method_stats.py), sce computes its variance cut through `_topk_cut` and
+   inputs' Gram matrix (O(rows * n^2), engine/method_stats.py), sce cuts its variance with `select.topk_cuts` and
    drops the variance, arcee_fusion keeps a per-row KL, ramplus_tl a factor per model.
 
-Source tensors are read through `TensorStore`: zero-copy views of the memory-mapped files on the CPU, one resident
+Source tensors are read through `TensorStore`: fresh copies read with pread on the CPU (engine/reader.py), one resident
 copy per source tensor on a GPU.
 """
 
@@ -92,7 +92,8 @@ def _nbytes(v) -> int:
 
 
 class TensorStore:
-    """Source tensors on one device: memory-mapped views on the CPU, one resident copy each on a GPU."""
+    """Source tensors on one device: fresh pread copies on the CPU (engine/reader.py), one resident copy each on a
+    GPU."""
 
     def __init__(self, sources: SourceSet, device: torch.device | str = "cpu"):
         self.sources = sources
@@ -101,7 +102,7 @@ class TensorStore:
         self._lock = threading.Lock()
 
     def raw(self, source: str, name: str) -> torch.Tensor:
-        """Tensor `name` of `source` as stored (a memory-mapped view on the CPU, the resident copy on a GPU)."""
+        """Tensor `name` of `source` as stored (a fresh pread copy on the CPU, the resident copy on a GPU)."""
         if self.device.type == "cpu":
             return self.sources[source].get(name)
         key = (self.sources[source].fingerprint, name)
@@ -291,23 +292,6 @@ class Merger:
             G = ms.gram([self.store.get(r) for r in refs], b, layout)
             self.stats.put(key, G)
         return G
-
-    def _topk_cut(self, scores: torch.Tensor, k: int) -> tuple[float, int]:
-        """(threshold, tie cutoff index) selecting exactly the k largest of the flat float32 `scores`, ties at the
-        cut going to the lower flat index (the rule of `keep_mask`'s top-k). Every top-k cut of a statistic that is
-        not cached (sce's variance) goes through here: a selection (kthvalue + counts), no sort."""
-        m = scores.numel()
-        if k <= 0:
-            return math.inf, -1
-        if k >= m:
-            return -1.0, -1
-        t = float(torch.kthvalue(scores.reshape(-1), m - k + 1).values)
-        above = int((scores > t).sum())
-        eq = (scores.reshape(-1) == t).nonzero().reshape(-1)
-        need = k - above
-        if need == eq.numel():
-            return t, MAX_INDEX
-        return t, int(eq[need - 1])
 
     # -- the merge ---------------------------------------------------------------------------------------------
     def merge(self, plan: TensorPlan, rows: torch.Tensor | None = None,

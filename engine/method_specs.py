@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from lazymerge.kernels import select
 from lazymerge.kernels.merge import MergeSpec, source_variance
 from lazymerge.kernels.rng import MAX_INDEX, mask_keys, sample_indices
 
@@ -86,7 +87,7 @@ def _prepare_sce(m, p: TensorPlan, base, xs, numel: int) -> MergeSpec:
         for s, e, b, chunk in _chunks(base, xs):
             var[s:e] = source_variance([x.float() - b for x in chunk])
         k = int(int(torch.count_nonzero(var)) * topk) if topk > 0 else 0
-        cut = m._topk_cut(var, k)
+        cut = select.topk_cuts(None, var, (k,))[0]  # exact radix select, ties to the lower flat index
     sq = [0.0] * n
     for s, e, b, chunk in _chunks(base, xs):
         keep = None
