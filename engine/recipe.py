@@ -277,6 +277,8 @@ def _validate_recipe(r: Recipe) -> None:
         raise ValueError("models/slices: give exactly one of `models` or `slices`")
     if r.models is not None and not r.models:
         raise ValueError("models: empty list")
+    if r.slices is not None and not r.slices:  # mergekit: "Must specify either output slices or models to merge"
+        raise ValueError("slices: empty list")
     if m.needs_base and r.base_model is None and not (r.slices and all(s.base_model for s in r.slices)):
         raise ValueError(f"base_model: merge_method {m.name!r} needs a base_model")
 

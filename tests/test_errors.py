@@ -30,6 +30,9 @@ BAD_RECIPES = [
     ("merge_method: linear\nmodels: [{model: e1}]", "models[0].parameters.weight: required by 'linear'"),
     ("merge_method: slerp\nbase_model: e1\nmodels: [{model: e1}, {model: e2}]", "parameters.t: slerp needs `t`"),
     ("merge_method: linear\nmodels: []", "models: empty list"),
+    # found by the fuzz (server.fuzz, 300 examples): an empty `slices` list with a base_model was a 500
+    ("merge_method: ties\nbase_model: base\nslices: []", "slices: empty list"),
+    ("merge_method: passthrough\nslices: []", "slices: empty list"),
     ("merge_method: linear\nmodelz: []", "modelz: unknown field"),
     ("merge_method: passthrough\nslices: [{sources: [{model: e1, layer_range: [2, 1]}]}]", "layer_range [2, 1] must be"),
     ("merge_method: path\nbase_model: e1\npath: [{model: e1}]", "a hop gives exactly one of `layer` or `layer_range`"),
