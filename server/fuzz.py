@@ -86,8 +86,17 @@ class Stats:
             self.failures.append(f"{what}: {r.status_code} {r.text[:300]}")
 
 
-def fuzz_server(client, examples: int, stats: Stats) -> None:
-    """Completions, chat, recipe registration and inline recipes with arbitrary bodies through `client`."""
+REPLAY_KEEP = 500  # requests the fuzz remembers for the replay
+
+
+def fuzz_server(client, examples: int, stats: Stats, sent: list | None = None) -> None:
+    """Completions, chat, recipe registration and inline recipes with arbitrary bodies through `client`; the first
+    REPLAY_KEEP (route, body) pairs are appended to `sent` (for `replay`)."""
+    sent = [] if sent is None else sent
+
+    def remember(route, body):
+        if len(sent) < REPLAY_KEEP:
+            sent.append((route, body))
     cfg = settings(max_examples=examples, deadline=None, derandomize=True, database=None,
                    suppress_health_check=list(HealthCheck),
                    phases=PHASES)
@@ -95,11 +104,13 @@ def fuzz_server(client, examples: int, stats: Stats) -> None:
     @cfg
     @given(body=requests, route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
     def requests_prop(body, route):
+        remember(route, body)
         stats.response(route, _post(client, route, body))
 
     @cfg
     @given(recipe=st.one_of(recipe_objects, yaml_texts, json_values), name=st.sampled_from(["r1", "bad name", "r2"]))
     def recipes_prop(recipe, name):
+        remember("/v1/recipes", {"name": name, "recipe": recipe})
         r = _post(client, "/v1/recipes", {"name": name, "recipe": recipe})
         stats.response("/v1/recipes", r)
         if r.status_code in (200, 201):
@@ -107,6 +118,18 @@ def fuzz_server(client, examples: int, stats: Stats) -> None:
 
     requests_prop()
     recipes_prop()
+
+
+def replay(client, sent: list, requests: int, stats: Stats) -> None:
+    """Send the remembered fuzz requests again, in order and round after round, `requests` in all (without
+    hypothesis' own bookkeeping, whose memory grows with every example it explores): what the server itself keeps
+    per request. A registered recipe is deleted again, as in the fuzz."""
+    for i in range(requests):
+        route, body = sent[i % len(sent)]
+        r = _post(client, route, body)
+        stats.response(f"replay {route}", r)
+        if route == "/v1/recipes" and r.status_code in (200, 201):
+            client.delete(f"/v1/recipes/{body['name']}")
 
 
 def _post(client, route: str, body):
@@ -204,13 +227,25 @@ def run(examples: int) -> dict:
         with TestClient(app, raise_server_exceptions=False) as c:
             c.post("/v1/completions", json={"model": "ta_e1", "prompt": "warm up", "max_tokens": 2})
             rss0, t0 = _rss_kb(), time.perf_counter()
-            s = Stats()
-            fuzz_server(c, examples, s)
+            s, sent = Stats(), []
+            fuzz_server(c, examples, s, sent)
             rss1 = _rss_kb()
-        out["server"] = {"examples": s.examples, "failures": s.failures, "seconds": time.perf_counter() - t0,
-                         "status_counts": dict(sorted(s.status.items())), "max_error_bytes": s.max_error_bytes,
-                         "rss_growth_kb": rss1 - rss0,
-                         "rss_growth_kb_per_request": round((rss1 - rss0) / max(1, s.examples), 2)}
+            out["server"] = {"examples": s.examples, "failures": s.failures, "seconds": time.perf_counter() - t0,
+                             "status_counts": dict(sorted(s.status.items())), "max_error_bytes": s.max_error_bytes,
+                             "rss_growth_kb": rss1 - rss0,
+                             "rss_growth_kb_per_request": round((rss1 - rss0) / max(1, s.examples), 2)}
+            # the same requests again, twice over (the first round warms whatever caches they fill), then measured
+            n = max(len(sent), 2 * examples)
+            r0 = Stats()
+            replay(c, sent, n, r0)
+            rss2, t0 = _rss_kb(), time.perf_counter()
+            r = Stats()
+            replay(c, sent, n, r)
+            rss3 = _rss_kb()
+            out["replay"] = {"examples": r.examples, "failures": r0.failures + r.failures,
+                             "seconds": time.perf_counter() - t0, "status_counts": dict(sorted(r.status.items())),
+                             "rss_growth_kb": rss3 - rss2,
+                             "rss_growth_kb_per_request": round((rss3 - rss2) / max(1, r.examples), 2)}
         return out
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -229,7 +264,12 @@ def main(argv=None) -> int:
         notes = ""
         if k == "server":
             notes = (f"status {v['status_counts']}; largest error body {v['max_error_bytes']} B; RSS growth "
-                     f"{v['rss_growth_kb']} KB ({v['rss_growth_kb_per_request']} KB/request)")
+                     f"{v['rss_growth_kb']} KB ({v['rss_growth_kb_per_request']} KB/request, hypothesis' own "
+                     "bookkeeping included)")
+        elif k == "replay":
+            notes = (f"the fuzz's first {REPLAY_KEEP} requests sent again after a warm round: status "
+                     f"{v['status_counts']}; RSS growth {v['rss_growth_kb']} KB "
+                     f"({v['rss_growth_kb_per_request']} KB/request)")
         print(f"| {k} | {v['examples']} | {len(v['failures'])} | {v['seconds']:.1f} | {notes} |")
     for k, v in res.items():
         for f in v["failures"][:5]:

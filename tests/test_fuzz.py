@@ -18,3 +18,4 @@ def test_fuzz_recipes_requests_and_headers_briefly():
     server = res["server"]
     assert server["max_error_bytes"] < 4096
     assert server["rss_growth_kb"] < 200_000, server  # ~100 requests: no per-request leak of note
+    assert res["replay"]["examples"] >= 50 and res["replay"]["rss_growth_kb_per_request"] < 100, res["replay"]
