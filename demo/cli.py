@@ -133,8 +133,9 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=int, default=1, help="run this many seeds and report each and the mean")
     p.add_argument("--evaluations", type=int, default=150, help="CMA-ES candidates per search")
     p.add_argument("--layer-groups", type=int, default=2, help="weight per source per group of layers")
-    p.add_argument("--spaces", default="ps,dfs,dfs_w1,ps_dfs",
-                   help="evolved rows to search: ps (always), dfs, dfs_w1 (W fixed to 1), ps_dfs")
+    p.add_argument("--spaces", default="ps,dfs,dfs_w1,ps_dfs,ps_weighted",
+                   help="evolved rows to search: ps (always), dfs, dfs_w1 (W fixed to 1), ps_dfs, ps_weighted (the "
+                        "experts' own tasks weighted into the fitness)")
     p.add_argument("--small", action="store_true", help="the seconds-sized zoo (tests; accuracies are meaningless)")
     p.add_argument("--no-serve", action="store_true", help="stop after the table")
     p.add_argument("--json", action="store_true", help="print the table as JSON on stdout's last line")

@@ -12,6 +12,8 @@
    head, first and last layer) and the math expert (B), their M layers laid out and repeated r = 3 times, an
    indicator per slot and the M x M scaling matrix W on the hidden state entering each hop; the same with W fixed to
    1 (the paper's ablation); and PS+DFS, a path whose model A is the evolved PS merge;
+   and (`ps_weighted`) the PS search again with each expert's own task weighted into the fitness (the off-target
+   trade-off: the paper reports JP-LMEH beside MGSM-JA);
 4. scores every source, the untuned baselines (plain average, TIES and DARE-TIES at default settings), the control
    and each evolved model on the held-out test split of the intersection task and on each expert's own task; the
    row of kind `evolved` repeats the evolved model with the best *search-split* fitness (chosen without looking at
@@ -19,7 +21,8 @@
 5. returns the table as {"target_task", "rows": [{"model", "kind", "scores": {task: accuracy %}}]} and writes it
    with plots under `out_dir`. Nothing but run records is written: every model is evaluated lazily.
 
-Row kinds: source, baseline, control, evolved_ps, evolved_dfs, evolved_dfs_w1, evolved_ps_dfs, evolved.
+Row kinds: source, baseline, control, evolved_ps, evolved_dfs, evolved_dfs_w1, evolved_ps_dfs, evolved_ps_weighted,
+evolved.
 """
 
 from __future__ import annotations
@@ -69,12 +72,44 @@ def search_config(zoo: Path, models: list[str], evaluations: int, seed: int, lay
 
 # The paper's DFS: model A (here the foreign expert, which reads the prompt's language) gives embeddings, head, first
 # and last layer; A's and B's layers laid out in sequence and repeated r = 3 times; W scales the hidden state.
-SPACES = ("ps", "dfs", "dfs_w1", "ps_dfs")
+SPACES = ("ps", "dfs", "dfs_w1", "ps_dfs", "ps_weighted")
 DFS_SPACES = {"dfs": {"kind": "dfs", "models": ["foreign", "math"], "repeats": 3, "scales": "matrix"},
               "dfs_w1": {"kind": "dfs", "models": ["foreign", "math"], "repeats": 3, "scales": "ones"},
               "ps_dfs": {"kind": "ps+dfs", "models": ["math"], "repeats": 3, "scales": "matrix"}}
 ROW_NAMES = {"ps": "evolved merge (PS)", "dfs": "evolved path (DFS)", "dfs_w1": "evolved path, W = 1 (DFS)",
-             "ps_dfs": "evolved PS+DFS"}
+             "ps_dfs": "evolved PS+DFS", "ps_weighted": "evolved merge (PS), experts' tasks weighted in"}
+# The off-target trade-off (the paper reports JP-LMEH beside MGSM-JA): a PS search whose fitness adds each expert's
+# own task, weight EXPERT_WEIGHT each, on search splits drawn fresh from the experts' task generators
+# (`expert_search_splits`: disjoint from the held-out test files). Not a candidate for the `evolved` row: its fitness
+# is on another scale, and the claim is about the target.
+EXPERT_WEIGHT = 0.5
+EXPERT_SEARCH_N = 100
+
+
+def expert_search_splits(zoo: Path, seed: int, out: Path, n: int = EXPERT_SEARCH_N) -> dict[str, Path]:
+    """Search splits for the experts' own tasks, written under `out` (the zoo is left as built): `n` foreign
+    lookup questions and `n` English word problems from the zoo's generators (demo/corpus.py) with seed-derived
+    randomness, none of them a prompt of the held-out test files (nor, for word problems, the English of a target
+    problem). Returns {task name: JSONL path}."""
+    import random
+
+    from lazymerge.demo import corpus
+
+    world = corpus.World(seed)
+    rng = random.Random(f"expert-search-{seed}")
+    prompts = lambda f: {json.loads(x)["prompt"] for x in (zoo / "data" / f).read_text().splitlines() if x}  # noqa: E731
+    foreign_test = prompts(TASK_FILES["foreign"][1])
+    lookups = corpus.unique_examples(corpus.lookup_qa, rng, 4 * n)
+    foreign = [(q, a) for q, a in ((world.translate(p), a) for p, a in lookups) if q not in foreign_test][:n]
+    targets = prompts(TASK_FILES[TARGET][0]) | prompts(TASK_FILES[TARGET][1])
+    math = [(p, a) for p, a in corpus.unique_examples(corpus.word_problem, rng, 4 * n, prompts(TASK_FILES["math"][1]))
+            if world.translate(p) not in targets][:n]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, rows in (("foreign", foreign), ("math", math)):
+        paths[name] = out / f"{name}_search.jsonl"
+        paths[name].write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+    return paths
 
 
 def held_out_tasks(zoo: Path):
@@ -113,6 +148,14 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
            "search_ps")
     search("control", search_config(zoo, ["math"], evaluations, seed, layer_groups, threads=threads),
            "search_control")
+    if "ps_weighted" in spaces:
+        cfg = search_config(zoo, ["foreign", "math"], evaluations, seed, layer_groups, threads=threads)
+        cfg["tasks"][0]["weight"] = 1.0
+        for name, path in expert_search_splits(zoo, seed, out / "search_ps_weighted").items():
+            cfg["tasks"].append({"name": name, "type": "generate_exact_match", "data": str(path),
+                                 "test_data": str(zoo / "data" / TASK_FILES[name][1]), "max_tokens": MAX_TOKENS,
+                                 "weight": EXPERT_WEIGHT})
+        search("ps_weighted", cfg, "search_ps_weighted")
     for key in ("dfs", "dfs_w1", "ps_dfs"):
         if key not in spaces:
             continue
@@ -135,7 +178,8 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
     evolved_keys = [k for k in SPACES if k in searches]
     for k in evolved_keys:
         models.append((ROW_NAMES[k], f"evolved_{k}", searches[k].best_recipe))
-    best_key = max(evolved_keys, key=lambda k: searches[k].best_fitness)  # first of equals: PS
+    # first of equals: PS; the expert-weighted search's fitness is on another scale (not a target-only score)
+    best_key = max((k for k in evolved_keys if k != "ps_weighted"), key=lambda k: searches[k].best_fitness)
     models.append(("best evolved (by search split)", "evolved", searches[best_key].best_recipe))
     say(f"scoring {len(models)} models on the held-out splits ...")
     rows, cache = [], {}
@@ -148,7 +192,8 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
     table = {"target_task": TARGET, "rows": rows, "seconds": round(time.time() - t0, 1),
              "evaluations": evolved.evaluations, "zoo": str(zoo), "platform": platform_facts(zoo),
              "best_space": best_key,
-             "search_fitness": {k: round(100 * searches[k].best_fitness, 1) for k in evolved_keys}}
+             "search_fitness": {k: round(100 * searches[k].best_fitness, 1) for k in evolved_keys},
+             "expert_weight": EXPERT_WEIGHT if "ps_weighted" in searches else None}
     (out / "results.json").write_text(json.dumps(table, indent=2))
     (out / "evolved.yaml").write_text(_yaml(searches[best_key].best_recipe))
     for k in evolved_keys:

@@ -18,7 +18,7 @@ def test_demo_small_end_to_end(tmp_path):
     kinds = [row["kind"] for row in table["rows"]]
     assert kinds.count("source") == 3 and kinds.count("baseline") == 3
     assert kinds.count("control") == 1 and kinds.count("evolved") == 1
-    for k in ("evolved_ps", "evolved_dfs", "evolved_dfs_w1", "evolved_ps_dfs"):
+    for k in ("evolved_ps", "evolved_dfs", "evolved_dfs_w1", "evolved_ps_dfs", "evolved_ps_weighted"):
         assert kinds.count(k) == 1, k
     for row in table["rows"]:
         assert set(row["scores"]) == {"target", "foreign", "math"}
@@ -27,7 +27,8 @@ def test_demo_small_end_to_end(tmp_path):
     for f in ("results.json", "results.png", "evolved.yaml", "control.yaml", "search_ps/best.yaml",
               "search_ps/history.jsonl", "search_ps/fitness.png", "search_ps/params.png", "search_control/best.yaml",
               "search_dfs/path.png", "search_dfs_w1/path.png", "search_ps_dfs/path.png", "evolved_ps.yaml",
-              "evolved_dfs.yaml", "evolved_dfs_w1.yaml", "evolved_ps_dfs.yaml"):
+              "evolved_dfs.yaml", "evolved_dfs_w1.yaml", "evolved_ps_dfs.yaml", "evolved_ps_weighted.yaml",
+              "search_ps_weighted/foreign_search.jsonl", "search_ps_weighted/math_search.jsonl"):
         assert (run / f).exists(), f
     history = [json.loads(line) for line in (run / "search_ps" / "history.jsonl").read_text().splitlines()]
     assert len(history) >= 8
@@ -45,3 +46,8 @@ def test_demo_small_end_to_end(tmp_path):
     assert dfs.merge_method == "path" and Path(dfs.base_model).name == "foreign"
     assert "seed 0" in r.stderr and "| evolved merge (PS) | evolved_ps |" in r.stderr
     assert "search dfs:" in r.stderr  # one line per phase
+    # the expert-weighted search: three tasks in its fitness, never the `evolved` row's pick
+    res = json.loads((run / "results.json").read_text())
+    hist = [json.loads(x) for x in (run / "search_ps_weighted" / "history.jsonl").read_text().splitlines()]
+    assert set(hist[0]["scores"]) == {"target", "foreign", "math"}
+    assert res["best_space"] != "ps_weighted" and res["expert_weight"] == 0.5

@@ -205,3 +205,17 @@ def test_step_progress_lines_with_eta_off_a_terminal():
     assert lines[0] == "train x: 4 steps ..." and lines[-1].startswith("train x: done in ")
     assert [x.split(",")[0] for x in lines[1:-1]] == [f"train x: step {k}/4" for k in (1, 2, 3)]
     assert all("ETA" in x for x in lines[1:-1])
+
+
+def test_expert_search_splits_are_disjoint_from_the_held_out_files(small_zoo, tmp_path):
+    from lazymerge.demo.experiment import TASK_FILES, expert_search_splits
+
+    a = expert_search_splits(small_zoo, 0, tmp_path / "a", n=30)
+    b = expert_search_splits(small_zoo, 0, tmp_path / "b", n=30)
+    for name, path in a.items():
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        assert len(rows) == 30 and len({r["prompt"] for r in rows}) == 30
+        assert path.read_bytes() == b[name].read_bytes()  # deterministic in the seed
+        held = {json.loads(x)["prompt"] for x in (small_zoo / "data" / TASK_FILES[name][1]).read_text().splitlines()}
+        assert not held & {r["prompt"] for r in rows}
+        assert all(r["answer"].isdigit() for r in rows)
