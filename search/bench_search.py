@@ -30,6 +30,19 @@ import numpy as np
 import torch
 
 
+class _NoSources:
+    """The part of `Engine` that LazyModel's methods use, for a model with its weights already in memory."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def check_sources(self, names) -> None:  # nothing read lazily: nothing can change under it
+        pass
+
+    def invalidate(self) -> None:
+        pass
+
+
 class LoadedModel:
     """A transformers model loaded from disk behind the interface the tasks use (LazyModel's own methods)."""
 
@@ -40,14 +53,17 @@ class LoadedModel:
 
         self.module = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         self.tokenizer, self.device = tokenizer, torch.device("cpu")
-        self.engine = type("E", (), {"lock": threads_lock})()
+        self.engine = _NoSources(threads_lock)
+        self.source_names: list[str] = []
+        self.vocab_rows = self.module.get_input_embeddings().num_embeddings
+        self.plan = type("Plan", (), {"tokenizer_source": str(path)})()  # named by check_ids' message
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = {tokenizer.eos_token_id}
         import inspect
 
         params = inspect.signature(self.module.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        for name in ("_forward", "session", "encode", "_params", "generate", "loglikelihood"):
+        for name in ("_forward", "logits", "session", "check_ids", "encode", "_params", "generate", "loglikelihood"):
             setattr(self, name, getattr(LazyModel, name).__get__(self))
 
 
