@@ -191,14 +191,14 @@ def test_the_pth_hook_is_silent_when_lazymerge_is_gone(tmp_path):
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
-def test_add_bos_token_as_hf_takes_it(fam):
+def test_add_bos_token_as_hf_takes_it(setup):
     from lazymerge.engine import Engine
     from lazymerge.engine.generate import UsageError
     from lazymerge.engine.harness import LazymergeLM
 
-    m = Engine({k: str(v) for k, v in fam.items()}).compile(
-        {"merge_method": "linear", "models": [{"model": "e1", "parameters": {"weight": 1.0}}]})
-    text = "the cat"
+    root, _, _ = setup
+    m = Engine().compile(root / "recipe.yaml")  # the demo zoo's tokenizer adds BOS
+    text = "Q : mibo natu"
     default, on, off = (LazymergeLM(model=m, add_bos_token=v).tok_encode(text) for v in (None, "True", False))
     assert off == m.tokenizer.encode(text, add_special_tokens=False)
     assert on == m.tokenizer.encode(text, add_special_tokens=True) and default == on and on != off
