@@ -92,7 +92,8 @@ def read_header(path: Path, f: FileReader) -> dict[str, TensorInfo]:
 
 @dataclass
 class Source:
-    """One checkpoint folder, memory-mapped."""
+    """One checkpoint folder: its config, its tensors' places in its safetensors files, and those files held open
+    for pread reads (engine/reader.py)."""
 
     path: Path
     config: dict

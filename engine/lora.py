@@ -3,8 +3,8 @@
 A recipe names a LoRA input as mergekit does (mergekit/common.py `ModelReference`): `model: BASE+ADAPTER`, two
 folders joined by one `+`. `ADAPTER` is a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
 `LoraSource` offers the interface of `checkpoint.Source` (path, config, tensors/shape, get, fingerprint, nbytes,
-close): tensors the adapter does not touch are the base's zero-copy views; a targeted weight is computed when asked
-for, never stored:
+close): tensors the adapter does not touch are read from the base's files as they are; a targeted weight is computed
+when asked for, never stored (the adapter file is read and identity-checked like base weights, engine/reader.py):
 
     Linear:     W' = W + scale * (B @ A)          B: (out, r), A: (r, in), W: (out, in)  [transposed if fan_in_fan_out]
     Embedding:  W' = W + scale * (B @ A)^T        B: (dim, r), A: (r, vocab), W: (vocab, dim)
