@@ -28,8 +28,10 @@ def _cmd_demo(args) -> int:
         c = claim(table)
         table["claim"] = c
         tables.append(table)
+        chosen = {k: max(c["validation"] for c in v["candidates"]) for k, v in table["validation"].items()}
         say(f"\nseed {s} — held-out accuracy (%), searches and scoring took {table['seconds']:.0f} s; best evolved "
-            f"by search-split fitness: {table['best_space']} ({table['search_fitness']})")
+            f"on the validation split: {table['best_space']} (validation % of each search's chosen candidate: "
+            f"{chosen}; best search-split fitness %: {table['search_fitness']})")
         pf = table["platform"]
         say(f"zoo v{pf['zoo_version']} content {pf['zoo_content_hash']}, {pf['cpu']}, torch {pf['torch']}")
         say(format_table(table))

@@ -51,3 +51,31 @@ def test_demo_small_end_to_end(tmp_path):
     hist = [json.loads(x) for x in (run / "search_ps_weighted" / "history.jsonl").read_text().splitlines()]
     assert set(hist[0]["scores"]) == {"target", "foreign", "math"}
     assert res["best_space"] != "ps_weighted" and res["expert_weight"] == 0.5
+    # each reported candidate is chosen on a validation split disjoint from the target's search and test splits
+    assert set(res["validation"]) == {"control", "ps", "dfs", "dfs_w1", "ps_dfs"}
+    prompts = lambda f: {json.loads(x)["prompt"] for x in f.read_text().splitlines() if x}  # noqa: E731
+    valid = prompts(run / "target_valid.jsonl")
+    zoo = tmp_path / "zoo" / "seed0" / "data"
+    assert len(valid) == 400 and not valid & (prompts(zoo / "target_search.jsonl") | prompts(zoo / "target_test.jsonl"))
+    best = res["best_space"]
+    chosen = max(c["validation"] for c in res["validation"][best]["candidates"])
+    assert all(max(c["validation"] for c in v["candidates"]) <= chosen for k, v in res["validation"].items()
+               if k != "control")
+    assert load_recipe((run / "evolved.yaml").read_text()).to_dict() == load_recipe(
+        (run / f"evolved_{best}.yaml").read_text()).to_dict()
+
+
+def test_the_reported_candidate_is_the_best_on_validation_among_the_top_k():
+    from lazymerge.demo.experiment import choose_on_validation, top_candidates
+
+    rec = lambda i: {"merge_method": "linear", "models": [{"model": "m", "parameters": {"weight": i}}]}  # noqa: E731
+    # fitness order: e3 (0.9), then e1 and e4 tie at 0.8 (e1 first), e2 repeats e3's recipe, e0 is last
+    hist = [{"eval": 0, "fitness": 0.1, "recipe": rec(0)}, {"eval": 1, "fitness": 0.8, "recipe": rec(1)},
+            {"eval": 2, "fitness": 0.9, "recipe": rec(3)}, {"eval": 3, "fitness": 0.9, "recipe": rec(3)},
+            {"eval": 4, "fitness": 0.8, "recipe": rec(4)}]
+    assert [h["eval"] for h in top_candidates(hist, 3)] == [2, 1, 4]
+    valid = {3: 0.2, 1: 0.5, 4: 0.5, 0: 0.99}
+    best, cands = choose_on_validation(hist, lambda r: valid[r["models"][0]["parameters"]["weight"]], k=3)
+    assert best["eval"] == 1  # e1 and e4 tie on validation: the better (earlier) search candidate; e0 is not top-3
+    assert cands == [{"eval": 2, "search": 90.0, "validation": 20.0}, {"eval": 1, "search": 80.0, "validation": 50.0},
+                     {"eval": 4, "search": 80.0, "validation": 50.0}]
