@@ -24,7 +24,7 @@ def _cmd_demo(args) -> int:
         say(f"zoo seed {s}: {zoo} ({time.time() - t0:.0f} s)")
         spaces = tuple(x.strip() for x in args.spaces.split(",") if x.strip())
         table = run_experiment(zoo, out / f"seed{s}", evaluations=args.evaluations, layer_groups=args.layer_groups,
-                               seed=s, quiet=args.json, spaces=spaces, say=say)
+                               seed=s, quiet=args.json, spaces=spaces, say=say, workers=args.workers)
         c = claim(table)
         table["claim"] = c
         tables.append(table)
@@ -138,6 +138,8 @@ def register(sub) -> None:
     p.add_argument("--spaces", default="ps,dfs,dfs_w1,ps_dfs,ps_weighted",
                    help="evolved rows to search: ps (always), dfs, dfs_w1 (W fixed to 1), ps_dfs, ps_weighted (the "
                         "experts' own tasks weighted into the fitness)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="search worker processes, one torch thread each (default: one per CPU, at most 4)")
     p.add_argument("--small", action="store_true", help="the seconds-sized zoo (tests; accuracies are meaningless)")
     p.add_argument("--no-serve", action="store_true", help="stop after the table")
     p.add_argument("--json", action="store_true", help="print the table as JSON on stdout's last line")

@@ -59,9 +59,26 @@ def baselines() -> dict[str, dict]:
 FILTERS = ("embed_tokens", "lm_head")
 
 
+MAX_WORKERS = 4
+
+
+def search_runtime(workers: int | None = None) -> dict:
+    """How the demo's searches run: `workers` worker processes (default: one per CPU this process may use, at most
+    MAX_WORKERS), the CPUs shared among them (one torch thread each by default), every search-split prompt in one
+    batch. Runtime settings do not
+    enter a run's identity (`SearchConfig.digest`); on zoo v5 seed 0 this layout recorded the same fitness and
+    genomes, bit for bit, as one 2-thread process with batches of 128 (36 candidates of the PS search)."""
+    from lazymerge.engine.threads import available_cpus, per_worker
+
+    workers = workers or max(1, min(MAX_WORKERS, available_cpus()))
+    return {"workers": workers, "threads": per_worker(workers), "batch_size": 400}
+
+
 def search_config(zoo: Path, models: list[str], evaluations: int, seed: int, layer_groups: int,
-                  method: str = "ties", threads: int = 2, filters=FILTERS, space: dict | None = None) -> dict:
-    """A search over the zoo on the target's search split: the PS space by default, or `space` as given."""
+                  method: str = "ties", runtime: dict | None = None, filters=FILTERS,
+                  space: dict | None = None) -> dict:
+    """A search over the zoo on the target's search split: the PS space by default, or `space` as given; `runtime`
+    defaults to `search_runtime()`."""
     return {
         "sources": {m: str(zoo / m) for m in ("base", "foreign", "math")},
         "base_model": "base",
@@ -70,7 +87,7 @@ def search_config(zoo: Path, models: list[str], evaluations: int, seed: int, lay
         "tasks": [{"name": TARGET, "type": "generate_exact_match", "data": str(zoo / "data" / TASK_FILES[TARGET][0]),
                    "test_data": str(zoo / "data" / TASK_FILES[TARGET][1]), "max_tokens": MAX_TOKENS}],
         "budget": {"evaluations": evaluations, "seed": seed},
-        "runtime": {"threads": threads},
+        "runtime": search_runtime() if runtime is None else runtime,
     }
 
 
@@ -181,12 +198,15 @@ def held_out_tasks(zoo: Path):
 
 
 def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, layer_groups: int = 2, seed: int = 0,
-                   quiet: bool = False, threads: int = 2, spaces: tuple[str, ...] = SPACES, say=None) -> dict:
+                   quiet: bool = False, threads: int | None = None, spaces: tuple[str, ...] = SPACES,
+                   say=None, workers: int | None = None) -> dict:
     """Run the searches of `spaces` (a subset of SPACES, "ps" always included) and the control on `zoo`; score every
-    row on the held-out splits. `say` (a print-like function) gets one line per phase."""
+    row on the held-out splits. `say` (a print-like function) gets one line per phase. Searches run in `workers`
+    processes (`search_runtime`); the scoring in this process on `threads` torch threads (default: every CPU)."""
     import torch
 
     from lazymerge.engine import Engine
+    from lazymerge.engine.threads import available_cpus
     from lazymerge.search import run_search
     from lazymerge.search.evaluate import evaluate_recipe
     from lazymerge.search.tasks import load_task
@@ -199,6 +219,7 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
     if unknown:
         raise ValueError(f"unknown search spaces {sorted(unknown)}; known: {', '.join(SPACES)}")
     searches = {}
+    runtime = search_runtime(workers)
 
     def search(key: str, cfg: dict, run_dir: str):
         t = time.time()
@@ -206,12 +227,12 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
         searches[key] = run_search(cfg, out / run_dir, quiet=quiet, summary=False)
         say(f"search {key}: best search-split fitness {searches[key].best_fitness:.3f} ({time.time() - t:.0f} s)")
 
-    search("ps", search_config(zoo, ["foreign", "math"], evaluations, seed, layer_groups, threads=threads),
+    search("ps", search_config(zoo, ["foreign", "math"], evaluations, seed, layer_groups, runtime=runtime),
            "search_ps")
-    search("control", search_config(zoo, ["math"], evaluations, seed, layer_groups, threads=threads),
+    search("control", search_config(zoo, ["math"], evaluations, seed, layer_groups, runtime=runtime),
            "search_control")
     if "ps_weighted" in spaces:
-        cfg = search_config(zoo, ["foreign", "math"], evaluations, seed, layer_groups, threads=threads)
+        cfg = search_config(zoo, ["foreign", "math"], evaluations, seed, layer_groups, runtime=runtime)
         cfg["tasks"][0]["weight"] = 1.0
         for name, path in expert_search_splits(zoo, seed, out / "search_ps_weighted").items():
             cfg["tasks"].append({"name": name, "type": "generate_exact_match", "data": str(path),
@@ -224,10 +245,10 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
         space = dict(DFS_SPACES[key])
         if key == "ps_dfs":
             space["ps_recipe"] = searches["ps"].best_recipe
-        search(key, search_config(zoo, [], evaluations, seed, layer_groups, threads=threads, space=space),
+        search(key, search_config(zoo, [], evaluations, seed, layer_groups, runtime=runtime, space=space),
                f"search_{key}")
     evolved = searches["ps"]
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or available_cpus())
     eng = Engine({m: zoo / m for m in ("base", "foreign", "math")}, policy="cached", cache_bytes=256 << 20,
                  allow_open=False)
     evolved_keys = [k for k in SPACES if k in searches]
@@ -244,6 +265,8 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
         rec, validation[k] = choose_on_validation(
             searches[k].history, lambda r: evaluate_recipe(eng, r, [valid_task])[TARGET])
         chosen[k] = rec["recipe"]
+        say(f"  {k}: candidate {rec['eval']} (search {100 * rec['fitness']:.1f}%, validation "
+            f"{max(c['validation'] for c in validation[k]):.1f}%)")
     tasks = held_out_tasks(zoo)
     models: list[tuple[str, str, dict]] = []
     for m in ("base", "foreign", "math"):
@@ -264,6 +287,7 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
         if key not in cache:
             scores = evaluate_recipe(eng, recipe, tasks)
             cache[key] = {k: round(100 * v, 1) for k, v in scores.items()}
+            say(f"  {name}: target {cache[key][TARGET]:.1f}%")
         rows.append({"model": name, "kind": kind, "scores": dict(cache[key])})
     table = {"target_task": TARGET, "rows": rows, "seconds": round(time.time() - t0, 1),
              "evaluations": evolved.evaluations, "zoo": str(zoo), "platform": platform_facts(zoo),

@@ -10,7 +10,8 @@ import sys
 
 def test_demo_small_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lazymerge.cli", "demo", "--small", "--no-serve", "--json",
-                        "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "runs"), "--evaluations", "8"],
+                        "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "runs"), "--evaluations", "8",
+                        "--workers", "1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     table = json.loads(r.stdout.strip().splitlines()[-1])
@@ -79,3 +80,15 @@ def test_the_reported_candidate_is_the_best_on_validation_among_the_top_k():
     assert best["eval"] == 1  # e1 and e4 tie on validation: the better (earlier) search candidate; e0 is not top-3
     assert cands == [{"eval": 2, "search": 90.0, "validation": 20.0}, {"eval": 1, "search": 80.0, "validation": 50.0},
                      {"eval": 4, "search": 80.0, "validation": 50.0}]
+
+
+def test_the_demo_searches_use_one_worker_per_cpu_without_oversubscribing(monkeypatch):
+    from lazymerge.demo.experiment import MAX_WORKERS, search_runtime
+    from lazymerge.engine import threads
+
+    for cpus, workers, per in ((1, 1, 1), (2, 2, 1), (16, MAX_WORKERS, 16 // MAX_WORKERS)):
+        monkeypatch.setattr(threads, "available_cpus", lambda c=cpus: c)
+        monkeypatch.setenv("LAZYMERGE_THREADS", str(cpus))
+        rt = search_runtime()
+        assert (rt["workers"], rt["threads"]) == (workers, per) and rt["workers"] * rt["threads"] <= cpus
+    assert search_runtime(3)["workers"] == 3
