@@ -7,8 +7,9 @@
     model.loglikelihood([("2 plus 3 is", " 5")])                 # -> [(sum logprob, is_greedy)]
     model.token_logprobs("the cat sees the dog")                 # -> (tokens, [None, lp, ...])
 
-An `Engine` holds the sources once (memory-mapped), the merge statistics and the merged-weight cache shared by all
-recipes. `compile` is cheap (a plan and a module tree on `meta`); a compiled `LazyModel` holds no weights.
+An `Engine` holds the sources once (files open for `pread` reads; on the CPU under `on_the_fly`, their tensors stay
+resident after a first read while they fit: engine/resident.py), the merge statistics and the merged-weight cache
+shared by all recipes. `compile` is cheap (a plan and a module tree on `meta`); a compiled `LazyModel` holds no weights.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import alloc as _alloc
+from . import resident as _resident
 from . import threads as _threads
 from .checkpoint import SourceUnavailable
 from .generate import Completion, SamplingParams, UsageError
@@ -42,7 +44,7 @@ class Engine:
     def __init__(self, sources: dict[str, str | Path] | SourceSet | None = None, *, device: str = "cpu",
                  policy: str = "cached", cache_bytes: int = 1 << 30, dtype: str | None = None,
                  allow_open: bool = True, stats_bytes: int = 4 << 30, cpu_fused: bool | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, resident_bytes: int | None = None):
         # torch threads: `threads` if given, else (once per process) the CPUs this process may use (engine/threads.py)
         if threads is not None or _threads.configured() is None:
             _threads.configure(threads)
@@ -58,7 +60,10 @@ class Engine:
         if dtype is None:
             dtype = "float32" if self.device.type == "cpu" else "bfloat16"
         self.dtype = DTYPES[dtype]
-        self.merger = Merger(self.sources, self.device, stats_budget=stats_bytes, cpu_fused=cpu_fused)
+        if resident_bytes is None:  # source tensors kept in memory on the CPU (engine/resident.py)
+            resident_bytes = _resident.default_limit(policy, self.device.type)
+        self.merger = Merger(self.sources, self.device, stats_budget=stats_bytes, cpu_fused=cpu_fused,
+                             resident_limit=resident_bytes)
         self.provider = WeightProvider(self.merger, policy, cache_bytes, self.dtype)
         self._tokenizers: dict = {}
         self._generation_eos: dict[str, set[int]] = {}

@@ -92,24 +92,43 @@ def _nbytes(v) -> int:
 
 
 class TensorStore:
-    """Source tensors on one device: fresh pread copies on the CPU (engine/reader.py), one resident copy each on a
-    GPU."""
+    """Source tensors on one device: one resident copy each on a GPU; on the CPU, resident pread copies while they
+    fit in `resident_limit` bytes, fresh pread copies (engine/reader.py) past it.
 
-    def __init__(self, sources: SourceSet, device: torch.device | str = "cpu"):
+    `resident_limit` (CPU only; a GPU keeps every source resident): None = no bound; 0 (the default) = nothing
+    resident (every use reads the file).
+    Resident tensors are shared by every merge: nothing may write into what `raw`/`get` return. A source's files are
+    still checked at every forward pass (`Engine.check_sources`): a changed file is refused even though its old
+    content is in memory, and `clear()` drops every resident copy."""
+
+    def __init__(self, sources: SourceSet, device: torch.device | str = "cpu", resident_limit: int | None = 0):
         self.sources = sources
         self.device = torch.device(device)
+        self.resident_limit = resident_limit
+        self.resident_used = 0
         self._resident: dict[tuple[str, str], torch.Tensor] = {}
         self._lock = threading.Lock()
 
+    @property
+    def reads_files(self) -> bool:
+        """True when every use of a tensor reads it from its file (CPU, nothing resident)."""
+        return self.device.type == "cpu" and self.resident_limit == 0
+
     def raw(self, source: str, name: str) -> torch.Tensor:
-        """Tensor `name` of `source` as stored (a fresh pread copy on the CPU, the resident copy on a GPU)."""
-        if self.device.type == "cpu":
+        """Tensor `name` of `source` as stored (the resident copy, or a fresh pread copy past the resident bound)."""
+        if self.reads_files:
             return self.sources[source].get(name)
         key = (self.sources[source].fingerprint, name)
         with self._lock:
             t = self._resident.get(key)
             if t is None:
-                t = self._resident[key] = self.sources[source].get(name).to(self.device)
+                t = self.sources[source].get(name)
+                if self.device.type != "cpu":
+                    t = t.to(self.device)
+                elif self.resident_limit is not None and self.resident_used + t.nbytes > self.resident_limit:
+                    return t  # past the bound: this copy serves this use only
+                self._resident[key] = t
+                self.resident_used += t.nbytes
         return t
 
     def get(self, ref: TensorRef) -> torch.Tensor:
@@ -122,24 +141,26 @@ class TensorStore:
     def clear(self) -> None:
         with self._lock:
             self._resident.clear()
+            self.resident_used = 0
+
     def rows(self, ref: TensorRef, rows: torch.Tensor) -> torch.Tensor:
         """Rows `rows` (1-D int64) of `get(ref)`, reading only those rows."""
         if ref.vocab is not None:
             return gather(ref.vocab, self.raw(ref.source, ref.name), self.raw, rows)
-        if self.device.type == "cpu" and rows.numel():
+        if self.reads_files and rows.numel():
             # read only the block of rows the lookup spans, not the whole (vocab, hidden) tensor
             lo, hi = int(rows.min()), int(rows.max()) + 1
             return self.sources[ref.source].get_rows(ref.name, lo, hi)[rows - lo]
         return self.get(ref)[rows]
 
     def resident_bytes(self) -> int:
-        return sum(_nbytes(t) for t in self._resident.values())
+        return self.resident_used
 
 
 class Merger:
     def __init__(self, sources: SourceSet, device="cpu", stats_budget: int = 4 << 30, spec_entries: int = 200_000,
-                 cpu_fused: bool | None = None):
-        self.store = TensorStore(sources, device)
+                 cpu_fused: bool | None = None, resident_limit: int | None = 0):
+        self.store = TensorStore(sources, device, resident_limit)
         self.cpu_fused = merge_cpu.enabled() if cpu_fused is None else cpu_fused  # kernels/merge_cpu.py
         self.stats = LRU(stats_budget, _nbytes)
         self.specs = LRU(spec_entries, lambda v: 1)

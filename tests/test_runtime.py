@@ -240,3 +240,40 @@ def test_row_lookups_read_only_their_rows(fam, monkeypatch):
     got = store.rows(TensorRef("base", name), rows)
     assert torch.equal(got, full[rows])
     assert sizes == [(12 - 3 + 1) * full.shape[1] * full.element_size()]
+
+
+def test_on_the_fly_sources_stay_resident_within_their_bound(fam, monkeypatch):
+    """Under on_the_fly on the CPU, source tensors read once stay in memory (engine/resident.py): a second forward reads
+    no file, gives the same logits as reading every use, and the resident bytes never pass the bound."""
+    import torch
+
+    from lazymerge.engine import Engine
+    from lazymerge.engine.reader import FileReader
+
+    reads = []
+    real = FileReader.read
+    monkeypatch.setattr(FileReader, "read", lambda self, *a: (reads.append(a[1] - a[0]), real(self, *a))[1])
+    ids = torch.tensor([[5, 9, 2]])
+    mask = torch.ones_like(ids)
+
+    def logits(eng):
+        m = eng.compile(METHOD_RECIPES["ties"])
+        return [m._forward(ids, mask, mask.cumsum(-1) - 1, last_only=True) for _ in range(2)]
+
+    streamed = Engine(fam, policy="on_the_fly", resident_bytes=0)
+    assert not streamed.merger.store.resident_bytes()
+    want = logits(streamed)
+    eng = Engine(fam, policy="on_the_fly")
+    assert eng.merger.store.resident_limit > 0 and Engine(fam, policy="cached").merger.store.resident_limit == 0
+    reads.clear()
+    first = logits(eng)[0]
+    n_first = len(reads)
+    reads.clear()
+    again = eng.compile(METHOD_RECIPES["ties"])._forward(ids, mask, mask.cumsum(-1) - 1, last_only=True)
+    assert n_first > 0 and reads == []  # every source tensor was already in memory
+    assert torch.equal(first, want[0]) and torch.equal(again, want[1])
+    total = eng.merger.store.resident_bytes()
+    small = Engine(fam, policy="on_the_fly", resident_bytes=total // 3)
+    got = logits(small)
+    assert 0 < small.merger.store.resident_bytes() <= total // 3  # the rest is read at each use, as before
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
