@@ -65,9 +65,9 @@ MAX_WORKERS = 4
 def search_runtime(workers: int | None = None) -> dict:
     """How the demo's searches run: `workers` worker processes (default: one per CPU this process may use, at most
     MAX_WORKERS), the CPUs shared among them (one torch thread each by default), every search-split prompt in one
-    batch. Runtime settings do not
-    enter a run's identity (`SearchConfig.digest`); on zoo v5 seed 0 this layout recorded the same fitness and
-    genomes, bit for bit, as one 2-thread process with batches of 128 (36 candidates of the PS search)."""
+    batch. Runtime settings do not enter a run's identity (`SearchConfig.digest`); on zoo v5 seed 0 this layout
+    recorded the same fitness and genomes, bit for bit, as one 2-thread process with batches of 128 (36 candidates
+    of the PS search)."""
     from lazymerge.engine.threads import available_cpus, per_worker
 
     workers = workers or max(1, min(MAX_WORKERS, available_cpus()))
