@@ -147,11 +147,18 @@ class TensorStore:
         """Rows `rows` (1-D int64) of `get(ref)`, reading only those rows."""
         if ref.vocab is not None:
             return gather(ref.vocab, self.raw(ref.source, ref.name), self.raw, rows)
-        if self.reads_files and rows.numel():
+        if self.device.type == "cpu" and rows.numel() and not self._stays(ref.source, ref.name):
             # read only the block of rows the lookup spans, not the whole (vocab, hidden) tensor
             lo, hi = int(rows.min()), int(rows.max()) + 1
             return self.sources[ref.source].get_rows(ref.name, lo, hi)[rows - lo]
         return self.get(ref)[rows]
+
+    def _stays(self, source: str, name: str) -> bool:
+        """Whether tensor `name` of `source` is resident, or would become resident on its next read."""
+        if self.resident_limit is None or (self.sources[source].fingerprint, name) in self._resident:
+            return True
+        info = self.sources[source].tensors.get(name)
+        return info is not None and self.resident_used + (info.end - info.start) <= self.resident_limit
 
     def resident_bytes(self) -> int:
         return self.resident_used

@@ -240,6 +240,15 @@ def test_row_lookups_read_only_their_rows(fam, monkeypatch):
     got = store.rows(TensorRef("base", name), rows)
     assert torch.equal(got, full[rows])
     assert sizes == [(12 - 3 + 1) * full.shape[1] * full.element_size()]
+    # a resident store past its bound reads rows as well; one with room reads the whole tensor once, then nothing
+    sizes.clear()
+    assert torch.equal(TensorStore(S, resident_limit=1).rows(TensorRef("base", name), rows), full[rows])
+    assert sizes == [(12 - 3 + 1) * full.shape[1] * full.element_size()]
+    sizes.clear()
+    roomy = TensorStore(S, resident_limit=1 << 30)
+    for _ in range(2):
+        assert torch.equal(roomy.rows(TensorRef("base", name), rows), full[rows])
+    assert sizes == [full.numel() * full.element_size()]
 
 
 def test_on_the_fly_sources_stay_resident_within_their_bound(fam, monkeypatch):
