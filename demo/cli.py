@@ -28,7 +28,7 @@ def _cmd_demo(args) -> int:
         c = claim(table)
         table["claim"] = c
         tables.append(table)
-        chosen = {k: max(c["validation"] for c in v["candidates"]) for k, v in table["validation"].items()}
+        chosen = {k: v["chosen"] for k, v in table["validation"].items()}
         say(f"\nseed {s} — held-out accuracy (%), searches and scoring took {table['seconds']:.0f} s; best evolved "
             f"on the validation split: {table['best_space']} (validation % of each search's chosen candidate: "
             f"{chosen}; best search-split fitness %: {table['search_fitness']})")

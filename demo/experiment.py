@@ -262,11 +262,13 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
         if k == "ps_weighted":
             chosen[k] = searches[k].best_recipe
             continue
-        rec, validation[k] = choose_on_validation(
+        rec, cands = choose_on_validation(
             searches[k].history, lambda r: evaluate_recipe(eng, r, [valid_task])[TARGET])
         chosen[k] = rec["recipe"]
+        validation[k] = {"n": VALID_N, "top_k": TOP_K, "chosen": max(c["validation"] for c in cands),
+                         "candidates": cands}
         say(f"  {k}: candidate {rec['eval']} (search {100 * rec['fitness']:.1f}%, validation "
-            f"{max(c['validation'] for c in validation[k]):.1f}%)")
+            f"{validation[k]['chosen']:.1f}%)")
     tasks = held_out_tasks(zoo)
     models: list[tuple[str, str, dict]] = []
     for m in ("base", "foreign", "math"):
@@ -277,8 +279,7 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
     for k in evolved_keys:
         models.append((ROW_NAMES[k], f"evolved_{k}", chosen[k]))
     # first of equals: PS; the expert-weighted search is not a candidate (its fitness is not a target-only score)
-    valid_of = lambda k: max(c["validation"] for c in validation[k])  # noqa: E731
-    best_key = max((k for k in evolved_keys if k != "ps_weighted"), key=valid_of)
+    best_key = max((k for k in evolved_keys if k != "ps_weighted"), key=lambda k: validation[k]["chosen"])
     models.append(("best evolved (by validation split)", "evolved", chosen[best_key]))
     say(f"scoring {len(models)} models on the held-out splits ...")
     rows, cache = [], {}
@@ -293,7 +294,7 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
              "evaluations": evolved.evaluations, "zoo": str(zoo), "platform": platform_facts(zoo),
              "best_space": best_key,
              "search_fitness": {k: round(100 * searches[k].best_fitness, 1) for k in evolved_keys},
-             "validation": {k: {"n": VALID_N, "top_k": TOP_K, "candidates": v} for k, v in validation.items()},
+             "validation": validation,
              "expert_weight": EXPERT_WEIGHT if "ps_weighted" in searches else None}
     (out / "results.json").write_text(json.dumps(table, indent=2))
     (out / "evolved.yaml").write_text(_yaml(chosen[best_key]))
