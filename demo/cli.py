@@ -20,7 +20,8 @@ def _cmd_demo(args) -> int:
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     for s in seeds:
         t0 = time.time()
-        zoo = build_zoo(Path(args.zoo) / f"seed{s}", seed=s, size=size)
+        zoo = build_zoo(Path(args.zoo) / f"seed{s}", seed=s, size=size,
+                        **({} if args.zoo_threads is None else {"threads": args.zoo_threads}))
         say(f"zoo seed {s}: {zoo} ({time.time() - t0:.0f} s)")
         spaces = tuple(x.strip() for x in args.spaces.split(",") if x.strip())
         table = run_experiment(zoo, out / f"seed{s}", evaluations=args.evaluations, layer_groups=args.layer_groups,
@@ -33,7 +34,8 @@ def _cmd_demo(args) -> int:
             f"on the validation split: {table['best_space']} (validation % of each search's chosen candidate: "
             f"{chosen}; best search-split fitness %: {table['search_fitness']})")
         pf = table["platform"]
-        say(f"zoo v{pf['zoo_version']} content {pf['zoo_content_hash']}, {pf['cpu']}, torch {pf['torch']}")
+        say(f"zoo v{pf['zoo_version']} content {pf['zoo_content_hash']} (trained on {pf['zoo_train_threads']} "
+            f"threads), {pf['cpu']}, torch {pf['torch']}")
         say(format_table(table))
         say(f"evolved vs best source {c['vs_sources']:+.1f}, vs best baseline {c['vs_baselines']:+.1f}, "
             f"vs control {c['vs_control']:+.1f} points -> claim {'holds' if c['holds'] else 'does NOT hold'}")
@@ -126,6 +128,9 @@ def register(sub) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--small", action="store_true", help="tiny models, builds in seconds (tests)")
     build.add_argument("--force", action="store_true", help="rebuild even if a matching manifest exists")
+    build.add_argument("--threads", type=int, default=None,
+                       help="torch threads for training (default: the fixed TRAIN_THREADS of demo/zoo.py, 2); part of "
+                            "the zoo's identity")
     build.set_defaults(func=_cmd_zoo_build)
 
     p = sub.add_parser("demo", help="the paper's result at toy scale: zoo, evolutionary merge, table, A/B page")
@@ -141,6 +146,9 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="search worker processes, one torch thread each (default: one per CPU, at most 4)")
     p.add_argument("--small", action="store_true", help="the seconds-sized zoo (tests; accuracies are meaningless)")
+    p.add_argument("--zoo-threads", type=int, default=None,
+                   help="torch threads the zoo trains on (default: the fixed TRAIN_THREADS of demo/zoo.py, 2; another "
+                        "count builds another zoo)")
     p.add_argument("--no-serve", action="store_true", help="stop after the table")
     p.add_argument("--json", action="store_true", help="print the table as JSON on stdout's last line")
     p.add_argument("--host", default="127.0.0.1")

@@ -325,6 +325,7 @@ def platform_facts(zoo: Path) -> dict:
     except OSError:
         pass
     return {"zoo_content_hash": str(manifest.get("content_hash", ""))[:16], "zoo_version": manifest.get("version"),
+            "zoo_train_threads": manifest.get("train_threads", 2),  # zoos before the option trained on 2
             "cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
 
 

@@ -1,6 +1,7 @@
 """The toy model zoo: a tiny Mistral base, a foreign-language expert and an English math expert.
 
-Contract: `build_zoo(out_dir, seed, size)` is deterministic in (seed, size, ZOO_VERSION) and cached:
+Contract: `build_zoo(out_dir, seed, size, threads)` is deterministic in (seed, size, ZOO_VERSION, threads: the torch
+threads training runs on, default TRAIN_THREADS) and cached:
 it writes, under `out_dir`,
     base/ foreign/ math/        standard HF checkpoints (config.json, model.safetensors, tokenizer files)
     data/<split>.jsonl          one {"prompt": str, "answer": str} per line; answers are digits
@@ -43,6 +44,9 @@ MODELS = ("base", "foreign", "math")
 # v5: half of the math expert's fine-tuning text replays the base's pretraining mix (`corpus.math_text`), 600 steps
 # (300 of them word problems, as in v4).
 FROZEN = {"base": (), "foreign": ("layers", "norm"), "math": ("embed_tokens",)}
+# Training's torch thread count: part of a zoo's identity (a matmul's summation order depends on it, and 1500 steps
+# amplify the difference), so it is fixed rather than taken from the machine; `--zoo-threads` builds another.
+TRAIN_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -125,16 +129,22 @@ def _read_manifest(out: Path) -> dict | None:
         return None
 
 
-def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: bool = False, stream=None) -> Path:
-    """Build (or reuse) the zoo for `seed` and `size` under `out_dir`; returns `out_dir` as a Path.
+def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: bool = False, stream=None,
+              threads: int = TRAIN_THREADS) -> Path:
+    """Build (or reuse) the zoo for `seed`, `size` and training `threads` under `out_dir`; returns `out_dir` as a Path.
+    A zoo built on another thread count is rebuilt (its weights differ). Raises ValueError for an unknown size or
+    threads < 1.
 
     Training shows its progress on `stream` (default stderr): a bar with ETA on a terminal, a line per phase and
     every 20 s otherwise (demo/progress.py); a reused zoo prints nothing."""
     if size not in RECIPES:
         raise ValueError(f"size must be one of {sorted(RECIPES)}, got {size!r}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     out = Path(out_dir)
     old = _read_manifest(out)
-    if not force and old and (old.get("seed"), old.get("size"), old.get("version")) == (seed, size, ZOO_VERSION):
+    if not force and old and (old.get("seed"), old.get("size"), old.get("version"),
+                              old.get("train_threads", TRAIN_THREADS)) == (seed, size, ZOO_VERSION, threads):
         return out
     recipe = RECIPES[size]
     (out / "manifest.json").unlink(missing_ok=True)
@@ -142,8 +152,8 @@ def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: boo
         shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         world = corpus.World(seed)
         data = make_datasets(world, seed, recipe.n_eval)
@@ -181,12 +191,13 @@ def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: boo
             _save_quietly(model, out / name)
             tokenizer.save_pretrained(out / name)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(was)
 
     manifest = {
         "version": ZOO_VERSION,
         "seed": seed,
         "size": size,
+        "train_threads": threads,
         "models": {name: name for name in MODELS},
         "base": "base",
         "datasets": {split: f"data/{split}.jsonl" for split in data},
@@ -215,9 +226,10 @@ def _save_quietly(model, path: Path) -> None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     size = "small" if args.small else "full"
-    out = build_zoo(args.dir, seed=args.seed, size=size, force=args.force)
+    threads = TRAIN_THREADS if args.threads is None else args.threads
+    out = build_zoo(args.dir, seed=args.seed, size=size, force=args.force, threads=threads)
     manifest = _read_manifest(out) or {}
-    print(f"zoo ({size}, seed {args.seed}) at {out.resolve()}")
+    print(f"zoo ({size}, seed {args.seed}, {threads} training threads) at {out.resolve()}")
     for name, stat in manifest.get("train", {}).items():
         print(f"  {name:8s} steps={stat['steps']:5d} loss={stat['final_loss']:.3f} ({stat['seconds']}s)")
     for rel in manifest.get("datasets", {}).values():

@@ -219,3 +219,16 @@ def test_expert_search_splits_are_disjoint_from_the_held_out_files(small_zoo, tm
         held = {json.loads(x)["prompt"] for x in (small_zoo / "data" / TASK_FILES[name][1]).read_text().splitlines()}
         assert not held & {r["prompt"] for r in rows}
         assert all(r["answer"].isdigit() for r in rows)
+
+
+def test_training_threads_are_part_of_the_zoo(small_zoo, tmp_path, monkeypatch):
+    assert json.loads((small_zoo / "manifest.json").read_text())["train_threads"] == zoo.TRAIN_THREADS
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        zoo.build_zoo(tmp_path / "none", seed=0, size="small", threads=0)
+    root = shutil.copytree(small_zoo, tmp_path / "copy")
+    trained = []
+    real_train = zoo.train
+    monkeypatch.setattr(zoo, "train", lambda *a, **k: trained.append(torch.get_num_threads()) or real_train(*a, **k))
+    zoo.build_zoo(root, seed=0, size="small", threads=1)  # another thread count: another zoo, rebuilt
+    assert trained == [1, 1, 1]
+    assert json.loads((root / "manifest.json").read_text())["train_threads"] == 1
