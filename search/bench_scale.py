@@ -13,8 +13,9 @@ parameters and ~2.1 GiB of safetensors in all. Then, for each merge method, each
    a second whose densities and weights all changed (the cut statistics reused, the cuts recomputed);
    vs `mergekit`: `run_merge` of the same candidate + transformers load + the same evaluation.
 3. `forward`: on-the-fly and cached forward vs a plain transformers model of the exported merge at 1, 64 and 2048
-   tokens (medians of interleaved repeats), and decode tokens/s of the cached recipe vs transformers' `generate`
-   on the export (greedy, 32 new tokens, batch 1 and 8).
+   tokens (medians of interleaved repeats).
+4. `decode`: decode tokens/s of the cached recipe vs transformers' `generate` on the export (greedy, 32 new tokens,
+   batch 1 and 8; medians of interleaved repeats).
 
 Goals (issue 15): on the fly <= 1.25x plain at 2048 tokens and <= 2x the bandwidth floor ((n + 1) x plain) at 1
 token; peak RSS <= sources + merged-cache budget + 1 GiB; one candidate >= 10x faster than mergekit + load + eval;
@@ -209,36 +210,56 @@ def child_forward(root: Path, method: str, repeats: int) -> dict:
             rows.append({"tokens": n, **{f"{k}_s": v for k, v in med.items()},
                          "cached_ratio": med["cached"] / med["plain"],
                          "on_the_fly_ratio": med["on_the_fly"] / med["plain"]})
-        decode = []
-        for batch in (1, 8):
-            prompts = [torch.randint(4, SHAPE["vocab"], (16,)).tolist() for _ in range(batch)]
-            new = 32
+    shutil.rmtree(out, ignore_errors=True)
+    return {"forward": rows}
 
-            def lazy():
-                outs = cached.generate(prompts, max_tokens=new)  # may stop at EOS: tokens/s counts what it made
-                return sum(len(o.token_ids) for o in outs)
 
-            ids = torch.tensor(prompts)
+def child_decode(root: Path, method: str, repeats: int) -> dict:
+    """Greedy decode tokens/s of the cached recipe vs transformers' `generate` on the export: 32 new tokens from
+    16-token prompts, batch 1 and 8; the median of `repeats` + 1 interleaved runs each (single runs of a 267M model on a
+    shared CPU differ by 15% from one run to the next, whichever path runs)."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-            def hf():
-                g = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                   min_new_tokens=new, do_sample=False, pad_token_id=0)
-                return (g.shape[1] - ids.shape[1]) * batch
+    from lazymerge.engine import Engine
+    from lazymerge.engine.export import export
 
-            lazy(), hf()
-            res = {}
-            for name, f in (("lazy", lazy), ("hf", hf), ("lazy2", lazy), ("hf2", hf)):
+    cached = Engine({k: str(root / k) for k in ("base", "e1", "e2", "e3")}, policy="cached",
+                    cache_bytes=8 << 30).compile(recipe(method))
+    out = root / f"export_{method}"
+    export(cached.plan, out)
+    plain = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    decode = []
+    for batch in (1, 8):
+        prompts = [torch.randint(4, SHAPE["vocab"], (16,)).tolist() for _ in range(batch)]
+        new = 32
+
+        def lazy():
+            outs = cached.generate(prompts, max_tokens=new)  # may stop at EOS: tokens/s counts what it made
+            return sum(len(o.token_ids) for o in outs)
+
+        ids = torch.tensor(prompts)
+
+        def hf():
+            g = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, pad_token_id=0)
+            return (g.shape[1] - ids.shape[1]) * batch
+
+        lazy(), hf()
+        rates: dict = {"lazy": [], "hf": []}
+        for _ in range(repeats + 1):
+            for name, f in (("lazy", lazy), ("hf", hf)):
                 t = time.perf_counter()
                 ntok = f()
-                res.setdefault(name.rstrip("2"), []).append(ntok / (time.perf_counter() - t))
-            lz, h = max(res["lazy"]), max(res["hf"])
-            decode.append({"batch": batch, "lazy_tok_s": lz, "hf_tok_s": h, "ratio": lz / h})
+                rates[name].append(ntok / (time.perf_counter() - t))
+        lz, h = statistics.median(rates["lazy"]), statistics.median(rates["hf"])
+        decode.append({"batch": batch, "lazy_tok_s": lz, "hf_tok_s": h, "ratio": lz / h, "runs": rates})
     shutil.rmtree(out, ignore_errors=True)
-    return {"forward": rows, "decode": decode}
+    return {"decode": decode}
 
 
 CHILDREN = {"build": child_build, "score": child_score, "candidate": child_candidate, "mergekit": child_mergekit,
-            "forward": child_forward}
+            "forward": child_forward, "decode": child_decode}
 
 
 def run_child(part: str, root: Path, method: str = "", repeats: int = 3, timeout: float = 1800) -> dict:
@@ -295,7 +316,7 @@ def table(info: dict, results: dict) -> str:
     out += ["", "| method | batch | cached lazy tok/s | transformers generate tok/s | ratio |",
             "|---|---:|---:|---:|---:|"]
     for m, r in results.items():
-        for row in r.get("forward", {}).get("decode", []):
+        for row in r.get("decode", {}).get("decode", []):
             out.append(f"| {m} | {row['batch']} | {row['lazy_tok_s']:.1f} | {row['hf_tok_s']:.1f} | "
                        f"{row['ratio']:.2f} |")
     return "\n".join(out)
@@ -306,8 +327,8 @@ def main(argv=None) -> int:
     ap.add_argument("--root", help="build folder (default: a new temporary folder, deleted at the end)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--methods", nargs="+", default=["ties", "dare_ties", "della", "model_stock"])
-    ap.add_argument("--parts", nargs="+", default=["score", "candidate", "mergekit", "forward"])
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each forward timing")
+    ap.add_argument("--parts", nargs="+", default=["score", "candidate", "mergekit", "forward", "decode"])
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each forward and decode timing")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     ap.add_argument("--keep", action="store_true", help="keep the built family")
     ap.add_argument("--smoke", action="store_true", help="a tiny family instead (checks the script, measures nothing)")
@@ -320,7 +341,7 @@ def main(argv=None) -> int:
     if args.child:
         root = Path(args.root)
         kw = {"method": args.method} if args.child != "build" else {}
-        if args.child == "forward":
+        if args.child in ("forward", "decode"):
             kw["repeats"] = args.repeats
         res = CHILDREN[args.child](root, **kw)
         res["peak_rss_mb"] = _rss_mb()
