@@ -16,6 +16,8 @@ SPECS = {
     "ties_breadcrumbs": MergeSpec("delta", weights=(0.7, 0.5, -0.2), keep="topk", t_in=(0.01, 0.012, 0.005),
                                   c_in=(2**32, 20_000, 5), t_out=(float("inf"), 0.03, float("inf")),
                                   c_out=(-1, 100, -1), scales=(1.0, 1.2, 1.0), consensus=True, normalize=True),
+    "dare_ties": MergeSpec("delta", weights=(0.7, 0.5, 0.3), keep="random", densities=(0.5, 0.3, 0.9), keys=KEYS,
+                           scales=(2.0, 1.0, 1.1), consensus=True, normalize=True),
     "della_linear": MergeSpec("delta", weights=(0.7, 0.5, 0.3), keep="della", densities=(0.5, 0.3, 1.0),
                               eps=(0.1, 0.2, 0.0), keys=KEYS, scales=(2.0, 1.0, 1.1), lam=1.3),
     # issue 13: sce (variance cut, consensus on unweighted deltas, divisor floor), ram(plus), arcee_fusion
@@ -81,3 +83,19 @@ def test_compiled_programs_are_cached_on_disk():
     """A structure is compiled once per machine: its package is on disk, named by the structure."""
     files = [p.name for p in merge_cpu.cache_dir().glob("*.pt2")]
     assert any(f.startswith("delta-topk-1-1-3-") for f in files), files
+
+
+@pytest.mark.parametrize("start", [0, 2**31 - 5, 2**32 - 33_331])
+def test_int32_mask_hash_equals_the_uint32_reference(start):
+    """The fused loop hashes int32 lanes holding uint32 bit patterns (wrap-around products, masked shifts); the masks
+    equal `kernels.rng.uniform`'s int64 arithmetic bit for bit, across 2**31 and up to the last index 2**32 - 1."""
+    from lazymerge.kernels.rng import uniform
+
+    n = 33_331
+    idx = merge_cpu._index(n, torch.tensor(start), "random", "cpu")
+    assert idx.dtype == torch.int32
+    for k1, k2 in KEYS:
+        want = uniform(torch.arange(start, start + n, dtype=torch.int64), (k1, k2)) < 0.37
+        got = merge_cpu._keep(None, idx, None, None, None, None, None, torch.tensor(0.37), None,
+                              torch.tensor(k1), torch.tensor(k2), "random")
+        assert torch.equal(got, want)
