@@ -44,8 +44,9 @@ MODELS = ("base", "foreign", "math")
 # v5: half of the math expert's fine-tuning text replays the base's pretraining mix (`corpus.math_text`), 600 steps
 # (300 of them word problems, as in v4).
 FROZEN = {"base": (), "foreign": ("layers", "norm"), "math": ("embed_tokens",)}
-# Training's torch thread count: part of a zoo's identity (a matmul's summation order depends on it, and 1500 steps
-# amplify the difference), so it is fixed rather than taken from the machine; `--zoo-threads` builds another.
+# Training's torch thread count can change a zoo: a kernel may split a reduction by thread, and 1500 steps amplify
+# the difference (measured on an AVX2 EPYC: 1, 2, 4 and 8 threads train bit-identical weights, 3 threads others). So
+# it is fixed rather than taken from the machine, and recorded; `--zoo-threads` builds with another count.
 TRAIN_THREADS = 2
 
 
