@@ -20,8 +20,7 @@ def _cmd_demo(args) -> int:
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     for s in seeds:
         t0 = time.time()
-        zoo = build_zoo(Path(args.zoo) / f"seed{s}", seed=s, size=size,
-                        **({} if args.zoo_threads is None else {"threads": args.zoo_threads}))
+        zoo = build_zoo(Path(args.zoo) / f"seed{s}", seed=s, size=size, threads=args.zoo_threads)
         say(f"zoo seed {s}: {zoo} ({time.time() - t0:.0f} s)")
         spaces = tuple(x.strip() for x in args.spaces.split(",") if x.strip())
         table = run_experiment(zoo, out / f"seed{s}", evaluations=args.evaluations, layer_groups=args.layer_groups,

@@ -312,6 +312,8 @@ def platform_facts(zoo: Path) -> dict:
 
     import torch
 
+    from .zoo import TRAIN_THREADS
+
     try:
         manifest = json.loads((Path(zoo) / "manifest.json").read_text())
     except (OSError, ValueError):
@@ -325,7 +327,7 @@ def platform_facts(zoo: Path) -> dict:
     except OSError:
         pass
     return {"zoo_content_hash": str(manifest.get("content_hash", ""))[:16], "zoo_version": manifest.get("version"),
-            "zoo_train_threads": manifest.get("train_threads", 2),  # zoos before the option trained on 2
+            "zoo_train_threads": manifest.get("train_threads", TRAIN_THREADS),  # zoos before the option: the default
             "cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
 
 

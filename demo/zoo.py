@@ -131,8 +131,9 @@ def _read_manifest(out: Path) -> dict | None:
 
 
 def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: bool = False, stream=None,
-              threads: int = TRAIN_THREADS) -> Path:
-    """Build (or reuse) the zoo for `seed`, `size` and training `threads` under `out_dir`; returns `out_dir` as a Path.
+              threads: int | None = None) -> Path:
+    """Build (or reuse) the zoo for `seed`, `size` and training `threads` (None: TRAIN_THREADS) under `out_dir`;
+    returns `out_dir` as a Path.
     A zoo built on another thread count is rebuilt (its weights differ). Raises ValueError for an unknown size or
     threads < 1.
 
@@ -140,6 +141,7 @@ def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: boo
     every 20 s otherwise (demo/progress.py); a reused zoo prints nothing."""
     if size not in RECIPES:
         raise ValueError(f"size must be one of {sorted(RECIPES)}, got {size!r}")
+    threads = TRAIN_THREADS if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     out = Path(out_dir)
@@ -227,10 +229,9 @@ def _save_quietly(model, path: Path) -> None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     size = "small" if args.small else "full"
-    threads = TRAIN_THREADS if args.threads is None else args.threads
-    out = build_zoo(args.dir, seed=args.seed, size=size, force=args.force, threads=threads)
+    out = build_zoo(args.dir, seed=args.seed, size=size, force=args.force, threads=args.threads)
     manifest = _read_manifest(out) or {}
-    print(f"zoo ({size}, seed {args.seed}, {threads} training threads) at {out.resolve()}")
+    print(f"zoo ({size}, seed {args.seed}, {manifest.get('train_threads')} training threads) at {out.resolve()}")
     for name, stat in manifest.get("train", {}).items():
         print(f"  {name:8s} steps={stat['steps']:5d} loss={stat['final_loss']:.3f} ({stat['seconds']}s)")
     for rel in manifest.get("datasets", {}).values():

@@ -183,20 +183,28 @@ def _time(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def child_forward(root: Path, method: str, repeats: int) -> dict:
+def _exported(plan, out: Path):
+    """The merge of `plan` exported to `out` and loaded by transformers in float32: the plain reference model."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lazymerge.engine import Engine
     from lazymerge.engine.export import export
+
+    export(plan, out)
+    return AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+
+
+def child_forward(root: Path, method: str, repeats: int) -> dict:
+    import torch
+
+    from lazymerge.engine import Engine
 
     rec = recipe(method)
     paths = {k: str(root / k) for k in ("base", "e1", "e2", "e3")}
     fly = Engine(paths, policy="on_the_fly").compile(rec)
     cached = Engine(paths, policy="cached", cache_bytes=8 << 30).compile(rec)
     out = root / f"export_{method}"
-    export(fly.plan, out)
-    plain = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    plain = _exported(fly.plan, out)
     rows = []
     with torch.inference_mode():
         for n in (1, 64, 2048):
@@ -219,16 +227,13 @@ def child_decode(root: Path, method: str, repeats: int) -> dict:
     16-token prompts, batch 1 and 8; the median of `repeats` + 1 interleaved runs each (single runs of a 267M model on a
     shared CPU differ by 15% from one run to the next, whichever path runs)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from lazymerge.engine import Engine
-    from lazymerge.engine.export import export
 
     cached = Engine({k: str(root / k) for k in ("base", "e1", "e2", "e3")}, policy="cached",
                     cache_bytes=8 << 30).compile(recipe(method))
     out = root / f"export_{method}"
-    export(cached.plan, out)
-    plain = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    plain = _exported(cached.plan, out)
     decode = []
     for batch in (1, 8):
         prompts = [torch.randint(4, SHAPE["vocab"], (16,)).tolist() for _ in range(batch)]
