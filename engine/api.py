@@ -158,6 +158,13 @@ class _Session:
         pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
         return self.m._forward(self.ids, self.mask, pos, self.cache, last_only=True)
 
+    def select(self, rows: list[int]) -> None:
+        """Keep only these rows of the batch (indices into the current rows, in order): the KV cache and the mask
+        shrink, so the next steps compute nothing for rows that have finished."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask.index_select(0, idx)
+        self.cache.batch_select_indices(idx)
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.m.device)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)

@@ -157,6 +157,8 @@ def meta_model(cfg: dict, attn_implementation: str = "sdpa", device: torch.devic
         sub = model.get_submodule(mod)
         sub.register_buffer(leaf, torch.empty_like(buf, device="cpu"),
                             persistent=leaf not in sub._non_persistent_buffers_set)
+    for p in model.parameters():  # transformers' init functions skip these (`_is_hf_initialized`): on meta they
+        p._is_hf_initialized = True  # would only run decompositions (~0.1 s for 13 small layers), never write
     model.initialize_weights()  # fills buffers (rotary inv_freq, embed_scale...); parameters on meta stay untouched
     if torch.device(device).type != "cpu":
         for name, buf in list(model.named_buffers(remove_duplicate=False)):

@@ -18,6 +18,8 @@ import torch
 
 from .detokenize import IncrementalDetokenizer
 
+COMPACT = 0.75  # drop finished rows from the batch once at most this fraction of it is still running
+
 
 class UsageError(ValueError):
     """A request the engine cannot run (bad sampling settings, an empty prompt, an absent device)."""
@@ -97,19 +99,20 @@ def stream(model, prompts: list[list[int]], params: list[SamplingParams]) -> Ite
         yield [Delta(i, "", [], "length") for i in range(B)]
         return
     session = model.session(prompts)
-    logits = session.prefill()  # (B, V)
+    logits = session.prefill()  # (len(live), V): row r of the session is prompt live[r]
+    live = list(range(B))
     while True:
         deltas = []
         next_tokens = []
-        for i in range(B):
+        for r, i in enumerate(live):
             if done[i]:
                 next_tokens.append(tok.pad_token_id if tok.pad_token_id is not None else 0)
                 continue
-            t = _sample(logits[i].float(), params[i], gens[i])
+            t = _sample(logits[r].float(), params[i], gens[i])
             next_tokens.append(t)
             lps = None
             if params[i].logprobs is not None and t not in eos:  # the model's distribution, before temperature
-                lp = torch.log_softmax(logits[i].float(), dim=-1)
+                lp = torch.log_softmax(logits[r].float(), dim=-1)
                 v, k = lp.topk(min(params[i].logprobs, lp.shape[-1])) if params[i].logprobs else (lp[:0], lp[:0])
                 lps = [(float(lp[t]), dict(zip(k.tolist(), v.tolist())))]
             reason = None
@@ -136,6 +139,10 @@ def stream(model, prompts: list[list[int]], params: list[SamplingParams]) -> Ite
             yield deltas
         if all(done):
             return
+        keep = [r for r, i in enumerate(live) if not done[i]]
+        if len(keep) <= COMPACT * len(live):  # finished rows leave the batch: later steps cost what is still running
+            session.select(keep)
+            live, next_tokens = [live[r] for r in keep], [next_tokens[r] for r in keep]
         logits = session.step(torch.tensor(next_tokens, dtype=torch.long))
 
 

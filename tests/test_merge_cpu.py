@@ -16,6 +16,10 @@ SPECS = {
     "ties_breadcrumbs": MergeSpec("delta", weights=(0.7, 0.5, -0.2), keep="topk", t_in=(0.01, 0.012, 0.005),
                                   c_in=(2**32, 20_000, 5), t_out=(float("inf"), 0.03, float("inf")),
                                   c_out=(-1, 100, -1), scales=(1.0, 1.2, 1.0), consensus=True, normalize=True),
+    # TIES: no outer cut (t_out = inf everywhere), the structure compiled without the outer compares
+    "ties": MergeSpec("delta", weights=(0.7, 0.5, 0.3), keep="topk", t_in=(0.01, 0.012, 0.005),
+                      c_in=(2**32, 20_000, 5), t_out=(float("inf"),) * 3, c_out=(-1,) * 3, scales=(1.0,) * 3,
+                      consensus=True, normalize=True),
     "dare_ties": MergeSpec("delta", weights=(0.7, 0.5, 0.3), keep="random", densities=(0.5, 0.3, 0.9), keys=KEYS,
                            scales=(2.0, 1.0, 1.1), consensus=True, normalize=True),
     "della_linear": MergeSpec("delta", weights=(0.7, 0.5, 0.3), keep="della", densities=(0.5, 0.3, 1.0),
@@ -83,6 +87,7 @@ def test_compiled_programs_are_cached_on_disk():
     """A structure is compiled once per machine: its package is on disk, named by the structure."""
     files = [p.name for p in merge_cpu.cache_dir().glob("*.pt2")]
     assert any(f.startswith("delta-topk-1-1-3-") for f in files), files
+    assert any(f.startswith("delta-band-1-1-3-") for f in files), files
 
 
 @pytest.mark.parametrize("start", [0, 2**31 - 5, 2**32 - 33_331])

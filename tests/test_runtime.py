@@ -139,6 +139,29 @@ def test_batched_generation_equals_one_by_one(fam):
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
 
 
+@pytest.mark.parametrize("recipe", ["ties", "path"])
+def test_finished_rows_leave_the_batch(fam, monkeypatch, recipe):
+    """Rows that finish early are dropped from the batch (KV cache and mask shrink); every row's tokens are still
+    those it gets alone, through repeated layers' cache slots too."""
+    from lazymerge.engine import api
+    from lazymerge.engine.generate import SamplingParams
+
+    rec = METHOD_RECIPES["ties"] if recipe == "ties" else {"merge_method": "path", "base_model": "e1", "path": [
+        {"model": "e1", "layer": 0}, {"model": "e1", "layer": 1}, {"model": "e1", "layer": 1, "scale": 0.8},
+        {"model": "e2", "layer": 2}]}
+    model = Engine(fam).compile(rec)
+    prompts = ["the cat", "one plus two is the big", "hello", "the big red dog sees"]
+    params = [SamplingParams(max_tokens=k) for k in (1, 9, 2, 5)]
+    sizes = []
+    select = api._Session.select
+    monkeypatch.setattr(api._Session, "select", lambda self, rows: (sizes.append(len(rows)), select(self, rows)))
+    together = model.generate(prompts, params)
+    alone = [model.generate([p], p_)[0] for p, p_ in zip(prompts, params)]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [len(c.token_ids) for c in together] == [1, 9, 2, 5]  # no EOS in this family's greedy outputs
+    assert sizes and sizes[-1] == 1, sizes  # the last steps ran the longest row alone
+
+
 def test_cached_and_on_the_fly_give_identical_outputs(fam):
     outs = []
     for policy in ("cached", "on_the_fly"):
