@@ -42,10 +42,16 @@ def model_bytes(engine, source: str | None = None) -> int:
 
 def make_engine(cfg: SearchConfig, threads: int | None = None):
     from lazymerge.engine import Engine
+    from lazymerge.engine.resident import default_limit
     from lazymerge.engine.threads import per_worker
 
+    # Every candidate merges every weight again, as a forward on the fly does: source tensors stay resident after
+    # their first read (the on-the-fly default: half the available memory, shared among the workers) instead of
+    # being read from their files once per candidate.
+    resident = default_limit("on_the_fly", cfg.runtime.device) // max(1, cfg.runtime.workers)
     eng = Engine(cfg.source_paths(), device=cfg.runtime.device, policy="cached", allow_open=False, cache_bytes=0,
-                 cpu_fused=cfg.runtime.cpu_fused, threads=threads or per_worker(1, cfg.runtime.threads))
+                 cpu_fused=cfg.runtime.cpu_fused, threads=threads or per_worker(1, cfg.runtime.threads),
+                 resident_bytes=resident)
     budget = int(cfg.runtime.cache_factor * model_bytes(eng, cfg.base_model))
     if cfg.space.kind != "ps":  # a path may run more layers than one model has
         budget = int(budget * max(1, cfg.space.repeats))

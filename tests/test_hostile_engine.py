@@ -9,6 +9,7 @@ import shutil
 import time
 
 import pytest
+import torch
 
 RECIPE = {"merge_method": "task_arithmetic", "base_model": "base",
           "models": [{"model": "e1", "parameters": {"weight": 0.8}}]}
@@ -285,3 +286,19 @@ def test_tokenizer_section_is_bounded(fam, case):
     with pytest.raises(RecipeError) as ei:
         compile_plan(recipe, SourceSet.open(fam))
     assert len(str(ei.value)) < 4000 and needle in str(ei.value), str(ei.value)[:1000]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_finiteness_check_finds_every_nan_and_inf(dtype):
+    """`safety.finite` (a min/max reduction) finds a NaN, +inf or -inf wherever it sits, in vector bodies and tails."""
+    from lazymerge.engine.safety import finite
+
+    for n in (1, 7, 33, 1000, 65_537):
+        t = torch.linspace(-3, 3, n).to(dtype)
+        assert finite(t)
+        for pos in {0, n // 2, n - 1}:
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                u = t.clone()
+                u[pos] = bad
+                assert not finite(u), (n, pos, bad)
+    assert finite(torch.empty(0, dtype=dtype)) and finite(torch.arange(5))
