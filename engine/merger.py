@@ -77,6 +77,14 @@ class LRU:
             self.bytes += nb
             return True
 
+    def reserve(self, nb: int) -> None:
+        """Evict least recently used entries until `nb` more bytes fit the budget: called before a value is
+        computed, so that the new value and the entries it will replace are never in memory together."""
+        with self.lock:
+            while self.data and self.bytes + nb > self.budget:
+                _, old = self.data.popitem(last=False)
+                self.bytes -= self.size(old)
+
     def clear(self):
         with self.lock:
             self.data.clear()

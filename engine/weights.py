@@ -70,6 +70,11 @@ class WeightProvider:
                 self.cache.put(key, t)  # a copy read from the file: keep it rather than read it again
             return t
         self.merges += 1
+        if self.policy == "cached":  # make room first: the weight it replaces is freed before it is formed
+            numel = 1
+            for d in plan.shape:
+                numel *= d
+            self.cache.reserve(numel * self.dtype.itemsize)
         t = self.merger.merge(plan)
         if t.dtype != self.dtype:
             t = t.to(self.dtype)

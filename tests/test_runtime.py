@@ -309,3 +309,18 @@ def test_on_the_fly_sources_stay_resident_within_their_bound(fam, monkeypatch):
     got = logits(small)
     assert 0 < small.merger.store.resident_bytes() <= total // 3  # the rest is read at each use, as before
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_cache_makes_room_before_a_weight_is_formed():
+    """`LRU.reserve` evicts least recently used entries until the coming bytes fit: a cached weight being replaced is
+    freed before its successor is merged (the search's peak memory: sources + cache budget, not budget + a tensor)."""
+    from lazymerge.engine.merger import LRU
+
+    c = LRU(10, lambda v: v)
+    for k in "abc":
+        c.put(k, 3)
+    c.get("a")  # b is now the least recently used
+    c.reserve(4)
+    assert list(c.data) == ["c", "a"] and c.bytes == 6
+    c.reserve(100)  # more than the budget: everything goes (the put then declines to keep it)
+    assert not c.data and c.bytes == 0
