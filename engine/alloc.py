@@ -7,11 +7,13 @@ zeroed pages again: one page fault per 4 KiB of every read and every merged weig
 15): an on-the-fly 1-token forward of an 8-layer, hidden-1024 TIES merge spent 60% of its time in those faults
 (`preadv` into fresh pages, the merge kernel's first writes).
 
-`tune()` sets, once per process, glibc's `M_MMAP_THRESHOLD` to 32 MiB (glibc's upper bound for it, HEAP_MAX_SIZE/2
-on 64-bit) and `M_TRIM_THRESHOLD` to 256 MiB, with `mallopt(3)`: blocks up to 32 MiB come from the heap and a freed
-block is reused by the next forward instead of being returned and faulted in again; at most 256 MiB of free heap
-top is kept before trimming. Tensors above 32 MiB (an LM head of a 32k vocabulary) are still mapped per use. The
-cost is memory the process keeps after a peak (it was reached anyway, so peak RSS does not grow).
+`tune()` (called by an `Engine` of the on-the-fly policy on the CPU; a cached engine keeps its merged weights and
+gains nothing from it but a higher peak) sets, once per process, glibc's `M_MMAP_THRESHOLD` to 32 MiB (glibc's upper
+bound for it, HEAP_MAX_SIZE/2 on 64-bit) and `M_TRIM_THRESHOLD` to 256 MiB, with `mallopt(3)`: blocks up to 32 MiB
+come from the heap and a freed block is reused by the next forward instead of being returned and faulted in again;
+at most 256 MiB of free heap top is kept before trimming. Tensors above 32 MiB (an LM head of a 32k vocabulary) are
+still mapped per use. The cost is memory the process keeps after a peak (it was reached anyway, so peak RSS does not
+grow).
 
 Not on other C libraries (musl, macOS: `mallopt` absent, nothing done), and not when the environment already tunes
 glibc (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `GLIBC_TUNABLES`) or sets `LAZYMERGE_MALLOC_TUNE=0`.
