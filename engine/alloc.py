@@ -12,8 +12,8 @@ gains nothing from it but a higher peak) sets, once per process, glibc's `M_MMAP
 bound for it, HEAP_MAX_SIZE/2 on 64-bit) and `M_TRIM_THRESHOLD` to 256 MiB, with `mallopt(3)`: blocks up to 32 MiB
 come from the heap and a freed block is reused by the next forward instead of being returned and faulted in again;
 at most 256 MiB of free heap top is kept before trimming. Tensors above 32 MiB (an LM head of a 32k vocabulary) are
-still mapped per use. The cost is memory the process keeps after a peak (it was reached anyway, so peak RSS does not
-grow).
+still mapped per use. The cost is free heap the process keeps (the trim threshold, plus fragmentation): on a cached
+search engine with resident sources it raised a 267M DELLA candidate's peak RSS by ~0.4 GiB (BENCHMARKS.md).
 
 Not on other C libraries (musl, macOS: `mallopt` absent, nothing done), and not when the environment already tunes
 glibc (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `GLIBC_TUNABLES`) or sets `LAZYMERGE_MALLOC_TUNE=0`.
