@@ -70,9 +70,7 @@ class LRU:
                 self.bytes -= self.size(self.data.pop(key))
             if nb > self.budget:
                 return False
-            while self.bytes + nb > self.budget and self.data:
-                _, old = self.data.popitem(last=False)
-                self.bytes -= self.size(old)
+            self.reserve(nb)
             self.data[key] = value
             self.bytes += nb
             return True

@@ -17,6 +17,7 @@ merged tensor (on the fly: read at each use; with LAZYMERGE_UNSAFE_MMAP=1: the f
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -71,10 +72,7 @@ class WeightProvider:
             return t
         self.merges += 1
         if self.policy == "cached":  # make room first: the weight it replaces is freed before it is formed
-            numel = 1
-            for d in plan.shape:
-                numel *= d
-            self.cache.reserve(numel * self.dtype.itemsize)
+            self.cache.reserve(math.prod(plan.shape) * self.dtype.itemsize)
         t = self.merger.merge(plan)
         if t.dtype != self.dtype:
             t = t.to(self.dtype)

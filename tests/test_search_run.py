@@ -96,6 +96,8 @@ def test_no_model_data_written_per_candidate(search_toy, tmp_path):
     assert after["wchar"] - before["wchar"] == 0, "evaluating candidates wrote bytes"
     assert after["write_bytes"] - before["write_bytes"] == 0
     assert ev.engine.provider.merges > 0  # ... while the candidates' weights were merged, in memory
+    # the sources stay resident after the warm-up: no candidate reads them from their files again
+    assert after["rchar"] - before["rchar"] < 0.01 * size, (after["rchar"] - before["rchar"], size)
 
     # a whole run writes its records only: far less per candidate than one model
     before = _io()
