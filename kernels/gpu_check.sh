@@ -4,13 +4,15 @@
 #
 #   bash kernels/gpu_check.sh STAGE        # from the repo root; no pip install of lazymerge needed
 #
-#   correct    stage 1 (~2-4 min): kernel tests vs the PyTorch reference (fixed configs, LAZYMERGE_AUTOTUNE=0),
+#   correct    stage 1 (~1-2 min): kernel tests vs the PyTorch reference (fixed configs, LAZYMERGE_AUTOTUNE=0),
 #              the engine on CUDA vs CPU (tests/test_cuda_engine.py): correct.log
 #   crossover  stage 2 (~3-4 min): fused merge-matmul vs merge + cuBLAS at 1..64 tokens on 7B layer shapes, which
 #              decides linear.FUSED_MAX_TOKENS: crossover.log, crossover.json
 #   autotune   stage 3, optional (~3-4 min): the autotuned launch tests (binaries compiled in parallel first) and
 #              the sm_90 compile check with this machine's Triton: autotune.log, compile.log, compile.json
-#   bench      stage 4, optional (<= 4.5 min): bench_kernels --quick (merge GB/s vs copy, fused vs floor): bench.*
+#   bench      stage 4, optional (<= 4.5 min): bench_kernels --quick (merge GB/s vs copy, fused vs floor): bench.*;
+#              BENCH_ARGS="--budget 200" runs every shape and method until 200 s
+#   overhead   stage 5, optional (~1 min): host cost per launch beside GPU time (bench_overhead): overhead.*
 #
 # The engine's tests need pydantic (the recipe schema), which the GPU image lacks: carry `.whl` (made here by
 # `bash kernels/gpu_wheels.sh`); it is installed into /tmp/site when pydantic is missing.
@@ -68,7 +70,7 @@ case "$STAGE" in
     env_report > "$LOG"
     # fixed configs (one binary per variant); the autotuned launches are stage 3
     LAZYMERGE_AUTOTUNE=0 timeout 220 "$PY" -m pytest -rs -p no:cacheprovider $(xdist $(( NPROC > 16 ? 16 : NPROC ))) --durations=15 \
-      -k "not autotune" "$REPO/tests/test_kernels.py" "$REPO/tests/test_cuda_engine.py" 2>&1 | tee -a "$LOG"
+      -k "${PYTEST_K:-not autotune}" "$REPO/tests/test_kernels.py" "$REPO/tests/test_cuda_engine.py" 2>&1 | tee -a "$LOG"
     echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
     finish "$LOG" ;;
   crossover)
@@ -92,9 +94,15 @@ case "$STAGE" in
   bench)
     LOG=$OUT/bench.log
     env_report > "$LOG"
-    LAZYMERGE_AUTOTUNE=1 timeout 260 "$PY" -m lazymerge.kernels.bench_kernels --quick --budget 200 \
+    LAZYMERGE_AUTOTUNE=1 timeout 260 "$PY" -m lazymerge.kernels.bench_kernels ${BENCH_ARGS:---quick --budget 200} \
       --json "$OUT/bench.json" 2>&1 | tee -a "$LOG"
     echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
     finish "$LOG" ;;
-  *) echo "usage: $0 [correct|crossover|autotune|bench]"; exit 2 ;;
+  overhead)
+    LOG=$OUT/overhead.log
+    env_report > "$LOG"
+    timeout 200 "$PY" -m lazymerge.kernels.bench_overhead --json "$OUT/overhead.json" 2>&1 | tee -a "$LOG"
+    echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
+    finish "$LOG" ;;
+  *) echo "usage: $0 [correct|crossover|autotune|bench|overhead]"; exit 2 ;;
 esac

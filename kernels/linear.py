@@ -26,12 +26,13 @@ from . import dispatch
 from .merge import MergeSpec, merge
 from .merge_matmul import NoFittingConfig, merge_matmul_reference, merge_matmul_triton
 
-# Crossover token count between the two paths. It must be set from a GPU measurement: the last line of
-# `python -m lazymerge.kernels.bench_crossover` (`bash kernels/gpu_check.sh crossover`, README "GPU"), recorded in
-# BENCHMARKS.md. None has been taken yet, so 16 is a reasoned placeholder: the fused kernel pads M to BLOCK_M = 16,
-# so up to 16 tokens cost the same weight traffic as one, while beyond that each extra 16-row tile re-merges the
-# weights and the buffer path (one merge pass + tensor-core GEMM) wins once the GEMM, not the weight read, dominates.
-FUSED_MAX_TOKENS = 16
+# Crossover token count between the two paths, set from a GPU measurement (`bash kernels/gpu_check.sh crossover`,
+# BENCHMARKS.md "GPU, first run"): on an H200 (torch 2.11, triton 3.6, 2026-11-30) the fused kernel was slower than
+# merge-into-buffer + cuBLAS at every M measured (1..64) for TIES and DARE-TIES on all three 7B layer shapes
+# (fused / buffer 1.01-1.30 at M <= 16, 1.21-1.76 above), and for a linear merge at M = 1 its eager call costs
+# more (187 vs 88 us + the GEMV: the host's launch cost; graphed, fused wins for linear, 31 vs 32 + 18 us). So 0: the
+# buffer path at every token count; the fused path stays for callers that ask for it (`merge_matmul_triton`).
+FUSED_MAX_TOKENS = 0
 
 
 def use_fused(x: torch.Tensor) -> bool:
