@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -187,10 +188,12 @@ def flag_specs(n: int) -> list[MergeSpec]:
             fill[f.name] = (7,) * n
         elif str(f.type).startswith("tuple") and f.name != "coeffs":
             fill[f.name] = (0.5,) * n
+    no_outer = dict(fill, t_out=(math.inf,) * n, c_out=(-1,) * n)  # TIES' top-k alone (KEEP 1; with: KEEP_BAND)
     for keep in KEEP_CODES:
-        for cons in (False, True):
-            for norm in (False, True):
-                specs.append(MergeSpec("delta", keep=keep, consensus=cons, normalize=norm, **fill))
+        for f in (fill, no_outer) if keep == "topk" else (fill,):
+            for cons in (False, True):
+                for norm in (False, True):
+                    specs.append(MergeSpec("delta", keep=keep, consensus=cons, normalize=norm, **f))
     return specs
 
 

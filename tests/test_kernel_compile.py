@@ -16,6 +16,7 @@ or `python -m lazymerge.kernels.aot --tier worst` for the table (~1 h on this 2-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,7 +30,7 @@ import triton
 from lazymerge.kernels import aot
 from lazymerge.kernels import merge_matmul as kmm
 from lazymerge.kernels.merge import MergeSpec
-from lazymerge.kernels.merge_triton import KEEP_CODES, MAX_SOURCES, spec_flags
+from lazymerge.kernels.merge_triton import KEEP_BAND, KEEP_CODES, MAX_SOURCES, spec_flags
 
 TIER = os.environ.get("LAZYMERGE_AOT_TIER", "quick")
 # Spill bound: 64 bytes of local memory per thread (a few spilled registers). Measured for the shipped configs
@@ -53,7 +54,7 @@ def _tiny_limit(monkeypatch, limit):
 def test_flag_specs_cover_every_keep_rule_and_switch():
     flags = {tuple(sorted(spec_flags(s).items())) for s in aot.flag_specs(3)}
     keeps = {dict(f)["KEEP"] for f in flags if dict(f)["MODE"] == 1}
-    assert keeps == set(KEEP_CODES.values())
+    assert keeps == set(KEEP_CODES.values()) | {KEEP_BAND}  # top-k with (breadcrumbs) and without (TIES) an outer cut
     assert {(dict(f)["CONSENSUS"], dict(f)["NORMALIZE"]) for f in flags if dict(f)["MODE"] == 1} == {
         (False, False), (False, True), (True, False), (True, True)}
     assert {dict(f)["DIVIDE"] for f in flags if dict(f)["MODE"] == 0} == {False, True}
@@ -182,3 +183,17 @@ def test_warm_compiles_the_launch_binaries_into_the_cache():
     rows = aot.warm([lambda: merge_triton(t[0], t[1:], spec, aux=aux, out=out)], autotune=False, arch=90, jobs=1)
     assert len(rows) == 1 and "error" not in rows[0], rows
     assert rows[0]["kernel"].endswith(":_merge_kernel") and rows[0]["shared"] <= aot.H200_SHARED_LIMIT
+
+
+@jit_kernels
+def test_ties_compiles_without_the_outer_cut():
+    """TIES (t_out = inf everywhere) compiles to its own variant without breadcrumbs' outer-cut compares: fewer
+    sm_90 instructions than the same spec with one finite outer cut (KEEP_BAND)."""
+    if aot.missing_tools(90):
+        pytest.skip(f"Triton's bundled CUDA tools are missing: {aot.missing_tools(90)}")
+    from lazymerge.kernels import bench_sass
+
+    ties = bench_sass.spec_of("ties")
+    band = dataclasses.replace(ties, t_out=(0.9,) + ties.t_out[1:])
+    assert spec_flags(ties)["KEEP"] == KEEP_CODES["topk"] and spec_flags(band)["KEEP"] == KEEP_BAND
+    assert bench_sass.count_spec(ties)["total"] < bench_sass.count_spec(band)["total"]

@@ -376,6 +376,23 @@ def test_topk_tie_cutoff_at_2_pow_32_keeps_every_tie():
 
 
 @kernel_test
+def test_outer_cut_at_inf_drops_nothing_even_infinite_deltas():
+    """t_out = inf: the reference skips the outer cut, whatever c_out says; the kernel (with or without the band
+    variant, i.e. another source's outer cut finite) must not drop an infinite |delta| at j <= c_out either."""
+    base, xs = make_inputs((5, 64), 2, torch.float32, seed=3)
+    xs = [x.clone() for x in xs]
+    xs[0].view(-1)[2] = math.inf  # |delta| = inf at flat index 2 <= c_out
+    t = [float((x - base).abs().reshape(-1).sort(descending=True).values[100]) for x in xs]
+    for t_out1 in (math.inf, t[1] * 2):  # TIES' top-k alone; breadcrumbs' band on source 1
+        spec = MergeSpec("delta", keep="topk", t_in=tuple(t), c_in=(2**32, 2**32), t_out=(math.inf, t_out1),
+                         c_out=(10, 2**32), scales=(1.0, 1.0), weights=(1.0, 0.5))
+        got = kmt.merge_triton(to_dev(base), to_dev(xs), spec)
+        want = merge_reference(base, xs, spec)
+        assert math.isinf(float(want.view(-1)[2]))
+        assert_close(got, want, 0.0, 0.0, what=f"t_out = (inf, {t_out1})")
+
+
+@kernel_test
 def test_merge_dispatch_uses_kernel(monkeypatch):
     """merge() takes the Triton path where dispatch says so (CUDA, or LAZYMERGE_TRITON_ON_CPU=1)."""
     monkeypatch.setenv("LAZYMERGE_TRITON_ON_CPU", "1")
