@@ -13,6 +13,9 @@
 #   bench      stage 4, optional (<= 4.5 min): bench_kernels --quick (merge GB/s vs copy, fused vs floor): bench.*;
 #              BENCH_ARGS="--budget 200" runs every shape and method until 200 s
 #   overhead   stage 5, optional (~1 min): host cost per launch beside GPU time (bench_overhead): overhead.*
+#   scale      stage 6, optional (not yet run; estimated 4-7 min): the scale benchmark's forward and decode parts on
+#              CUDA with two layers of 7B shapes (search/bench_scale.py --shape 7b-layers): scale.log, scale.json;
+#              SCALE_METHODS="ties" to run fewer methods
 #
 # The engine's tests need pydantic (the recipe schema), which the GPU image lacks: carry `.whl` (made here by
 # `bash kernels/gpu_wheels.sh`); it is installed into /tmp/site when pydantic is missing.
@@ -104,5 +107,13 @@ case "$STAGE" in
     timeout 200 "$PY" -m lazymerge.kernels.bench_overhead --json "$OUT/overhead.json" 2>&1 | tee -a "$LOG"
     echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
     finish "$LOG" ;;
-  *) echo "usage: $0 [correct|crossover|autotune|bench|overhead]"; exit 2 ;;
+  scale)
+    LOG=$OUT/scale.log
+    env_report > "$LOG"
+    timeout 480 "$PY" -m lazymerge.search.bench_scale --device cuda --shape 7b-layers \
+      --methods ${SCALE_METHODS:-ties dare_ties} --parts forward decode --repeats 3 --timeout 220 \
+      --json "$OUT/scale.json" 2>&1 | tee -a "$LOG"
+    echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
+    finish "$LOG" ;;
+  *) echo "usage: $0 [correct|crossover|autotune|bench|overhead|scale]"; exit 2 ;;
 esac

@@ -39,9 +39,16 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAPE = dict(hidden=1024, layers=16, heads=16, kv_heads=8, intermediate=3072, vocab=32000)
+SHAPES = {
+    "280m": dict(hidden=1024, layers=16, heads=16, kv_heads=8, intermediate=3072, vocab=32000),
+    # a 7B Llama/Mistral's layer shapes (q/o 4096x4096, k/v 1024x4096, gate/up/down 14336x4096), two layers: ~0.7B
+    # parameters, for the GPU (--device cuda), where a layer's merge cost must be measured at its real size
+    "7b-layers": dict(hidden=4096, layers=2, heads=32, kv_heads=8, intermediate=14336, vocab=32000),
+}
+SHAPE = dict(SHAPES[os.environ.get("LAZYMERGE_BENCH_SHAPE", "280m")])
 if os.environ.get("LAZYMERGE_BENCH_SMOKE") == "1":  # --smoke: a tiny family, to check the script end to end
     SHAPE = dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=1000)
+DEVICE = os.environ.get("LAZYMERGE_BENCH_DEVICE", "cpu")  # forward and decode: the engine's and the plain model's
 TEXT = " ".join(["the cat sees the dog and the dog sees the cat"] * 6)
 
 
@@ -171,27 +178,39 @@ def child_mergekit(root: Path, method: str) -> dict:
             "total_s": t3 - t0}
 
 
+def _sync():
+    """Wait for the GPU's queued work (timings on CUDA end when the work is done, not when it is queued)."""
+    if DEVICE != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def _time(fns: dict, repeats: int) -> dict:
     times = {k: [] for k in fns}
     for f in fns.values():
         f()
+    _sync()
     for _ in range(repeats):
         for k, f in fns.items():
             t = time.perf_counter()
             f()
+            _sync()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _exported(plan, out: Path):
-    """The merge of `plan` exported to `out` and loaded by transformers in float32: the plain reference model."""
+    """The merge of `plan` exported to `out` and loaded by transformers: the plain reference model, in the engine's
+    compute dtype on DEVICE (float32 on the CPU, bfloat16 on a GPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from lazymerge.engine.export import export
 
     export(plan, out)
-    return AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    return AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype).to(DEVICE).eval()
 
 
 def child_forward(root: Path, method: str, repeats: int) -> dict:
@@ -201,15 +220,15 @@ def child_forward(root: Path, method: str, repeats: int) -> dict:
 
     rec = recipe(method)
     paths = {k: str(root / k) for k in ("base", "e1", "e2", "e3")}
-    fly = Engine(paths, policy="on_the_fly").compile(rec)
-    cached = Engine(paths, policy="cached", cache_bytes=8 << 30).compile(rec)
+    fly = Engine(paths, policy="on_the_fly", device=DEVICE).compile(rec)
+    cached = Engine(paths, policy="cached", cache_bytes=8 << 30, device=DEVICE).compile(rec)
     out = root / f"export_{method}"
     plain = _exported(fly.plan, out)
     rows = []
     with torch.inference_mode():
         for n in (1, 64, 2048):
             B, T = (1, n) if n <= 64 else (n // 512, 512)
-            ids = torch.randint(4, SHAPE["vocab"], (B, T))
+            ids = torch.randint(4, SHAPE["vocab"], (B, T), device=DEVICE)
             mask = torch.ones_like(ids)
             pos = mask.cumsum(-1) - 1
             med = _time({"plain": lambda: plain(input_ids=ids, attention_mask=mask, logits_to_keep=1),
@@ -231,7 +250,7 @@ def child_decode(root: Path, method: str, repeats: int) -> dict:
     from lazymerge.engine import Engine
 
     cached = Engine({k: str(root / k) for k in ("base", "e1", "e2", "e3")}, policy="cached",
-                    cache_bytes=8 << 30).compile(recipe(method))
+                    cache_bytes=8 << 30, device=DEVICE).compile(recipe(method))
     out = root / f"export_{method}"
     plain = _exported(cached.plan, out)
     decode = []
@@ -241,13 +260,15 @@ def child_decode(root: Path, method: str, repeats: int) -> dict:
 
         def lazy():
             outs = cached.generate(prompts, max_tokens=new)  # may stop at EOS: tokens/s counts what it made
+            _sync()
             return sum(len(o.token_ids) for o in outs)
 
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=DEVICE)
 
         def hf():
             g = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                                min_new_tokens=new, do_sample=False, pad_token_id=0)
+            _sync()
             return (g.shape[1] - ids.shape[1]) * batch
 
         lazy(), hf()
@@ -288,7 +309,8 @@ def table(info: dict, results: dict) -> str:
     src = info["source_bytes"]
     out = [f"lazymerge scale benchmark: Llama {info['params'] / 1e6:.0f}M params (hidden {SHAPE['hidden']}, "
            f"{SHAPE['layers']} layers, vocab {SHAPE['vocab']}), bf16, base + 3 fine-tunes = {src / 2**30:.2f} GiB; "
-           f"{info['machine']}, {info['cpus']} CPUs available, torch threads {info['threads']}, {info['date']}", ""]
+           f"{info['machine']}, {info['cpus']} CPUs available, torch threads {info['threads']}, {info['date']}"
+           + (f"; forward and decode on {info['gpu']} (torch {info['torch']})" if "gpu" in info else ""), ""]
     out.append("| method | part | peak RSS GiB | limit GiB (sources + cache + 1) | within | seconds |")
     out.append("|---|---|---:|---:|---|---:|")
     for m, r in results.items():
@@ -328,6 +350,7 @@ def table(info: dict, results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    global DEVICE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", help="build folder (default: a new temporary folder, deleted at the end)")
     ap.add_argument("--json", help="write the results here")
@@ -337,9 +360,18 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     ap.add_argument("--keep", action="store_true", help="keep the built family")
     ap.add_argument("--smoke", action="store_true", help="a tiny family instead (checks the script, measures nothing)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=os.environ.get("LAZYMERGE_BENCH_SHAPE", "280m"),
+                    help="the family's shape (7b-layers: two layers of a 7B model's shapes, for a GPU)")
+    ap.add_argument("--device", default=DEVICE,
+                    help="where forward and decode run (cuda: the Triton kernels against transformers in bf16)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    os.environ["LAZYMERGE_BENCH_SHAPE"], os.environ["LAZYMERGE_BENCH_DEVICE"] = args.shape, args.device  # children
+    DEVICE = args.device
+    if os.environ.get("LAZYMERGE_BENCH_SMOKE") != "1":  # a child of --smoke keeps the module's tiny shape
+        SHAPE.clear()
+        SHAPE.update(SHAPES[args.shape])
     if args.smoke:
         os.environ["LAZYMERGE_BENCH_SMOKE"] = "1"
         SHAPE.update(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=1000)
@@ -350,6 +382,10 @@ def main(argv=None) -> int:
             kw["repeats"] = args.repeats
         res = CHILDREN[args.child](root, **kw)
         res["peak_rss_mb"] = _rss_mb()
+        if DEVICE != "cpu":
+            import torch
+
+            res["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(json.dumps(res))
         return 0
 
@@ -377,7 +413,11 @@ def main(argv=None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     info = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
             "threads": default_threads(), "params": built["params"], "source_bytes": built["source_bytes"],
-            "shape": SHAPE}
+            "shape": SHAPE, "device": DEVICE}
+    if DEVICE != "cpu":
+        import torch
+
+        info.update(gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
     print(table(info, results))
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "results": results}, indent=1))
