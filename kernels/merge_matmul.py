@@ -35,8 +35,7 @@ from .merge_triton import (
     autotuning,
     interpreting,
     pointer_args,
-    spec_flags,
-    spec_tables,
+    prepared,
     uses_aux,
 )
 
@@ -240,8 +239,7 @@ def merge_matmul_triton(x: torch.Tensor, base: torch.Tensor | None, sources: lis
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*lead, N)
-    flags = spec_flags(spec)
-    ftab, itab, div, lam = spec_tables(spec, x.device)
+    flags, (ftab, itab, div, lam) = prepared(spec, x.device)
     b, xs, a = pointer_args(base, sources, aux if uses_aux(flags) else None)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     m_bucket = 1 if M <= 1 else (16 if M <= 16 else min(triton.next_power_of_2(M), 4096))

@@ -127,6 +127,23 @@ def _has_outer_cut(spec: MergeSpec) -> bool:
     return spec.keep == "topk" and any(t != float("inf") for t in spec.t_out)
 
 
+_PREPARED: OrderedDict = OrderedDict()
+
+
+def prepared(spec: MergeSpec, device: torch.device) -> tuple[dict, tuple[torch.Tensor, torch.Tensor, float, float]]:
+    """(a fresh copy of `spec_flags(spec)`, `spec_tables(spec, device)`), memoized by the spec object's identity:
+    a launcher called per layer and token with the same spec skips hashing and comparing the spec's tuples (a few
+    microseconds of the host's launch cost each; an equal spec that is another object takes the slower path)."""
+    key = (id(spec), device)
+    hit = _PREPARED.get(key)
+    if hit is None or hit[0] is not spec:
+        hit = (spec, spec_flags(spec), spec_tables(spec, device))
+        _PREPARED[key] = hit
+        if len(_PREPARED) > _TABLES_MAX:
+            _PREPARED.popitem(last=False)
+    return dict(hit[1]), hit[2]
+
+
 def spec_flags(spec: MergeSpec) -> dict:
     """The constexpr switches of a spec (one compiled variant per distinct value)."""
     if spec.mode not in MODE_CODES:
@@ -412,20 +429,20 @@ def merge_triton(base: torch.Tensor | None, sources: list[torch.Tensor], spec: M
         return out
     if numel >= 2**32:
         raise ValueError("tensors of 2**32 elements or more are not supported")
-    flags = spec_flags(spec)
-    ftab, itab, div, lam = spec_tables(spec, device)
+    flags, (ftab, itab, div, lam) = prepared(spec, device)
+    interp = interpreting()
     b, xs, a = pointer_args(base, sources, aux if uses_aux(flags) else None)
     has_index = index is not None and spec.needs_index
     idx = index.reshape(-1).contiguous() if has_index else ftab
     args = (b, *xs, *a, idx, out, ftab, itab, numel, div, lam, spec.row_width, float(spec.div_min),
             max(numel.bit_length() - 16, 0))
     flags["HAS_INDEX"] = has_index
-    flags["FIX_BF16"] = interpreting() and out.dtype == torch.bfloat16
-    if autotuning():
+    flags["FIX_BF16"] = interp and out.dtype == torch.bfloat16
+    if not interp and autotuning():
         grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)  # noqa: E731
         _merge_kernel_tuned[grid](*args, **flags, enable_fp_fusion=False)
     else:
-        block = INTERPRET_BLOCK if interpreting() else 2048
+        block = INTERPRET_BLOCK if interp else 2048
         _merge_kernel[(triton.cdiv(numel, block),)](*args, **flags, BLOCK=block,
                                                     num_warps=8, enable_fp_fusion=False)
     return out
