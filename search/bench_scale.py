@@ -391,6 +391,14 @@ def main(argv=None) -> int:
 
     from lazymerge.engine.threads import default_threads
 
+    if DEVICE != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {DEVICE}: CUDA is not available on this machine")
+        if set(args.parts) - {"forward", "decode"}:
+            raise SystemExit("error: on a GPU only the forward and decode parts run (--parts forward decode); the "
+                             "others measure the CPU's peak RSS and mergekit's CPU merge")
     made = args.root is None
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="lazymerge-scale-"))
     results: dict = {}
