@@ -28,7 +28,7 @@ from collections import OrderedDict
 import torch
 
 from lazymerge.kernels import merge_cpu, select
-from lazymerge.kernels.merge import MergeSpec, l1_sums, row_ranks, row_view
+from lazymerge.kernels.merge import MergeSpec, della_step, l1_sums, row_rank_ints, row_ranks, row_view
 from lazymerge.kernels.merge import merge as merge_kernel
 from lazymerge.kernels.rng import MAX_INDEX, mask_keys
 
@@ -39,6 +39,11 @@ from .plan import SourceSet, TensorPlan, TensorRef
 from .rowmap import gather
 
 KEEP_HISTOGRAM_FROM = 1 << 18  # elements: smaller tensors recompute their first histogram (cheaper than keeping it)
+# DELLA on the CPU: a tensor's per-row ranks (int16, every source) computed for its L1 rescale pass are kept for its
+# merge pass when they fit this many bytes, instead of being sorted again; larger tensors recompute them per row
+# block. (Held as float32 and computed for the whole tensor at once, the 267M family's MLP ranks raised a search
+# candidate's peak RSS by 0.3 GiB, over its limit: glibc kept the transients.)
+SHARED_RANKS_BYTES = 64 << 20
 
 
 class LRU:
@@ -177,6 +182,7 @@ class Merger:
         self.cpu_fused = merge_cpu.enabled() if cpu_fused is None else cpu_fused  # kernels/merge_cpu.py
         self.stats = LRU(stats_budget, _nbytes)
         self.specs = LRU(spec_entries, lambda v: 1)
+        self._ranks: dict = {}  # DELLA ranks of the tensor being prepared, for its merge (SHARED_RANKS_BYTES)
 
     # -- statistics per (source, tensor), independent of the recipe's numbers --------------------------------
     def _stat_key(self, kind: str, base: TensorRef, x: TensorRef) -> tuple:
@@ -217,6 +223,28 @@ class Merger:
             return None
         return [self.della_ranks(plan.base, x, rows) for x in plan.inputs]
 
+    @staticmethod
+    def _rank_ints(b: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        """int16 per-row ranks of |xx - b| (`kernels.merge.row_rank_ints`), computed row block by row block so that
+        the sort's temporaries stay small; the tensor's shape."""
+        rows = row_view(xx.shape)
+        out = torch.empty(rows, dtype=torch.int16, device=xx.device)
+        fb, fx, fo = b.reshape(rows), xx.reshape(rows), out
+        step = della_step(xx.shape, merge_cpu.DELLA_BLOCK)[0] // max(rows[1], 1)
+        for r in range(0, rows[0], step):
+            d = fx[r:r + step].float() - fb[r:r + step].float()
+            fo[r:r + step] = row_rank_ints(d.abs_())
+        return out.reshape(xx.shape)
+
+    def _shared_ranks(self, plan: TensorPlan) -> list[torch.Tensor] | None:
+        """The DELLA ranks of every input of `plan` that `_l1_scale` kept while preparing its spec (None unless all
+        are there). Ranks depend only on (base, source), not on the recipe's numbers, so they are the ones the merge
+        pass would compute; the L1 rescale pass and the merge pass then sort each row once instead of twice."""
+        if not self._ranks or plan.base is None:
+            return None
+        got = [self._ranks.get(self._stat_key("ranks", plan.base, x)) for x in plan.inputs]
+        return got if got and all(g is not None for g in got) else None
+
     # -- per-tensor scalars ------------------------------------------------------------------------------------
     def spec(self, plan: TensorPlan) -> tuple[MergeSpec, list[torch.Tensor] | None]:
         cached = self.specs.get(plan.key)
@@ -226,6 +254,7 @@ class Merger:
         return cached
 
     def _prepare(self, p: TensorPlan):
+        self._ranks.clear()  # at most one tensor's shared ranks are held
         if p.family is Family.passthrough:
             return MergeSpec("combine", coeffs=p.weights), None
         if p.family is Family.linear:
@@ -286,11 +315,17 @@ class Merger:
         """L1 rescale factor of source i: sum |delta| / sum |delta * keep| (1 if either is < 1e-7; mergekit
         sparsify.py `rescaled_masked_tensor`), both sums in float64 over one pass."""
         b, xx = self.store.get(base), self.store.get(x)
-        sums = merge_cpu.l1_sums_fused(b, xx, spec, i) if self.cpu_fused and self.store.device.type == "cpu" else None
+        cpu = self.cpu_fused and self.store.device.type == "cpu"
+        aux_i = None
+        if (cpu and spec.keep == "della" and spec.n * xx.numel() * 2 <= SHARED_RANKS_BYTES
+                and row_view(xx.shape)[1] <= 1 << 15):
+            aux_i = self._ranks[self._stat_key("ranks", base, x)] = self._rank_ints(b, xx)
+        sums = merge_cpu.l1_sums_fused(b, xx, spec, i, aux_i=aux_i) if cpu else None
         if sums is not None:
             before, after = sums
         else:
-            aux_i = None if spec.keep != "della" else self.della_ranks(base, x)
+            if spec.keep == "della" and aux_i is None:
+                aux_i = self.della_ranks(base, x)
             before, after = l1_sums(b, xx, spec, i, aux_i)
         return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
@@ -332,7 +367,10 @@ class Merger:
               out: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 merged tensor of `plan` (only `rows` of it, if given: embedding lookups)."""
         spec, aux = self.spec(plan)  # aux from the statistics: per-row data of the newer methods (method_specs.py)
-        della = self.aux(plan, spec, rows)  # DELLA ranks for the GPU kernels, already of `rows` only
+        della = self._shared_ranks(plan) if rows is None else None  # DELLA: those its L1 pass just computed
+        self._ranks.clear()
+        if della is None:
+            della = self.aux(plan, spec, rows)  # DELLA ranks for the GPU kernels, already of `rows` only
         get = self.store.get if rows is None else (lambda r: self.store.rows(r, rows))  # noqa: E731
         base = get(plan.base) if plan.base is not None else None
         xs = [get(r) for r in plan.inputs]

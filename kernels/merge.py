@@ -184,6 +184,29 @@ def row_ranks(a2: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
+def row_rank_ints(a2: torch.Tensor) -> torch.Tensor:
+    """int16 (R, W) ranks of `row_ranks` before normalization (W <= 32768): 2 bytes an element instead of 4, for
+    ranks kept between two passes; `unit_ranks` turns a block of them into exactly `row_ranks`' floats."""
+    w = a2.shape[1]
+    if w > 1 << 15:
+        raise ValueError(f"rows of {w} elements: int16 ranks hold at most 32768")
+    keys = a2.view(torch.int32) if a2.dtype == torch.float32 else a2
+    order = torch.argsort(keys, dim=1, stable=True)
+    ranks = torch.empty(a2.shape, dtype=torch.int16, device=a2.device)
+    ranks.scatter_(1, order, torch.arange(w, dtype=torch.int16, device=a2.device).expand_as(order))
+    return ranks
+
+
+def unit_ranks(r: torch.Tensor, width: int) -> torch.Tensor:
+    """float32 ranks in [0, 1] of integer ranks `r` (any shape) in rows of `width`: the same float32 division as
+    `row_ranks` (bit-identical); float32 `r` is returned as it is (already normalized)."""
+    if r.dtype == torch.float32:
+        return r
+    if width <= 1:
+        return torch.zeros(r.shape, device=r.device)
+    return r.float() / (width - 1)
+
+
 def della_step(shape, chunk: int) -> tuple[int, int]:
     """(step, width): chunk size in elements made of whole rank rows (>= one row), and the row width."""
     width = max(1, row_view(shape)[1])
@@ -201,7 +224,7 @@ def l1_sums(base: torch.Tensor, x: torch.Tensor, spec: MergeSpec, i: int,
     for s in range(0, b.numel(), step):
         e = min(b.numel(), s + step)
         d = xx[s:e].float() - b[s:e].float()
-        ai = a[s:e] if a is not None else None
+        ai = unit_ranks(a[s:e], width) if a is not None else None
         if spec.keep == "della" and ai is None:
             ai = row_ranks(d.abs().view(-1, width)).view(-1)
         k = keep_mask(spec, i, d, torch.arange(s, e, device=d.device), ai)
@@ -303,7 +326,10 @@ def merge_reference(base: torch.Tensor | None, sources: list[torch.Tensor], spec
             idx = flat_idx[s:e] if flat_idx is not None else torch.arange(s, e, device=res.device)
         auxs = None
         if flat_aux is not None:
-            auxs = [a.float() for a in flat_aux] if spec.aux_per_row else [a[s:e] for a in flat_aux]
+            if spec.aux_per_row:
+                auxs = [a.float() for a in flat_aux]
+            else:  # DELLA ranks may come as integers (engine/merger.py's shared ranks)
+                auxs = [unit_ranks(a[s:e], row_view(shape)[1]) for a in flat_aux]
         if spec.mode == "combine":
             r = _combine_chunk(xs, spec, idx, auxs)
         elif spec.mode == "nearswap":

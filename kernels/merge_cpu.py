@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .merge import della_step, row_ranks
+from .merge import della_step, row_ranks, unit_ranks
 from .rng import C1, C2, M32
 
 _ENABLED = os.environ.get("LAZYMERGE_CPU_FUSED", "1") != "0"
@@ -292,7 +292,7 @@ def merge_delta_fused(base, sources, spec, aux=None) -> torch.Tensor | None:
         auxs = []
         if has_aux:
             a = aux if aux is not None else None
-            auxs = [a[i].reshape(-1)[s:e] for i in range(n)] if a is not None else [
+            auxs = [unit_ranks(a[i].reshape(-1)[s:e], width) for i in range(n)] if a is not None else [
                 row_ranks((x.float() - b.float()).abs_().view(-1, width)).view(-1) for x in xs]
         args = (b, *xs, *auxs, *tail, torch.tensor(s, dtype=torch.int64, device=dev))
         if fn is None:
@@ -332,7 +332,7 @@ def l1_sums_fused(base, x, spec, i: int, aux_i=None) -> tuple[float, float] | No
         b, xx = fb[s:e], fx[s:e]
         extra = []
         if has_aux:
-            extra = [aux_i.reshape(-1)[s:e] if aux_i is not None else
+            extra = [unit_ranks(aux_i.reshape(-1)[s:e], width) if aux_i is not None else
                      row_ranks((xx.float() - b.float()).abs_().view(-1, width)).view(-1)]
         args = (b, xx, *extra, *sc, torch.tensor(s, dtype=torch.int64, device=dev))
         if fn is None:

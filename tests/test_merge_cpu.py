@@ -81,6 +81,16 @@ def test_della_ranks_in_the_pass_equal_given_ranks():
     assert torch.equal(merge_reference(b, xs, spec), want)
     got = merge_cpu.merge_delta_fused(b, xs, spec)
     assert got is not None and torch.equal(got, want)
+    # int16 ranks (engine/merger.py keeps them between the L1 pass and the merge): normalized per block, the same
+    from lazymerge.kernels.merge import row_rank_ints, unit_ranks
+
+    ints = [row_rank_ints((x.float() - b).abs()) for x in xs]
+    assert all(torch.equal(unit_ranks(r, width), a) for r, a in zip(ints, aux))
+    got = merge_cpu.merge_delta_fused(b, xs, spec, aux=ints)
+    assert got is not None and torch.equal(got, want)
+    assert torch.equal(merge_reference(b, xs, spec, aux=ints), want)
+    for i in range(3):
+        assert merge_cpu.l1_sums_fused(b, xs[i], spec, i, aux_i=ints[i]) == merge_cpu.l1_sums_fused(b, xs[i], spec, i)
 
 
 def test_compiled_programs_are_cached_on_disk():

@@ -176,6 +176,36 @@ def test_cached_and_on_the_fly_give_identical_outputs(fam):
     assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
 
 
+def test_della_sorts_each_row_once_per_merge(fam, monkeypatch):
+    """DELLA's L1 rescale pass and its merge pass need the same per-row ranks: on the CPU's fused path a tensor's
+    ranks computed for the first (as int16) are handed to the second (engine/merger.py SHARED_RANKS_BYTES): half the
+    sorts, the same logits."""
+    import lazymerge.engine.merger as merger_mod
+    import lazymerge.kernels.merge as merge_mod
+    import lazymerge.kernels.merge_cpu as merge_cpu_mod
+
+    calls = []
+
+    def counting(fn):
+        def f(a2):
+            calls.append(a2.shape)
+            return fn(a2)
+        return f
+
+    for mod in (merger_mod, merge_mod, merge_cpu_mod):
+        monkeypatch.setattr(mod, "row_ranks", counting(merge_mod.row_ranks))
+    monkeypatch.setattr(merger_mod, "row_rank_ints", counting(merge_mod.row_rank_ints))
+    ids, mask = batch(60)
+    out = {}
+    for shared in (64 << 20, 0):
+        monkeypatch.setattr(merger_mod, "SHARED_RANKS_BYTES", shared)
+        calls.clear()
+        out[shared] = Engine(fam, policy="cached", cpu_fused=True).compile(METHOD_RECIPES["della"]).logits(ids, mask)
+        out[shared, "calls"] = len(calls)
+    assert torch.equal(out[64 << 20], out[0])
+    assert 0 < 2 * out[64 << 20, "calls"] <= out[0, "calls"]  # the merge pass sorts nothing (here: 60 vs 240)
+
+
 def test_cache_never_serves_another_recipes_weights(fam):
     eng = Engine(fam, policy="cached", cache_bytes=64 << 20)
     a = {"merge_method": "ties", "base_model": "base", "models": [{"model": "e1", "parameters": {"weight": 0.8, "density": 0.5}}]}
