@@ -48,14 +48,13 @@ def recommend(rows: list[dict], ms=MS) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"
-        os.environ["LAZYMERGE_TRITON_ON_CPU"] = "1"
+    from .bench_kernels import backend_ready
+
+    stop = backend_ready("bench_crossover", args.dry_run)
+    if stop is not None:
+        return stop
     import torch
 
-    if not args.dry_run and not torch.cuda.is_available():
-        print("bench_crossover: no CUDA device; nothing to measure (use --dry-run to check the script on the CPU)")
-        return 0
     from .bench_kernels import Bench
     from .merge_matmul import merge_matmul_triton
     from .merge_triton import merge_triton

@@ -279,19 +279,30 @@ class Bench:
             print(f"skipped: {len(R['skipped'])}, errors: {len(R.get('errors', []))}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.dry_run:
+def backend_ready(script: str, dry_run: bool) -> int | None:
+    """The GPU benchmarks' common start: with `dry_run`, the Triton interpreter on CPU tensors (set before triton is
+    imported); without, a CUDA device. None when the script can go on, else its exit code (0: no CUDA, nothing to
+    measure; 2: a dry run asked for after triton was imported without the interpreter)."""
+    if dry_run:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             print("--dry-run needs TRITON_INTERPRET=1 before triton is imported")
             return 2
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["LAZYMERGE_TRITON_ON_CPU"] = "1"
+        return None
     import torch
 
-    if not args.dry_run and not torch.cuda.is_available():
-        print("bench_kernels: no CUDA device; nothing to measure (use --dry-run to check the script on the CPU)")
+    if not torch.cuda.is_available():
+        print(f"{script}: no CUDA device; nothing to measure (use --dry-run to check the script on the CPU)")
         return 0
+    return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    stop = backend_ready("bench_kernels", args.dry_run)
+    if stop is not None:
+        return stop
     b = Bench(args)
     print(f"env: {b.results['env']}", flush=True)
     b.run()

@@ -82,6 +82,13 @@ class MergeSpec:
         return bool(self.row_layout) or self.keep == "fusion"
 
     @property
+    def has_outer_cut(self) -> bool:
+        """A top-k keep rule whose outer cut drops something on some source (breadcrumbs: a finite t_out; the
+        reference skips an outer cut at t_out = inf). The kernels compile such a spec as its own variant ("band")
+        and TIES' plain top-k without the outer compares."""
+        return self.keep == "topk" and any(t != float("inf") for t in self.t_out)
+
+    @property
     def needs_index(self) -> bool:
         """Whether the elementwise pass reads flat element indices j."""
         return bool(self.row_layout) or (self.mode == "delta" and self.keep != "all")

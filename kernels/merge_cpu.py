@@ -251,11 +251,9 @@ FUSED_KEEPS = ("all", "topk", "random", "della")
 
 
 def _structure_keep(spec) -> str:
-    """The keep rule the compiled loop specializes on: "band" for a top-k cut with an outer cut that excludes
-    something (breadcrumbs: some t_out finite; the reference skips t_out = inf the same way), else `spec.keep`."""
-    if spec.keep == "topk" and any(t != float("inf") for t in spec.t_out):
-        return "band"
-    return spec.keep
+    """The keep rule the compiled loop specializes on: "band" for a top-k cut with an outer cut
+    (`MergeSpec.has_outer_cut`), else `spec.keep`."""
+    return "band" if spec.has_outer_cut else spec.keep
 
 
 def fusable(spec) -> bool:

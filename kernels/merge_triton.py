@@ -122,11 +122,6 @@ def spec_tables(spec: MergeSpec, device: torch.device) -> tuple[torch.Tensor, to
     return hit
 
 
-def _has_outer_cut(spec: MergeSpec) -> bool:
-    """A top-k keep rule with an outer cut on some source (the reference skips an outer cut at t_out = inf)."""
-    return spec.keep == "topk" and any(t != float("inf") for t in spec.t_out)
-
-
 _PREPARED: OrderedDict = OrderedDict()
 
 
@@ -157,7 +152,7 @@ def spec_flags(spec: MergeSpec) -> dict:
     return dict(
         N_SOURCES=spec.n,
         MODE=MODE_CODES[spec.mode],
-        KEEP=(KEEP_BAND if _has_outer_cut(spec) else KEEP_CODES[spec.keep]) if delta else 0,
+        KEEP=(KEEP_BAND if spec.has_outer_cut else KEEP_CODES[spec.keep]) if delta else 0,
         CONSENSUS=delta and bool(spec.consensus),
         NORMALIZE=delta and bool(spec.normalize),
         DIVIDE=bool(combine and spec.divisor != 1.0),
