@@ -14,6 +14,8 @@ this machine. Concurrent processes may both compile a missing package; the last 
 
 Switches: `LAZYMERGE_CPU_FUSED=0` runs the eager reference (the oracle, a debug switch; also `Engine(...,
 cpu_fused=False)`); if a package cannot be compiled (no C++ compiler), the reference runs, with one warning.
+Each package is loaded once in a separate process first (`_probe`): where loading crashes the process (it did on
+the GPU image, torch 2.11.0+cu130), the reference runs instead, with one warning, and the process lives.
 DELLA's per-row ranks are computed per block of whole rows (`merge.row_ranks`) and passed to the compiled loop, so
 no O(numel) statistic exists at any time beyond one block.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import sys
 import threading
 import warnings
@@ -62,13 +65,55 @@ def _code_hash() -> str:
     return hashlib.sha1(src.encode()).hexdigest()[:12]
 
 
-def _load(path: Path):
-    """A callable over a compiled package: AOTInductor's C++ loader (milliseconds, no Inductor import), else
-    torch._inductor's loader."""
+def _open(path: str):
+    """AOTInductor's C++ package loader (milliseconds, no Inductor import), else torch._inductor's loader."""
     try:
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        return torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
     except (AttributeError, RuntimeError, TypeError):
-        return torch._inductor.aoti_load_package(str(path))
+        return torch._inductor.aoti_load_package(path)
+
+
+# What the probe process runs: this file's `_open` (torch only, no lazymerge import) on argv[1].
+_PROBE = "import sys, torch\n{src}\n_open(sys.argv[1])"
+PROBE_TIMEOUT = 300.0  # seconds; loading takes milliseconds to seconds
+
+
+def _probe(path: Path) -> None:
+    """Load `path` once in a separate process before this one does, once per machine: on the GPU image (torch
+    2.11.0+cu130, 2026-11-30) loading any of these packages killed the process with a segmentation fault, which no
+    `except` can catch. A package that loaded there gets a `.ok` marker beside it; one that did not gets a `.bad`
+    marker with the reason (later processes read it instead of probing again; delete it to retry).
+
+    Raises RuntimeError naming the exit status and the probe's last lines of stderr when the package cannot be
+    loaded."""
+    ok, bad = path.with_suffix(".ok"), path.with_suffix(".bad")
+    if ok.exists():
+        return
+    if bad.exists():
+        raise RuntimeError(bad.read_text())
+    import inspect
+
+    code = _PROBE.format(src=inspect.getsource(_open))
+    try:
+        p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                           timeout=PROBE_TIMEOUT)
+        rc, tail = p.returncode, " | ".join(p.stderr.strip().splitlines()[-3:])
+    except subprocess.TimeoutExpired:
+        rc, tail = "timeout", f"no answer in {PROBE_TIMEOUT:.0f} s"
+    if rc != 0:
+        why = (f"loading {path.name} in a test process failed (exit {rc}{': ' + tail if tail else ''}); this "
+               f"torch/compiler cannot run the compiled package here (delete {bad} to retry)")
+        bad.write_text(why)
+        raise RuntimeError(why)
+    ok.touch()
+
+
+def _load(path: Path):
+    """A callable over a compiled package, after `_probe` showed that loading it does not crash."""
+    _probe(path)
+    loader = _open(str(path))
+    if not hasattr(loader, "run"):  # torch._inductor's loader: already a callable
+        return loader
 
     def run(*args):
         out = loader.run(list(args))
@@ -204,12 +249,14 @@ def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: in
                     warnings.simplefilter("ignore", DeprecationWarning)
                     ep = torch.export.export(module, args, dynamic_shapes=shapes)
                     torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+                for marker in (".ok", ".bad"):  # a new package is probed anew
+                    path.with_suffix(marker).unlink(missing_ok=True)
                 os.replace(tmp, path)
                 print(f"lazymerge: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             fn = _load(path)
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the eager reference
-            warnings.warn(f"lazymerge: the fused CPU merge could not be compiled ({type(e).__name__}: {e}); "
-                          f"using the eager reference", stacklevel=3)
+            warnings.warn(f"lazymerge: the fused CPU merge could not be compiled or loaded ({type(e).__name__}: "
+                          f"{e}); using the eager reference", stacklevel=3)
             _FAILED.add(key)
             return None
         _LOADED[key] = fn

@@ -114,3 +114,53 @@ def test_int32_mask_hash_equals_the_uint32_reference(start):
         got = merge_cpu._keep(None, idx, None, None, None, None, None, torch.tensor(0.37), None,
                               torch.tensor(k1), torch.tensor(k2), "random")
         assert torch.equal(got, want)
+
+
+def _fake_package(tmp_path, monkeypatch, probe: str):
+    """A package file in a fresh cache where `_program` finds it (so nothing compiles), and a probe process that runs
+    `probe` instead of loading it; `_load`'s own loading is recorded, not done."""
+    monkeypatch.setenv("LAZYMERGE_CACHE_DIR", str(tmp_path))
+    key = ("probe-test", str(tmp_path.name))
+    path = merge_cpu.cache_dir() / ("-".join(key) + ".pt2")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a package")
+    monkeypatch.setattr(merge_cpu, "_PROBE", probe + "\n# {src}")
+    opened = []
+    monkeypatch.setattr(merge_cpu, "_open", lambda p: opened.append(p) or (lambda *a: "ran"))
+    return key, path, opened
+
+
+def test_a_package_that_crashes_its_probe_is_never_loaded(tmp_path, monkeypatch):
+    # On the GPU image (torch 2.11.0+cu130) loading a package segfaulted: the probe process dies, this one warns,
+    # runs the reference (None), and later processes read the marker instead of probing again.
+    key, path, opened = _fake_package(tmp_path, monkeypatch, "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.warns(UserWarning, match=r"could not be compiled or loaded .*exit -11"):
+        assert merge_cpu._program(key, None, (), 0, "probe test", 0) is None
+    assert opened == [] and path.with_suffix(".bad").exists() and not path.with_suffix(".ok").exists()
+    with pytest.raises(RuntimeError, match="exit -11"):  # a new process: the marker, no second probe
+        merge_cpu._probe(path)
+    merge_cpu._FAILED.discard(key)
+
+
+def test_a_package_whose_probe_loads_is_loaded_once_marked(tmp_path, monkeypatch):
+    key, path, opened = _fake_package(tmp_path, monkeypatch, "import sys; assert sys.argv[1].endswith('.pt2')")
+    fn = merge_cpu._program(key, None, (), 0, "probe test", 0)
+    assert fn is not None and opened == [str(path)] and path.with_suffix(".ok").exists()
+    monkeypatch.setattr(merge_cpu, "_PROBE", "raise SystemExit(3)\n# {src}")  # marked: not probed again
+    merge_cpu._LOADED.pop(key)
+    assert merge_cpu._program(key, None, (), 0, "probe test", 0) is not None
+
+
+def test_the_probe_process_loads_with_torch_alone(tmp_path):
+    # the probe's code is this module's `_open` and nothing of lazymerge: a real package loads in it (compiled by
+    # the tests above into the suite's cache), a corrupt file fails it with the loader's message
+    bad = tmp_path / "x.pt2"
+    bad.write_bytes(b"not a package")
+    with pytest.raises(RuntimeError, match=r"exit 1: .*"):
+        merge_cpu._probe(bad)
+    real = sorted(p for p in merge_cpu.cache_dir().glob("*.pt2") if ".tmp." not in p.name)
+    assert real, "the fused-merge tests above compile at least one package"
+    ok = real[0].with_suffix(".ok")
+    ok.unlink(missing_ok=True)
+    merge_cpu._probe(real[0])
+    assert ok.exists()
