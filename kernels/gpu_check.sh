@@ -15,7 +15,7 @@
 #   overhead   stage 5, optional (~1 min): host cost per launch beside GPU time (bench_overhead): overhead.*
 #   scale      stage 6, optional (not yet run; estimated 4-7 min): the scale benchmark's forward and decode parts on
 #              CUDA with two layers of 7B shapes (search/bench_scale.py --shape 7b-layers): scale.log, scale.json;
-#              SCALE_METHODS="ties" to run fewer methods
+#              SCALE_METHODS="ties" to run fewer methods; SCALE_ROOT=DIR builds the family there and keeps it
 #
 # The engine's tests need pydantic (the recipe schema), which the GPU image lacks: carry `.whl` (made here by
 # `bash kernels/gpu_wheels.sh`); it is installed into /tmp/site when pydantic is missing.
@@ -111,7 +111,7 @@ case "$STAGE" in
     LOG=$OUT/scale.log
     env_report > "$LOG"
     timeout 480 "$PY" -m lazymerge.search.bench_scale --device cuda --shape 7b-layers \
-      --methods ${SCALE_METHODS:-ties dare_ties} --parts forward decode --repeats 3 --timeout 220 \
+      ${SCALE_ROOT:+--root "$SCALE_ROOT" --keep} --methods ${SCALE_METHODS:-ties dare_ties} --parts forward decode --repeats 3 --timeout 220 \
       --json "$OUT/scale.json" 2>&1 | tee -a "$LOG"
     echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$LOG"
     finish "$LOG" ;;
