@@ -198,13 +198,16 @@ class Merger:
         counts, 128 KiB, whatever the tensor's size) is kept per (source, tensor) so that a new density costs one
         pass over base and source (plus a counting pass when a tie straddles the cut)."""
         b, xx = self.store.get(base), self.store.get(x)
+        if xx.numel() <= select.SMALL_SORT and xx.device.type == "cpu":
+            return select.topk_cuts(b, xx, ks)  # one sort of a small tensor, no histogram
         key = self._stat_key("top", base, x)
         top = self.stats.get(key)
         if top is None:
             top = select.first_histogram(b, xx)
             if xx.numel() >= KEEP_HISTOGRAM_FROM:
                 self.stats.put(key, top.to(torch.int32) if xx.numel() < 2**31 else top)
-        return select.topk_cuts(b, xx, ks, top=top.long())
+        collect = merge_cpu.bucket_blocks if self.cpu_fused else None  # the compiled collecting pass
+        return select.topk_cuts(b, xx, ks, top=top.long(), collect=collect)
 
     def della_ranks(self, base: TensorRef, x: TensorRef, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row rank of |delta| (ascending, stable) normalized to [0, 1], float32 of the tensor's shape (or of

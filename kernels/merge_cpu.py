@@ -61,7 +61,8 @@ def _code_hash() -> str:
     """Hash of the source of what is compiled (not of the loading code): a package stays valid until that changes."""
     import inspect
 
-    src = "".join(inspect.getsource(f) for f in (_mix, _index, _keep, _delta, _l1, _DeltaModule, _L1Module))
+    src = "".join(inspect.getsource(f) for f in (_mix, _index, _keep, _delta, _l1, _DeltaModule, _L1Module,
+                                                 _BucketModule))
     return hashlib.sha1(src.encode()).hexdigest()[:12]
 
 
@@ -220,6 +221,15 @@ class _L1Module(torch.nn.Module):
         if self.has_aux:
             aux, rest = rest[0], rest[1:]
         return _l1(b, x, aux, *rest, keep=self.keep)
+
+
+class _BucketModule(torch.nn.Module):
+    def forward(self, b, x, *rest):
+        digit, shift = rest
+        # the elements of one radix bucket of |x - b| (kernels/select.py): the cut's collecting pass in one loop
+        bits = (x.float() - b.float()).abs().view(torch.int32)
+        # int8, not bool: Inductor's CPU code stores a bool mask ~3x slower than this select (17 vs 5 ms a 4M block)
+        return torch.where((bits >> shift) == digit, 1, 0).to(torch.int8)
 
 
 def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: int, what: str, n_named: int):
@@ -390,4 +400,35 @@ def l1_sums_fused(base, x, spec, i: int, aux_i=None) -> tuple[float, float] | No
     return before, after
 
 
-__all__ = ["cache_dir", "enabled", "l1_sums_fused", "merge_delta_fused"]
+BUCKET_BLOCK = 1 << 22  # elements per compiled call of `bucket_blocks` (a 4 MiB mask at a time)
+
+
+def bucket_blocks(base: torch.Tensor, x: torch.Tensor, digit: int, shift: int):
+    """The flat indices of the elements whose |x - base| bit pattern (float32 arithmetic) has `bits >> shift ==
+    digit`, as an iterator of int64 tensors (ascending, one per block of BUCKET_BLOCK elements): the pass of
+    `kernels.select`'s cut collecting one radix bucket (or, with shift 0, the elements equal to a value), as one
+    compiled loop per block writing an int8 mask, then its nonzero. ~4x the chunked PyTorch pass on the 2-core CPU.
+    None when the structure cannot be compiled or loaded (the caller runs its PyTorch pass)."""
+    key = ("bucket", str(base.dtype).split(".")[-1], str(x.dtype).split(".")[-1], f"t{torch.get_num_threads()}")
+    fb, fx = base.reshape(-1), x.reshape(-1)
+    d, sh = torch.tensor(digit, dtype=torch.int32), torch.tensor(shift, dtype=torch.int32)
+    fn = _LOADED.get(key)
+    if fn is None and fb.numel() >= 2:
+        e = min(fb.numel(), BUCKET_BLOCK)
+        fn = _program(key, _BucketModule(), (fb[:e], fx[:e], d, sh), 2, "the top-k cut's bucket pass", 2)
+        if fn is None:
+            return None
+
+    def blocks():
+        for s in range(0, fb.numel(), BUCKET_BLOCK):
+            e = min(fb.numel(), s + BUCKET_BLOCK)
+            if e - s < 2:  # the compiled program's dynamic dimension starts at 2
+                bits = (fx[s:e].float() - fb[s:e].float()).abs().view(torch.int32)
+                yield ((bits >> shift) == digit).nonzero().reshape(-1) + s
+            else:
+                yield fn(fb[s:e], fx[s:e], d, sh).nonzero().reshape(-1) + s
+
+    return blocks()
+
+
+__all__ = ["bucket_blocks", "cache_dir", "enabled", "l1_sums_fused", "merge_delta_fused"]

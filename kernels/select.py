@@ -37,6 +37,7 @@ from .rng import MAX_INDEX
 
 CHUNK = 1 << 16  # elements per step of the PyTorch passes (~10 temporaries of 256 KB: they stay in L2)
 COLLECT_MAX = 1 << 18  # a cut's first-digit bucket up to this many elements is finished in one collecting pass
+SMALL_SORT = 1 << 16  # CPU tensors up to this many elements: one sort (256 KiB of bits) instead of the passes
 DIGITS_CPU = (16, 16)
 DIGITS_GPU = (11, 11, 10)
 
@@ -91,6 +92,11 @@ def collect_bucket(base: torch.Tensor | None, x: torch.Tensor, digit: int, shift
     return torch.cat(vals), torch.cat(idx)
 
 
+def _bucket_blocks(base, x, digit: int, shift: int):
+    """`collect_bucket`'s indices as a one-block iterator (the PyTorch route of `_cut_in_bucket`)."""
+    return iter([collect_bucket(base, x, digit, shift)[1]])
+
+
 def nth_equal_index(base: torch.Tensor | None, x: torch.Tensor, bits_value: int, m: int) -> int:
     """Flat index of the m-th (1-based, in index order) element whose |delta| bit pattern is `bits_value`."""
     fx = x.reshape(-1)
@@ -129,14 +135,20 @@ def _hist_fn(x: torch.Tensor):
 
 
 def topk_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, top: torch.Tensor | None = None,
-              digits: tuple[int, ...] | None = None, hist=None) -> list[tuple[float, int]]:
+              digits: tuple[int, ...] | None = None, hist=None, collect=None) -> list[tuple[float, int]]:
     """Exact (threshold, cutoff) of each k in `ks` (see the module docstring); `top` = `first_histogram(base, x)`
-    if the caller has it. Raises ValueError if the digits do not cover 32 bits."""
+    if the caller has it. `collect(base, x, digit, shift)`: an iterator of the flat indices (ascending) of a bucket's
+    elements, block by block, a faster `collect_bucket` (kernels/merge_cpu.py `bucket_blocks`; None from it: this
+    module's own passes); with it, every cut finishes in its first-digit bucket whatever that bucket's size.
+    Tensors of at most SMALL_SORT elements on the CPU are cut from one sort of their bit patterns (a 65536-bin
+    histogram pass costs more than that). Raises ValueError if the digits do not cover 32 bits."""
     digits = tuple(digits or _digits_for(x))
     if sum(digits) != 32:
         raise ValueError(f"digits {digits} must cover the 32 bits of a float32")
-    hist = hist or _hist_fn(x)
     numel = x.numel()
+    if numel <= SMALL_SORT and x.device.type == "cpu":
+        return _small_cuts(base, x, ks)
+    hist = hist or _hist_fn(x)
     out = []
     for k in ks:
         k = int(k)
@@ -148,18 +160,16 @@ def topk_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, top: torch.Tensor 
             continue
         prefix, done, r = 0, 0, k  # digits fixed so far (as an int, `done` bits), elements still to take
         counts = None
-        if top is not None and x.device.type == "cpu":  # small bucket: finish in one collecting pass
+        if top is not None and x.device.type == "cpu":  # finish in the cut's first-digit bucket
             t0 = top.long()
             at_or_above = t0.flip(0).cumsum(0).flip(0)
             digit = int((at_or_above >= r).nonzero()[-1, 0])
-            if int(t0[digit]) <= COLLECT_MAX:
+            fast = collect is not None and base is not None
+            if fast and collect(base, x, digit, 32 - digits[0]) is None:
+                fast = False  # the compiled pass is not available: this module's passes
+            if fast or int(t0[digit]) <= COLLECT_MAX:
                 r -= int(at_or_above[digit]) - int(t0[digit])
-                vals, idx = collect_bucket(base, x, digit, 32 - digits[0])
-                order = torch.sort(vals, descending=True, stable=True).indices  # ties: lower index first
-                vals, idx = vals[order], idx[order]
-                tb = int(vals[r - 1])
-                straddles = r < vals.numel() and int(vals[r]) == tb
-                out.append((bits_to_float(tb), int(idx[r - 1]) if straddles else MAX_INDEX))
+                out.append(_cut_in_bucket(base, x, digit, 32 - digits[0], r, collect if fast else _bucket_blocks))
                 continue
         for level, nd in enumerate(digits):
             shift = 32 - done - nd
@@ -175,6 +185,57 @@ def topk_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, top: torch.Tensor 
         n_eq = int(counts[prefix & ((1 << digits[-1]) - 1)])
         t = bits_to_float(prefix)
         out.append((t, MAX_INDEX if r == n_eq else nth_equal_index(base, x, prefix, r)))
+    return out
+
+
+def _cut_in_bucket(base, x, digit: int, shift: int, r: int, blocks) -> tuple[float, int]:
+    """The cut that takes the r-th largest element (r >= 1) of one first-digit bucket. `blocks(base, x, digit,
+    shift)` iterates the flat indices (ascending) of a bucket's elements (kernels/merge_cpu.py `bucket_blocks`): one
+    pass counts the bucket's low `shift` bits, which gives t; its elements are kept up to COLLECT_MAX, so that the
+    tie index is read from them, else a second pass over the elements equal to t finds it. O(2**shift + COLLECT_MAX)
+    extra memory."""
+    fb, fx = (base.reshape(-1) if base is not None else None), x.reshape(-1)
+    counts = torch.zeros(1 << shift, dtype=torch.int64)
+    kept, total = [], 0
+    for pos in blocks(base, x, digit, shift):
+        vals = abs_delta_bits(None if fb is None else fb.index_select(0, pos), fx.index_select(0, pos))
+        counts += torch.bincount(vals & ((1 << shift) - 1), minlength=1 << shift)
+        total += pos.numel()
+        if kept is not None:
+            kept = kept + [(pos, vals)] if total <= COLLECT_MAX else None
+    at_or_above = counts.flip(0).cumsum(0).flip(0)
+    d2 = int((at_or_above >= r).nonzero()[-1, 0])
+    m = r - (int(at_or_above[d2]) - int(counts[d2]))  # the m-th (in index order) of the elements equal to t
+    tb = (digit << shift) | d2
+    if m == int(counts[d2]):
+        return bits_to_float(tb), MAX_INDEX
+    if kept is not None:
+        idx = torch.cat([p for p, _ in kept]) if kept else torch.empty(0, dtype=torch.int64)
+        vals = torch.cat([v for _, v in kept]) if kept else torch.empty(0, dtype=torch.int32)
+        return bits_to_float(tb), int(idx[vals == tb][m - 1])
+    seen = 0
+    for pos in blocks(base, x, tb, 0):  # the elements equal to t, block by block, until the m-th
+        if seen + pos.numel() >= m:
+            return bits_to_float(tb), int(pos[m - seen - 1])
+        seen += pos.numel()
+    raise ValueError(f"fewer than {m} elements equal the cut value")  # unreachable for a consistent histogram
+
+
+def _small_cuts(base, x, ks) -> list[tuple[float, int]]:
+    """Every cut of a small tensor from one stable descending sort of its |delta| bit patterns (O(numel) transient,
+    numel <= SMALL_SORT)."""
+    bits = abs_delta_bits(base, x).reshape(-1)
+    vals, idx = torch.sort(bits, descending=True, stable=True)  # ties: lower index first
+    n, out = bits.numel(), []
+    for k in ks:
+        k = int(k)
+        if k <= 0:
+            out.append((math.inf, -1))
+        elif k >= n:
+            out.append((-1.0, -1))
+        else:
+            tb = int(vals[k - 1])
+            out.append((bits_to_float(tb), int(idx[k - 1]) if int(vals[k]) == tb else MAX_INDEX))
     return out
 
 

@@ -285,8 +285,10 @@ def test_cut_statistics_are_reused_and_flat_in_size(fam, monkeypatch):
     """A new density reuses the first-digit histogram of each (source, tensor); what the merger keeps per tensor is
     O(1) in its size (a fixed-size histogram), never the O(elements) magnitude order."""
     from lazymerge.engine import merger as merger_mod
+    from lazymerge.kernels import select
 
     monkeypatch.setattr(merger_mod, "KEEP_HISTOGRAM_FROM", 1)  # the toy tensors are small: keep them all
+    monkeypatch.setattr(select, "SMALL_SORT", 0)  # ... and cut them by histograms, not by one sort
     S = SourceSet.open(fam)
     M = Merger(S)
     names = [n for n in TENSORS if S["base"].get(n).numel() > 1]

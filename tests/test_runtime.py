@@ -354,3 +354,24 @@ def test_cache_makes_room_before_a_weight_is_formed():
     assert list(c.data) == ["c", "a"] and c.bytes == 6
     c.reserve(100)  # more than the budget: everything goes (the put then declines to keep it)
     assert not c.data and c.bytes == 0
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_magnitude_cuts_on_the_fused_path_equal_the_reference(families, method, monkeypatch):
+    """The CPU's default route of a TIES / breadcrumbs cut (kernels/select.py with merge_cpu.bucket_blocks: the
+    cut's bucket collected by a compiled pass) gives the eager reference's logits bit for bit. The toy's tensors are
+    small, so the small-tensor sort is switched off and nothing of a bucket is kept (the tie pass runs too)."""
+    import lazymerge.kernels.merge_cpu as merge_cpu_mod
+    from lazymerge.kernels import select
+
+    fam = families["mistral_bf16"]
+    monkeypatch.setattr(select, "SMALL_SORT", 0)
+    monkeypatch.setattr(select, "COLLECT_MAX", 0)
+    calls = []
+    real = merge_cpu_mod.bucket_blocks
+    monkeypatch.setattr(merge_cpu_mod, "bucket_blocks", lambda *a: calls.append(a[3]) or real(*a))
+    ids, mask = batch(60)
+    fused = Engine(fam, policy="cached", cpu_fused=True).compile(METHOD_RECIPES[method]).logits(ids, mask)
+    assert 16 in calls and 0 in calls, "the compiled bucket pass and its tie pass ran"
+    ref = Engine(fam, policy="cached", cpu_fused=False).compile(METHOD_RECIPES[method]).logits(ids, mask)
+    assert torch.equal(fused, ref)

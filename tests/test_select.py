@@ -45,15 +45,22 @@ def _ks(n: int, x: torch.Tensor, base) -> list[int]:
     return sorted({0, 1, 2, n // 7, n // 3, n // 2, n - 1, n, n + 3, *edges})
 
 
-@pytest.mark.parametrize("path", ["histograms", "kept_first_histogram_collect", "kept_first_histogram_refine"])
+PATHS = ["small_sort", "histograms", "kept_first_histogram_collect", "kept_first_histogram_refine"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuts_equal_the_sorted_reference(kind, path, monkeypatch):
-    """Every route: two histogram levels + tie pass; a kept first histogram with the cut's bucket collected in one
-    pass; a kept first histogram whose bucket is too large to collect (refined by histograms)."""
+    """Every route: one sort of a small tensor; two histogram levels + tie pass; a kept first histogram with the
+    cut's bucket collected in one pass; a kept first histogram whose bucket is too large to collect (refined by
+    histograms)."""
     base, x = _inputs(kind)
     n = x.numel()
+    assert n <= select.SMALL_SORT
     ks = _ks(n, x, base)
-    top = None if path == "histograms" else select.first_histogram(base, x)
+    if path != "small_sort":
+        monkeypatch.setattr(select, "SMALL_SORT", 0)
+    top = None if path in ("small_sort", "histograms") else select.first_histogram(base, x)
     if path.endswith("refine"):
         monkeypatch.setattr(select, "COLLECT_MAX", 0)
     got = select.topk_cuts(base, x, ks, top=top)
@@ -78,7 +85,43 @@ def test_kept_set_has_exactly_k_elements(kind):
         assert torch.equal(kept, want), f"k={k}: {int((kept != want).sum())} differ"
 
 
-def test_first_histogram_reuse_and_digit_plans_agree():
+@pytest.mark.parametrize("keep_max", [1 << 18, 0])
+@pytest.mark.parametrize("kind", ["bf16", "gaussian_bf16_large"])
+def test_compiled_bucket_collect_equals_the_reference(kind, keep_max, monkeypatch):
+    """The engine's route on the CPU: a kept first histogram and the cut's bucket collected by the compiled loop
+    (merge_cpu.bucket_blocks, bf16 storage) over several of its blocks; with keep_max 0 nothing is kept and the tie
+    index comes from a second compiled pass over the elements equal to the cut value."""
+    from lazymerge.kernels import merge_cpu
+
+    monkeypatch.setattr(select, "SMALL_SORT", 0)
+    monkeypatch.setattr(select, "COLLECT_MAX", keep_max)
+    monkeypatch.setattr(merge_cpu, "BUCKET_BLOCK", 4099)  # several blocks and a short last one
+    if kind == "bf16":
+        base, x = _inputs(kind)
+    else:  # one bucket of ~1/8 of the elements at the median
+        g = torch.Generator().manual_seed(3)
+        base = torch.randn(65_537, generator=g).bfloat16()
+        x = (base.float() + 0.01 * torch.randn(65_537, generator=g)).bfloat16()
+    ks = _ks(x.numel(), x, base)
+    top = select.first_histogram(base, x)
+    calls = []
+
+    def collect(b, xx, digit, shift):
+        blocks = merge_cpu.bucket_blocks(b, xx, digit, shift)
+        assert blocks is not None, "the bucket pass compiles on this machine"
+        got = list(blocks)
+        assert torch.equal(torch.cat(got), select.collect_bucket(b, xx, digit, shift)[1])
+        calls.append(shift)
+        return iter(got)
+
+    got = select.topk_cuts(base, x, ks, top=top, collect=collect)
+    assert 16 in calls and (keep_max or 0 in calls), calls
+    for k, cut in zip(ks, got):
+        assert cut == select.topk_cut_reference(base, x, k), f"k={k}"
+
+
+def test_first_histogram_reuse_and_digit_plans_agree(monkeypatch):
+    monkeypatch.setattr(select, "SMALL_SORT", 0)
     base, x = _inputs("many_ties")
     ks = [3, 5000, 12345]
     top = select.first_histogram(base, x)
