@@ -24,25 +24,15 @@ from .plan import ModelPlan
 from .recipe import RecipeError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-def export(
-    plan: ModelPlan, out_dir: str | Path, merger: Merger | None = None, shard_bytes: int = 2 << 30, progress=None
-) -> Path:
+def export(plan: ModelPlan, out_dir: str | Path, merger: Merger | None = None, shard_bytes: int = 2 << 30,
+           progress=None) -> Path:
     if any(s != 1.0 for s in plan.layer_scales):
-        raise RecipeError(
-            "path: hops with scale != 1 change the residual stream and cannot be written as a plain "
-            "checkpoint; serve or evaluate this recipe lazily instead"
-        )
+        raise RecipeError("path: hops with scale != 1 change the residual stream and cannot be written as a plain "
+                          "checkpoint; serve or evaluate this recipe lazily instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     merger = merger or Merger(plan.sources)
@@ -72,9 +62,8 @@ def export(
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         del tensors
     if len(shards) > 1:
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg = dict(plan.config)  # the planner sets tie_word_embeddings: tied iff no output head tensor is written
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tok_dir = plan.sources[plan.tokenizer_source].path

@@ -45,12 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=540.0, help="seconds after which no new block starts")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="only these methods (default: all, or --quick's two)")
-    p.add_argument(
-        "--shapes",
-        nargs="+",
-        choices=[s[0].split()[0] for s in SHAPES],
-        help="only these shapes, by name (default: all, or --quick's q/o)",
-    )
+    p.add_argument("--shapes", nargs="+", choices=[s[0].split()[0] for s in SHAPES],
+                   help="only these shapes, by name (default: all, or --quick's q/o)")
     return p.parse_args(argv)
 
 
@@ -64,16 +60,8 @@ class Bench:
 
         self.torch, self.triton = torch, triton
         self.device = "cpu" if self.dry else "cuda"
-        self.results = {
-            "args": vars(args),
-            "env": self.env(),
-            "goals": GOALS,
-            "ceilings": {},
-            "merge": [],
-            "fused": [],
-            "layer": [],
-            "skipped": [],
-        }
+        self.results = {"args": vars(args), "env": self.env(), "goals": GOALS, "ceilings": {}, "merge": [],
+                        "fused": [], "layer": [], "skipped": []}
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def env(self):
@@ -143,27 +131,18 @@ class Bench:
         ms_mm = self.time_ms(lambda: a @ b)
         tflops = 2 * n**3 / (ms_mm * 1e-3) / 1e12
         self.copy_gbs = copy_gbs
-        self.results["ceilings"] = {
-            "copy_GBps": copy_gbs,
-            "copy_bytes": 2 * nbytes,
-            "matmul_TFLOPs": tflops,
-            "matmul_n": n,
-        }
-        print(
-            f"ceilings: copy {copy_gbs:8.1f} GB/s (read+write of {nbytes / 2**30:.2f} GiB), "
-            f"bf16 matmul {n}^3 {tflops:7.1f} TFLOP/s",
-            flush=True,
-        )
+        self.results["ceilings"] = {"copy_GBps": copy_gbs, "copy_bytes": 2 * nbytes, "matmul_TFLOPs": tflops,
+                                    "matmul_n": n}
+        print(f"ceilings: copy {copy_gbs:8.1f} GB/s (read+write of {nbytes / 2**30:.2f} GiB), "
+              f"bf16 matmul {n}^3 {tflops:7.1f} TFLOP/s", flush=True)
 
     # -- inputs --------------------------------------------------------------------------------------------------
     def inputs(self, N, K):
         torch = self.torch
         g = torch.Generator(device=self.device).manual_seed(N * 7 + K)
         base = (torch.randn(N, K, device=self.device, generator=g) * 0.02).to(torch.bfloat16)
-        xs = [
-            (base.float() + torch.randn(N, K, device=self.device, generator=g) * 0.002).to(torch.bfloat16)
-            for _ in range(N_SOURCES)
-        ]
+        xs = [(base.float() + torch.randn(N, K, device=self.device, generator=g) * 0.002).to(torch.bfloat16)
+              for _ in range(N_SOURCES)]
         return base, xs
 
     def spec(self, method, base, xs, name):
@@ -185,30 +164,12 @@ class Bench:
                 vals, idx = torch.sort(a, descending=True, stable=True)
                 t_in.append(float(vals[k - 1])), c_in.append(int(idx[k - 1]))
                 del a, vals, idx
-            return MergeSpec(
-                "delta",
-                keep="topk",
-                t_in=tuple(t_in),
-                c_in=tuple(c_in),
-                t_out=(math.inf,) * n,
-                c_out=(-1,) * n,
-                scales=(1.0,) * n,
-                weights=w,
-                consensus=True,
-                normalize=True,
-            )
+            return MergeSpec("delta", keep="topk", t_in=tuple(t_in), c_in=tuple(c_in), t_out=(math.inf,) * n,
+                             c_out=(-1,) * n, scales=(1.0,) * n, weights=w, consensus=True, normalize=True)
         if method == "dare_ties":
             keys = tuple(mask_keys(0, name, i) for i in range(n))
-            return MergeSpec(
-                "delta",
-                keep="random",
-                densities=(0.5,) * n,
-                keys=keys,
-                scales=(2.0,) * n,
-                weights=w,
-                consensus=True,
-                normalize=True,
-            )
+            return MergeSpec("delta", keep="random", densities=(0.5,) * n, keys=keys, scales=(2.0,) * n,
+                             weights=w, consensus=True, normalize=True)
         raise ValueError(method)
 
     # -- one (shape, method) block ----------------------------------------------------------------------------------
@@ -230,24 +191,11 @@ class Bench:
         ms_ref = self.time_ms(lambda: merge_reference(base, xs, spec, out=buf))
         gbs = (w_bytes + numel * 2) / (ms * 1e-3) / 1e9
         gbs_ref = (w_bytes + numel * 2) / (ms_ref * 1e-3) / 1e9
-        row = dict(
-            shape=label,
-            N=N,
-            K=K,
-            method=method,
-            us=ms * 1e3,
-            GBps=gbs,
-            frac_copy=gbs / self.copy_gbs,
-            ref_us=ms_ref * 1e3,
-            ref_GBps=gbs_ref,
-            speedup_vs_ref=ms_ref / ms,
-        )
+        row = dict(shape=label, N=N, K=K, method=method, us=ms * 1e3, GBps=gbs, frac_copy=gbs / self.copy_gbs,
+                   ref_us=ms_ref * 1e3, ref_GBps=gbs_ref, speedup_vs_ref=ms_ref / ms)
         self.results["merge"].append(row)
-        print(
-            f"  merge  {label:<20} {method:<16} {row['us']:9.1f} us {gbs:8.1f} GB/s {100 * row['frac_copy']:5.1f}% "
-            f"of copy | torch ref {row['ref_us']:9.1f} us ({row['speedup_vs_ref']:.1f}x slower)",
-            flush=True,
-        )
+        print(f"  merge  {label:<20} {method:<16} {row['us']:9.1f} us {gbs:8.1f} GB/s {100 * row['frac_copy']:5.1f}% "
+              f"of copy | torch ref {row['ref_us']:9.1f} us ({row['speedup_vs_ref']:.1f}x slower)", flush=True)
         w_merged = buf.clone()  # the materialized weight, for cuBLAS
 
         floor_ms = w_bytes / (self.copy_gbs * 1e9) * 1e3
@@ -256,51 +204,29 @@ class Bench:
             t = self.time_ms(lambda: merge_matmul_triton(x, base, xs, spec))
             tg = self.time_graph_ms(lambda: merge_matmul_triton(x, base, xs, spec))
             best = min(t, tg) if tg is not None else t
-            r = dict(
-                shape=label,
-                method=method,
-                M=M,
-                us=t * 1e3,
-                graph_us=None if tg is None else tg * 1e3,
-                floor_us=floor_ms * 1e3,
-                frac_floor=floor_ms / best,
-            )
+            r = dict(shape=label, method=method, M=M, us=t * 1e3, graph_us=None if tg is None else tg * 1e3,
+                     floor_us=floor_ms * 1e3, frac_floor=floor_ms / best)
             self.results["fused"].append(r)
             g = f"{r['graph_us']:9.1f}" if tg is not None else "      n/a"
-            print(
-                f"  fused  {label:<20} {method:<16} M={M:<5} {r['us']:9.1f} us, graph {g} us, floor "
-                f"{r['floor_us']:8.1f} us: {100 * r['frac_floor']:5.1f}% of floor",
-                flush=True,
-            )
+            print(f"  fused  {label:<20} {method:<16} M={M:<5} {r['us']:9.1f} us, graph {g} us, floor "
+                  f"{r['floor_us']:8.1f} us: {100 * r['frac_floor']:5.1f}% of floor", flush=True)
 
         for M in ms_layer:
             x = (torch.randn(M, K, device=self.device) * 0.5).to(torch.bfloat16)
             t_cublas = self.time_ms(lambda: torch.nn.functional.linear(x, w_merged))
             t_disp = self.time_ms(lambda: linear.merged_linear(x, base, xs, spec, out_buffer=buf))
             path = "fused" if linear.use_fused(x) else "buffer"
-            r = dict(
-                shape=label,
-                method=method,
-                M=M,
-                path=path,
-                us=t_disp * 1e3,
-                cublas_us=t_cublas * 1e3,
-                ratio=t_disp / t_cublas,
-                fused_us=None,
-                buffer_us=None,
-            )
+            r = dict(shape=label, method=method, M=M, path=path, us=t_disp * 1e3, cublas_us=t_cublas * 1e3,
+                     ratio=t_disp / t_cublas, fused_us=None, buffer_us=None)
             if M <= 128:  # both paths, for the crossover (linear.FUSED_MAX_TOKENS)
                 r["fused_us"] = self.time_ms(lambda: merge_matmul_triton(x, base, xs, spec)) * 1e3
-                r["buffer_us"] = (
-                    self.time_ms(lambda: torch.nn.functional.linear(x, merge_triton(base, xs, spec, out=buf))) * 1e3
-                )
+                r["buffer_us"] = self.time_ms(lambda: torch.nn.functional.linear(
+                    x, merge_triton(base, xs, spec, out=buf))) * 1e3
             self.results["layer"].append(r)
-            both = f" | fused {r['fused_us']:9.1f} buffer {r['buffer_us']:9.1f} us" if r["fused_us"] is not None else ""
-            print(
-                f"  layer  {label:<20} {method:<16} M={M:<5} {path:<6} {r['us']:9.1f} us vs cuBLAS "
-                f"{r['cublas_us']:9.1f} us = {r['ratio']:5.2f}x{both}",
-                flush=True,
-            )
+            both = (f" | fused {r['fused_us']:9.1f} buffer {r['buffer_us']:9.1f} us"
+                    if r["fused_us"] is not None else "")
+            print(f"  layer  {label:<20} {method:<16} M={M:<5} {path:<6} {r['us']:9.1f} us vs cuBLAS "
+                  f"{r['cublas_us']:9.1f} us = {r['ratio']:5.2f}x{both}", flush=True)
         buf = w_merged = None  # free before the next shape
 
     def run(self):
@@ -310,8 +236,7 @@ class Bench:
         shapes = SHAPES[:1] if self.args.quick else SHAPES
         if self.args.shapes:
             shapes = [s for s in SHAPES if s[0].split()[0] in self.args.shapes]
-        methods = ["linear", "dare_ties"] if self.args.quick else METHODS
-        methods = self.args.methods or methods
+        methods = self.args.methods or (["linear", "dare_ties"] if self.args.quick else METHODS)
         ms_fused, ms_layer = M_FUSED, ((1, 16, 2048) if self.args.quick else M_LAYER)
         if self.dry:
             shapes = [("tiny 48x80", 48, 80), ("tiny 33x65", 33, 65)][: 1 if self.args.quick else 2]
@@ -344,25 +269,18 @@ class Bench:
         print(f"{'table':<7}{'shape':<21}{'method':<17}{'M':>6}{'us':>11}{'metric':>12}  goal")
         for r in R["merge"]:
             ok = r["frac_copy"] >= GOALS["merge_frac_copy"]
-            print(
-                f"{'merge':<7}{r['shape']:<21}{r['method']:<17}{'-':>6}{r['us']:11.1f}"
-                f"{100 * r['frac_copy']:11.1f}%  {'met' if ok else 'MISSED'}"
-            )
+            print(f"{'merge':<7}{r['shape']:<21}{r['method']:<17}{'-':>6}{r['us']:11.1f}"
+                  f"{100 * r['frac_copy']:11.1f}%  {'met' if ok else 'MISSED'}")
         for r in R["fused"]:
             ok = r["frac_floor"] >= GOALS["fused_frac_floor"]
-            print(
-                f"{'fused':<7}{r['shape']:<21}{r['method']:<17}{r['M']:>6}{r['us']:11.1f}"
-                f"{100 * r['frac_floor']:11.1f}%  {'met' if ok else 'MISSED'}"
-            )
+            print(f"{'fused':<7}{r['shape']:<21}{r['method']:<17}{r['M']:>6}{r['us']:11.1f}"
+                  f"{100 * r['frac_floor']:11.1f}%  {'met' if ok else 'MISSED'}")
         for r in R["layer"]:
-            goal = (
-                GOALS["layer_ratio_2048"] if r["M"] == 2048 else GOALS["layer_ratio_8192"] if r["M"] >= 8192 else None
-            )
+            goal = (GOALS["layer_ratio_2048"] if r["M"] == 2048
+                    else GOALS["layer_ratio_8192"] if r["M"] >= 8192 else None)
             verdict = "" if goal is None else ("met" if r["ratio"] <= goal else "MISSED")
-            print(
-                f"{'layer':<7}{r['shape']:<21}{r['method']:<17}{r['M']:>6}{r['us']:11.1f}"
-                f"{r['ratio']:11.2f}x  {verdict} ({r['path']})"
-            )
+            print(f"{'layer':<7}{r['shape']:<21}{r['method']:<17}{r['M']:>6}{r['us']:11.1f}"
+                  f"{r['ratio']:11.2f}x  {verdict} ({r['path']})")
         if R["skipped"] or R.get("errors"):
             print(f"skipped: {len(R['skipped'])}, errors: {len(R.get('errors', []))}")
 

@@ -82,15 +82,8 @@ def child_build(root: Path) -> dict:
     from lazymerge.engine import toy
 
     tok = toy.make_tokenizer()
-    cfg = toy.tiny_config(
-        "llama",
-        vocab_size=SHAPE["vocab"],
-        hidden=SHAPE["hidden"],
-        layers=SHAPE["layers"],
-        heads=SHAPE["heads"],
-        kv_heads=SHAPE["kv_heads"],
-        intermediate=SHAPE["intermediate"],
-    )
+    cfg = toy.tiny_config("llama", vocab_size=SHAPE["vocab"], hidden=SHAPE["hidden"], layers=SHAPE["layers"],
+                          heads=SHAPE["heads"], kv_heads=SHAPE["kv_heads"], intermediate=SHAPE["intermediate"])
     cfg.max_position_embeddings = 4096
     base = toy.make_model(cfg, 0)
     params = sum(p.numel() for p in base.parameters())
@@ -133,16 +126,12 @@ def _search_cfg(root: Path, method: str) -> dict:
     rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(8)), "answer": rng.choice(WORDS)} for _ in range(16)]
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(x) + "\n" for x in rows))
-    return {
-        "sources": {k: str(root / k) for k in ("base", "e1", "e2", "e3")},
-        "base_model": "base",
-        "space": {"kind": "ps", "method": method, "models": ["e1", "e2", "e3"]},
-        "tasks": [
-            {"name": "gen", "type": "generate_exact_match", "data": str(data), "extract": "exact", "max_tokens": 8},
-            {"name": "ll", "type": "answer_loglik", "data": str(data)},
-        ],
-        "budget": {"evaluations": 1},
-    }
+    return {"sources": {k: str(root / k) for k in ("base", "e1", "e2", "e3")}, "base_model": "base",
+            "space": {"kind": "ps", "method": method, "models": ["e1", "e2", "e3"]},
+            "tasks": [{"name": "gen", "type": "generate_exact_match", "data": str(data), "extract": "exact",
+                       "max_tokens": 8},
+                      {"name": "ll", "type": "answer_loglik", "data": str(data)}],
+            "budget": {"evaluations": 1}}
 
 
 def child_candidate(root: Path, method: str) -> dict:
@@ -158,17 +147,9 @@ def child_candidate(root: Path, method: str) -> dict:
     t1 = time.perf_counter()
     r2 = ev.evaluate(recipe(method, 1))  # every density and weight changed
     t2 = time.perf_counter()
-    return {
-        "first_s": t1 - t0,
-        "candidate_s": t2 - t1,
-        "merge_s": r2.merge_s,
-        "eval_s": r2.eval_s,
-        "fitness": r2.fitness,
-        "first_fitness": r1.fitness,
-        "cache_budget_bytes": budget,
-        "model_bytes": model_bytes(ev.engine),
-        "stats_bytes": ev.engine.merger.stats.bytes,
-    }
+    return {"first_s": t1 - t0, "candidate_s": t2 - t1, "merge_s": r2.merge_s, "eval_s": r2.eval_s,
+            "fitness": r2.fitness, "first_fitness": r1.fitness, "cache_budget_bytes": budget,
+            "model_bytes": model_bytes(ev.engine), "stats_bytes": ev.engine.merger.stats.bytes}
 
 
 def child_mergekit(root: Path, method: str) -> dict:
@@ -193,13 +174,8 @@ def child_mergekit(root: Path, method: str) -> dict:
     scores = {t.name: score_task(model, t, cfg.runtime.batch_size) for t in tasks}
     t3 = time.perf_counter()
     shutil.rmtree(out, ignore_errors=True)
-    return {
-        "merge_write_s": t1 - t0,
-        "load_s": t2 - t1,
-        "eval_s": t3 - t2,
-        "fitness": fitness(scores, tasks),
-        "total_s": t3 - t0,
-    }
+    return {"merge_write_s": t1 - t0, "load_s": t2 - t1, "eval_s": t3 - t2, "fitness": fitness(scores, tasks),
+            "total_s": t3 - t0}
 
 
 def _sync():
@@ -256,22 +232,12 @@ def child_forward(root: Path, method: str, repeats: int) -> dict:
             ids = torch.randint(4, SHAPE["vocab"], (B, T), device=DEVICE)
             mask = torch.ones_like(ids)
             pos = mask.cumsum(-1) - 1
-            med = _time(
-                {
-                    "plain": lambda: plain(input_ids=ids, attention_mask=mask, logits_to_keep=1),
-                    "cached": lambda: cached._forward(ids, mask, pos, last_only=True),
-                    "on_the_fly": lambda: fly._forward(ids, mask, pos, last_only=True),
-                },
-                repeats,
-            )
-            rows.append(
-                {
-                    "tokens": n,
-                    **{f"{k}_s": v for k, v in med.items()},
-                    "cached_ratio": med["cached"] / med["plain"],
-                    "on_the_fly_ratio": med["on_the_fly"] / med["plain"],
-                }
-            )
+            med = _time({"plain": lambda: plain(input_ids=ids, attention_mask=mask, logits_to_keep=1),
+                         "cached": lambda: cached._forward(ids, mask, pos, last_only=True),
+                         "on_the_fly": lambda: fly._forward(ids, mask, pos, last_only=True)}, repeats)
+            rows.append({"tokens": n, **{f"{k}_s": v for k, v in med.items()},
+                         "cached_ratio": med["cached"] / med["plain"],
+                         "on_the_fly_ratio": med["on_the_fly"] / med["plain"]})
     shutil.rmtree(out, ignore_errors=True)
     return {"forward": rows}
 
@@ -284,9 +250,8 @@ def child_decode(root: Path, method: str, repeats: int) -> dict:
 
     from lazymerge.engine import Engine
 
-    cached = Engine(
-        {k: str(root / k) for k in ("base", "e1", "e2", "e3")}, policy="cached", cache_bytes=8 << 30, device=DEVICE
-    ).compile(recipe(method))
+    cached = Engine({k: str(root / k) for k in ("base", "e1", "e2", "e3")}, policy="cached",
+                    cache_bytes=8 << 30, device=DEVICE).compile(recipe(method))
     out = root / f"export_{method}"
     plain = _exported(cached, out)
     decode = []
@@ -302,14 +267,8 @@ def child_decode(root: Path, method: str, repeats: int) -> dict:
         ids = torch.tensor(prompts, device=DEVICE)
 
         def hf():
-            g = plain.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=0,
-            )
+            g = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, pad_token_id=0)
             _sync()
             return (g.shape[1] - ids.shape[1]) * batch
 
@@ -326,33 +285,14 @@ def child_decode(root: Path, method: str, repeats: int) -> dict:
     return {"decode": decode}
 
 
-CHILDREN = {
-    "build": child_build,
-    "score": child_score,
-    "candidate": child_candidate,
-    "mergekit": child_mergekit,
-    "forward": child_forward,
-    "decode": child_decode,
-}
+CHILDREN = {"build": child_build, "score": child_score, "candidate": child_candidate, "mergekit": child_mergekit,
+            "forward": child_forward, "decode": child_decode}
 
 
 def run_child(part: str, root: Path, method: str = "", repeats: int = 3, timeout: float = 1800) -> dict:
     """Run one part in a fresh process; its result dict with `peak_rss_mb` (or `error`)."""
-    cmd = [
-        sys.executable,
-        "-X",
-        "faulthandler",
-        "-m",
-        "lazymerge.search.bench_scale",
-        "--child",
-        part,
-        "--root",
-        str(root),
-        "--method",
-        method,
-        "--repeats",
-        str(repeats),
-    ]
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "lazymerge.search.bench_scale", "--child", part,
+           "--root", str(root), "--method", method, "--repeats", str(repeats)]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -369,65 +309,47 @@ def run_child(part: str, root: Path, method: str = "", repeats: int = 3, timeout
 
 def table(info: dict, results: dict) -> str:
     src = info["source_bytes"]
-    out = [
-        f"lazymerge scale benchmark: Llama {info['params'] / 1e6:.0f}M params (hidden {SHAPE['hidden']}, "
-        f"{SHAPE['layers']} layers, vocab {SHAPE['vocab']}), bf16, base + 3 fine-tunes = {src / 2**30:.2f} GiB; "
-        f"{info['machine']}, {info['cpus']} CPUs available, torch threads {info['threads']}, {info['date']}"
-        + (f"; forward and decode on {info['gpu']} (torch {info['torch']})" if "gpu" in info else ""),
-        "",
-    ]
+    out = [f"lazymerge scale benchmark: Llama {info['params'] / 1e6:.0f}M params (hidden {SHAPE['hidden']}, "
+           f"{SHAPE['layers']} layers, vocab {SHAPE['vocab']}), bf16, base + 3 fine-tunes = {src / 2**30:.2f} GiB; "
+           f"{info['machine']}, {info['cpus']} CPUs available, torch threads {info['threads']}, {info['date']}"
+           + (f"; forward and decode on {info['gpu']} (torch {info['torch']})" if "gpu" in info else ""), ""]
     out.append("| method | part | peak RSS GiB | limit GiB (sources + cache + 1) | within | seconds |")
     out.append("|---|---|---:|---:|---|---:|")
     for m, r in results.items():
         for part in ("score", "candidate", "mergekit"):
             x = r.get(part, {})
             if "error" in x or not x:
-                out.append(f"| {m} | {part} | - | - | - | {x.get('error', 'not run')} |")
+                err = x.get("error", "not run")
+                err = "; ".join(err[-2:]) if isinstance(err, list) else err  # the message and the exit status
+                out.append(f"| {m} | {part} | - | - | - | {err.replace('|', '/')} |")
                 continue
             budget = x.get("cache_budget_bytes")
             lim = (src + budget + 2**30) / 2**30 if budget is not None else None
             rss = x["peak_rss_mb"] / 1024
             secs = x.get("candidate_s", x.get("total_s", x.get("seconds", 0.0)))
-            out.append(
-                f"| {m} | {part} | {rss:.2f} | {'-' if lim is None else f'{lim:.2f}'} | "
-                f"{'-' if lim is None else ('yes' if rss <= lim else 'NO')} | {secs:.1f} |"
-            )
-    out += [
-        "",
-        "| method | lazy candidate s (merge + eval) | first candidate s | mergekit merge+write s | load s | "
-        "eval s | mergekit total s | speedup |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+            out.append(f"| {m} | {part} | {rss:.2f} | {'-' if lim is None else f'{lim:.2f}'} | "
+                       f"{'-' if lim is None else ('yes' if rss <= lim else 'NO')} | {secs:.1f} |")
+    out += ["", "| method | lazy candidate s (merge + eval) | first candidate s | mergekit merge+write s | load s | "
+            "eval s | mergekit total s | speedup |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, r in results.items():
         c, k = r.get("candidate", {}), r.get("mergekit", {})
         if "candidate_s" in c and "total_s" in k:
-            out.append(
-                f"| {m} | {c['candidate_s']:.1f} ({c['merge_s']:.1f} + {c['eval_s']:.1f}) | "
-                f"{c['first_s']:.1f} | "
-                f"{k['merge_write_s']:.1f} | {k['load_s']:.1f} | {k['eval_s']:.1f} | {k['total_s']:.1f} | "
-                f"{k['total_s'] / c['candidate_s']:.1f}x |"
-            )
-    out += [
-        "",
-        "| method | tokens | plain s | cached / plain | on the fly / plain | bandwidth floor (n+1) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+            out.append(f"| {m} | {c['candidate_s']:.1f} ({c['merge_s']:.1f} + {c['eval_s']:.1f}) | "
+                       f"{c['first_s']:.1f} | "
+                       f"{k['merge_write_s']:.1f} | {k['load_s']:.1f} | {k['eval_s']:.1f} | {k['total_s']:.1f} | "
+                       f"{k['total_s'] / c['candidate_s']:.1f}x |")
+    out += ["", "| method | tokens | plain s | cached / plain | on the fly / plain | bandwidth floor (n+1) |",
+            "|---|---:|---:|---:|---:|---:|"]
     for m, r in results.items():
         for row in r.get("forward", {}).get("forward", []):
-            out.append(
-                f"| {m} | {row['tokens']} | {row['plain_s']:.3f} | {row['cached_ratio']:.2f} | "
-                f"{row['on_the_fly_ratio']:.2f} | 4.00 |"
-            )
-    out += [
-        "",
-        "| method | batch | cached lazy tok/s | transformers generate tok/s | ratio |",
-        "|---|---:|---:|---:|---:|",
-    ]
+            out.append(f"| {m} | {row['tokens']} | {row['plain_s']:.3f} | {row['cached_ratio']:.2f} | "
+                       f"{row['on_the_fly_ratio']:.2f} | 4.00 |")
+    out += ["", "| method | batch | cached lazy tok/s | transformers generate tok/s | ratio |",
+            "|---|---:|---:|---:|---:|"]
     for m, r in results.items():
         for row in r.get("decode", {}).get("decode", []):
-            out.append(
-                f"| {m} | {row['batch']} | {row['lazy_tok_s']:.1f} | {row['hf_tok_s']:.1f} | {row['ratio']:.2f} |"
-            )
+            out.append(f"| {m} | {row['batch']} | {row['lazy_tok_s']:.1f} | {row['hf_tok_s']:.1f} | "
+                       f"{row['ratio']:.2f} |")
     return "\n".join(out)
 
 
@@ -442,17 +364,10 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     ap.add_argument("--keep", action="store_true", help="keep the built family")
     ap.add_argument("--smoke", action="store_true", help="a tiny family instead (checks the script, measures nothing)")
-    ap.add_argument(
-        "--shape",
-        choices=sorted(SHAPES),
-        default=os.environ.get("LAZYMERGE_BENCH_SHAPE", "280m"),
-        help="the family's shape (7b-layers: two layers of a 7B model's shapes, for a GPU)",
-    )
-    ap.add_argument(
-        "--device",
-        default=DEVICE,
-        help="where forward and decode run (cuda: the Triton kernels against transformers in bf16)",
-    )
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=os.environ.get("LAZYMERGE_BENCH_SHAPE", "280m"),
+                    help="the family's shape (7b-layers: two layers of a 7B model's shapes, for a GPU)")
+    ap.add_argument("--device", default=DEVICE,
+                    help="where forward and decode run (cuda: the Triton kernels against transformers in bf16)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -486,10 +401,8 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit(f"error: --device {DEVICE}: CUDA is not available on this machine")
         if set(args.parts) - {"forward", "decode"}:
-            raise SystemExit(
-                "error: on a GPU only the forward and decode parts run (--parts forward decode); the "
-                "others measure the CPU's peak RSS and mergekit's CPU merge"
-            )
+            raise SystemExit("error: on a GPU only the forward and decode parts run (--parts forward decode); the "
+                             "others measure the CPU's peak RSS and mergekit's CPU merge")
     made = args.root is None
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="lazymerge-scale-"))
     results: dict = {}
@@ -510,16 +423,9 @@ def main(argv=None) -> int:
     finally:
         if made and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    info = {
-        "date": datetime.date.today().isoformat(),
-        "machine": platform.platform(),
-        "cpus": os.cpu_count(),
-        "threads": default_threads(),
-        "params": built["params"],
-        "source_bytes": built["source_bytes"],
-        "shape": SHAPE,
-        "device": DEVICE,
-    }
+    info = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
+            "threads": default_threads(), "params": built["params"], "source_bytes": built["source_bytes"],
+            "shape": SHAPE, "device": DEVICE}
     if DEVICE != "cpu":
         import torch
 
