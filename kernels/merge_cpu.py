@@ -102,7 +102,7 @@ def _probe(path: Path) -> None:
     except subprocess.TimeoutExpired:
         rc, tail = "timeout", f"no answer in {PROBE_TIMEOUT:.0f} s"
     if rc != 0:
-        why = (f"loading {path.name} in a test process failed (exit {rc}{': ' + tail if tail else ''}); this "
+        why = (f"loading {path.name} in a probe process failed (exit {rc}{': ' + tail if tail else ''}); this "
                f"torch/compiler cannot run the compiled package here (delete {bad} to retry)")
         bad.write_text(why)
         raise RuntimeError(why)
@@ -407,7 +407,7 @@ def bucket_blocks(base: torch.Tensor, x: torch.Tensor, digit: int, shift: int):
     """The flat indices of the elements whose |x - base| bit pattern (float32 arithmetic) has `bits >> shift ==
     digit`, as an iterator of int64 tensors (ascending, one per block of BUCKET_BLOCK elements): the pass of
     `kernels.select`'s cut collecting one radix bucket (or, with shift 0, the elements equal to a value), as one
-    compiled loop per block writing an int8 mask, then its nonzero. ~4x the chunked PyTorch pass on the 2-core CPU.
+    compiled loop per block writing an int8 mask, then its nonzero. ~3x the chunked PyTorch pass on the 2-core CPU.
     None when the structure cannot be compiled or loaded (the caller runs its PyTorch pass)."""
     key = ("bucket", str(base.dtype).split(".")[-1], str(x.dtype).split(".")[-1], f"t{torch.get_num_threads()}")
     fb, fx = base.reshape(-1), x.reshape(-1)
