@@ -83,7 +83,10 @@ def _probe(path: Path) -> None:
     """Load `path` once in a separate process before this one does, once per machine: on the GPU image (torch
     2.11.0+cu130, 2026-11-30) loading any of these packages killed the process with a segmentation fault, which no
     `except` can catch. A package that loaded there gets a `.ok` marker beside it; one that did not gets a `.bad`
-    marker with the reason (later processes read it instead of probing again; delete it to retry).
+    marker with the reason (later processes read it instead of probing again; delete it to retry). Only a crash
+    (a signal other than SIGKILL) is recorded: a timeout, an out-of-memory kill or an error exit fails this process's
+    fast path alone, and the next process probes again. A marker that cannot be written (a read-only cache) is
+    skipped. Runs under the caller's lock: a first load waits for the probe (seconds).
 
     Raises RuntimeError naming the exit status and the probe's last lines of stderr when the package cannot be
     loaded."""
@@ -93,20 +96,33 @@ def _probe(path: Path) -> None:
     if bad.exists():
         raise RuntimeError(bad.read_text())
     import inspect
+    import signal
 
     code = _PROBE.format(src=inspect.getsource(_open))
     try:
         p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                           timeout=PROBE_TIMEOUT)
+                           errors="replace", timeout=PROBE_TIMEOUT)
         rc, tail = p.returncode, " | ".join(p.stderr.strip().splitlines()[-3:])
     except subprocess.TimeoutExpired:
         rc, tail = "timeout", f"no answer in {PROBE_TIMEOUT:.0f} s"
     if rc != 0:
-        why = (f"loading {path.name} in a probe process failed (exit {rc}{': ' + tail if tail else ''}); this "
-               f"torch/compiler cannot run the compiled package here (delete {bad} to retry)")
-        bad.write_text(why)
+        crashed = isinstance(rc, int) and rc < 0 and rc != -signal.SIGKILL
+        why = (f"loading {path.name} in a probe process failed (exit {rc}{': ' + tail if tail else ''}); "
+               + (f"this torch/compiler cannot run the compiled package here (delete {bad} to retry)" if crashed
+                  else "the next process tries again"))
+        if crashed:
+            _write_marker(bad, why)
         raise RuntimeError(why)
-    ok.touch()
+    _write_marker(ok, "")
+
+
+def _write_marker(path: Path, text: str) -> None:
+    """A probe's verdict beside its package; skipped where the cache cannot be written (the verdict still holds
+    for this process)."""
+    try:
+        path.write_text(text)
+    except OSError:
+        pass
 
 
 def _load(path: Path):
@@ -408,9 +424,10 @@ def bucket_blocks(base: torch.Tensor, x: torch.Tensor, digit: int, shift: int):
     digit`, as an iterator of int64 tensors (ascending, one per block of BUCKET_BLOCK elements): the pass of
     `kernels.select`'s cut collecting one radix bucket (or, with shift 0, the elements equal to a value), as one
     compiled loop per block writing an int8 mask, then its nonzero. ~3x the chunked PyTorch pass on the 2-core CPU.
-    None when the structure cannot be compiled or loaded (the caller runs its PyTorch pass)."""
+    None when the structure cannot be compiled or loaded (the caller runs its PyTorch pass). For finite buckets
+    (`digit << shift` below +inf's pattern): a NaN's payload here may differ from `select.abs_delta_bits`'."""
     key = ("bucket", str(base.dtype).split(".")[-1], str(x.dtype).split(".")[-1], f"t{torch.get_num_threads()}")
-    fb, fx = base.reshape(-1), x.reshape(-1)
+    fb, fx = base.reshape(-1).contiguous(), x.reshape(-1).contiguous()  # the program reads dense memory
     d, sh = torch.tensor(digit, dtype=torch.int32), torch.tensor(shift, dtype=torch.int32)
     fn = _LOADED.get(key)
     if fn is None and fb.numel() >= 2:

@@ -38,14 +38,19 @@ from .rng import MAX_INDEX
 CHUNK = 1 << 16  # elements per step of the PyTorch passes (~10 temporaries of 256 KB: they stay in L2)
 COLLECT_MAX = 1 << 18  # a cut's first-digit bucket up to this many elements is finished in one collecting pass
 SMALL_SORT = 1 << 16  # CPU tensors up to this many elements: one sort (256 KiB of bits) instead of the passes
+INF_BITS = 0x7F800000  # +inf; every larger non-negative pattern is a NaN
+NAN_BITS = 0x7FC00000  # the one pattern every NaN |delta| is given: NaNs tie, ordered by index, as in a float sort
 DIGITS_CPU = (16, 16)
 DIGITS_GPU = (11, 11, 10)
 
 
 def abs_delta_bits(base: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """int32 bit patterns of |x - base| (float32 arithmetic); any shape -> the same shape."""
+    """int32 bit patterns of |x - base| (float32 arithmetic); any shape -> the same shape. Every NaN becomes
+    NAN_BITS: the payload a NaN gets from a subtraction or a float16 conversion depends on where PyTorch's CPU code
+    computes it (vectorized body or scalar tail), which would give one element two patterns in two passes."""
     d = x.float() - base.float() if base is not None else x.float()
-    return d.abs_().view(torch.int32)
+    bits = d.abs_().view(torch.int32)
+    return bits.masked_fill_(bits > INF_BITS, NAN_BITS)
 
 
 def bits_to_float(bits: int) -> float:
@@ -164,7 +169,8 @@ def topk_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, top: torch.Tensor 
             t0 = top.long()
             at_or_above = t0.flip(0).cumsum(0).flip(0)
             digit = int((at_or_above >= r).nonzero()[-1, 0])
-            fast = collect is not None and base is not None
+            # the compiled pass for finite buckets only: its NaN payloads are its own (abs_delta_bits' docstring)
+            fast = collect is not None and base is not None and (digit << (32 - digits[0])) < INF_BITS
             if fast and collect(base, x, digit, 32 - digits[0]) is None:
                 fast = False  # the compiled pass is not available: this module's passes
             if fast or int(t0[digit]) <= COLLECT_MAX:
@@ -276,6 +282,7 @@ if triton is not None:
         if HAS_BASE:
             d = d - tl.load(B + offs, mask=m, other=0.0).to(tl.float32)
         bits = tl.abs(d).to(tl.int32, bitcast=True)
+        bits = tl.where(bits > 0x7F800000, 0x7FC00000, bits)  # one pattern for every NaN, as abs_delta_bits
         sel = m
         if HAS_PREFIX:
             sel = sel & ((bits >> PREFIX_SHIFT) == prefix)

@@ -164,3 +164,33 @@ def test_the_probe_process_loads_with_torch_alone(tmp_path):
     ok.unlink(missing_ok=True)
     merge_cpu._probe(real[0])
     assert ok.exists()
+
+
+def test_a_probe_that_fails_without_crashing_is_retried_by_the_next_process(tmp_path, monkeypatch):
+    # an error exit (or a timeout, an out-of-memory kill) is not this machine's verdict: no marker, the next
+    # process probes again; this process runs the reference
+    key, path, opened = _fake_package(tmp_path, monkeypatch, "raise SystemExit(3)")
+    with pytest.warns(UserWarning, match=r"exit 3.*the next process tries again"):
+        assert merge_cpu._program(key, None, (), 0, "probe test", 0) is None
+    assert opened == [] and not path.with_suffix(".bad").exists() and not path.with_suffix(".ok").exists()
+    merge_cpu._FAILED.discard(key)
+    monkeypatch.setattr(merge_cpu, "_PROBE", "import sys\n# {src}")
+    assert merge_cpu._program(key, None, (), 0, "probe test", 0) is not None  # the next try probes and loads
+    merge_cpu._LOADED.pop(key)
+
+
+def test_a_read_only_cache_still_loads_a_package_whose_probe_passed(tmp_path, monkeypatch):
+    import pathlib
+
+    key, path, opened = _fake_package(tmp_path, monkeypatch, "import sys")
+    real = pathlib.Path.write_text
+
+    def refuse(self, *a, **k):
+        if self.suffix in (".ok", ".bad"):
+            raise PermissionError(13, "Read-only file system", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", refuse)
+    assert merge_cpu._program(key, None, (), 0, "probe test", 0) is not None
+    assert opened == [str(path)] and not path.with_suffix(".ok").exists()
+    merge_cpu._LOADED.pop(key)
