@@ -171,6 +171,13 @@ def row_view(shape) -> tuple[int, int]:
     return (shape[0], numel // shape[0] if shape[0] else 0)
 
 
+def _row_order(a2: torch.Tensor) -> torch.Tensor:
+    """The stable ascending order of each row of magnitudes `a2` (R, W): float32 sorted by its bit patterns as int32
+    (the same order for non-negative floats, and an integer sort is cheaper)."""
+    keys = a2.view(torch.int32) if a2.dtype == torch.float32 else a2
+    return torch.argsort(keys, dim=1, stable=True)
+
+
 def row_ranks(a2: torch.Tensor) -> torch.Tensor:
     """float32 (R, W) rank of each element of `a2` (R, W) within its row, ascending, stable (ties by position),
     divided by W - 1 (0 if W == 1): DELLA's magnitude-rank probabilities (mergekit sparsify.py della_magprune).
@@ -184,8 +191,7 @@ def row_ranks(a2: torch.Tensor) -> torch.Tensor:
     w = a2.shape[1]
     if w <= 1:
         return torch.zeros(a2.shape, device=a2.device)
-    keys = a2.view(torch.int32) if a2.dtype == torch.float32 else a2
-    order = torch.argsort(keys, dim=1, stable=True)
+    order = _row_order(a2)
     ranks = torch.empty(a2.shape, dtype=torch.float32, device=a2.device)
     ranks.scatter_(1, order, (torch.arange(w, dtype=torch.float32, device=a2.device) / (w - 1)).expand_as(order))
     return ranks
@@ -197,8 +203,7 @@ def row_rank_ints(a2: torch.Tensor) -> torch.Tensor:
     w = a2.shape[1]
     if w > 1 << 15:
         raise ValueError(f"rows of {w} elements: int16 ranks hold at most 32768")
-    keys = a2.view(torch.int32) if a2.dtype == torch.float32 else a2
-    order = torch.argsort(keys, dim=1, stable=True)
+    order = _row_order(a2)
     ranks = torch.empty(a2.shape, dtype=torch.int16, device=a2.device)
     ranks.scatter_(1, order, torch.arange(w, dtype=torch.int16, device=a2.device).expand_as(order))
     return ranks

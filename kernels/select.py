@@ -171,11 +171,11 @@ def topk_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, top: torch.Tensor 
             digit = int((at_or_above >= r).nonzero()[-1, 0])
             # the compiled pass for finite buckets only: its NaN payloads are its own (abs_delta_bits' docstring)
             fast = collect is not None and base is not None and (digit << (32 - digits[0])) < INF_BITS
-            if fast and collect(base, x, digit, 32 - digits[0]) is None:
-                fast = False  # the compiled pass is not available: this module's passes
-            if fast or int(t0[digit]) <= COLLECT_MAX:
+            first = collect(base, x, digit, 32 - digits[0]) if fast else None  # None: not compiled, this module's
+            if first is not None or int(t0[digit]) <= COLLECT_MAX:
                 r -= int(at_or_above[digit]) - int(t0[digit])
-                out.append(_cut_in_bucket(base, x, digit, 32 - digits[0], r, collect if fast else _bucket_blocks))
+                blocks = collect if first is not None else _bucket_blocks
+                out.append(_cut_in_bucket(base, x, digit, 32 - digits[0], r, blocks, first))
                 continue
         for level, nd in enumerate(digits):
             shift = 32 - done - nd
@@ -194,16 +194,16 @@ def topk_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, top: torch.Tensor 
     return out
 
 
-def _cut_in_bucket(base, x, digit: int, shift: int, r: int, blocks) -> tuple[float, int]:
+def _cut_in_bucket(base, x, digit: int, shift: int, r: int, blocks, first=None) -> tuple[float, int]:
     """The cut that takes the r-th largest element (r >= 1) of one first-digit bucket. `blocks(base, x, digit,
     shift)` iterates the flat indices (ascending) of a bucket's elements (kernels/merge_cpu.py `bucket_blocks`): one
     pass counts the bucket's low `shift` bits, which gives t; its elements are kept up to COLLECT_MAX, so that the
     tie index is read from them, else a second pass over the elements equal to t finds it. O(2**shift + COLLECT_MAX)
-    extra memory."""
+    extra memory. `first`: `blocks(base, x, digit, shift)` if the caller already made it."""
     fb, fx = (base.reshape(-1) if base is not None else None), x.reshape(-1)
     counts = torch.zeros(1 << shift, dtype=torch.int64)
     kept, total = [], 0
-    for pos in blocks(base, x, digit, shift):
+    for pos in first if first is not None else blocks(base, x, digit, shift):
         vals = abs_delta_bits(None if fb is None else fb.index_select(0, pos), fx.index_select(0, pos))
         counts += torch.bincount(vals & ((1 << shift) - 1), minlength=1 << shift)
         total += pos.numel()
