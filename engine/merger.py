@@ -193,21 +193,30 @@ class Merger:
     def cuts(self, base: TensorRef, x: TensorRef, ks) -> list[tuple[float, int]]:
         """Exact (threshold, tie cutoff) of the top-k cut of |x - base| for each k in `ks` (kernels/select.py).
 
-        The one route of every magnitude cut (TIES, breadcrumbs, sce). A radix select over the bit patterns of
-        |delta|: no sort, O(1) extra memory per element. The first-digit histogram of a large tensor (2**15 int32
-        counts, 128 KiB, whatever the tensor's size) is kept per (source, tensor) so that a new density costs one
-        pass over base and source (plus a counting pass when a tie straddles the cut)."""
+        The one route of every magnitude cut (TIES, breadcrumbs, sce); no sort, O(1) extra memory per element.
+        Per (source, tensor) of at least KEEP_HISTOGRAM_FROM elements one statistic is kept, built by the first cut:
+        on the CPU the exact distribution of |delta| when it has at most `select.TABLE_MAX` distinct values (bf16 and
+        fp16 fine-tunes: `select.value_table`, at most 768 KiB), from which a new density's cut is read with no pass
+        but the tie index's (on average half a pass: `merge_cpu.nth_equal`); otherwise the first-digit histogram
+        (2**15 counts, 128 KiB) of the radix select, a new density then costing one pass over base and source (plus
+        a counting pass when a tie straddles the cut)."""
         b, xx = self.store.get(base), self.store.get(x)
         if xx.numel() <= select.SMALL_SORT and xx.device.type == "cpu":
             return select.topk_cuts(b, xx, ks)  # one sort of a small tensor, no histogram
         key = self._stat_key("top", base, x)
-        top = self.stats.get(key)
-        if top is None:
-            top = select.first_histogram(b, xx)
+        kept = self.stats.get(key)
+        if kept is None:
+            if xx.device.type == "cpu" and xx.numel() >= KEEP_HISTOGRAM_FROM:
+                kept = select.value_table(b, xx)
+            if kept is None:
+                kept = select.first_histogram(b, xx)
+                kept = kept.to(torch.int32) if xx.numel() < 2**31 else kept
             if xx.numel() >= KEEP_HISTOGRAM_FROM:
-                self.stats.put(key, top.to(torch.int32) if xx.numel() < 2**31 else top)
+                self.stats.put(key, kept)
+        if isinstance(kept, tuple):
+            return select.table_cuts(b, xx, ks, kept, nth=merge_cpu.nth_equal if self.cpu_fused else None)
         collect = merge_cpu.bucket_blocks if self.cpu_fused else None  # the compiled collecting pass
-        return select.topk_cuts(b, xx, ks, top=top.long(), collect=collect)
+        return select.topk_cuts(b, xx, ks, top=kept.long(), collect=collect)
 
     def della_ranks(self, base: TensorRef, x: TensorRef, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row rank of |delta| (ascending, stable) normalized to [0, 1], float32 of the tensor's shape (or of

@@ -417,6 +417,27 @@ def l1_sums_fused(base, x, spec, i: int, aux_i=None) -> tuple[float, float] | No
 
 
 BUCKET_BLOCK = 1 << 22  # elements per compiled call of `bucket_blocks` (a 4 MiB mask at a time)
+NTH_BLOCK = 1 << 19  # elements per compiled call of `nth_equal` (it stops at the block holding the element)
+
+
+def _bucket_program(fb: torch.Tensor, fx: torch.Tensor):
+    """The loaded bucket-mask program for flat dense `fb`, `fx` (compiled once per machine), or None."""
+    key = ("bucket", str(fb.dtype).split(".")[-1], str(fx.dtype).split(".")[-1], f"t{torch.get_num_threads()}")
+    fn = _LOADED.get(key)
+    if fn is None and fb.numel() >= 2:
+        e = min(fb.numel(), BUCKET_BLOCK)
+        d, sh = torch.tensor(0, dtype=torch.int32), torch.tensor(16, dtype=torch.int32)
+        fn = _program(key, _BucketModule(), (fb[:e], fx[:e], d, sh), 2, "the top-k cut's bucket pass", 2)
+    return fn
+
+
+def _block_mask(fn, fb: torch.Tensor, fx: torch.Tensor, d: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
+    """The program's int8 mask of one block (the eager formula for a block of one element: the program's dynamic
+    dimension starts at 2)."""
+    if fb.numel() < 2:
+        bits = (fx.float() - fb.float()).abs().view(torch.int32)
+        return ((bits >> int(sh)) == int(d)).to(torch.int8)
+    return fn(fb, fx, d, sh)
 
 
 def bucket_blocks(base: torch.Tensor, x: torch.Tensor, digit: int, shift: int):
@@ -426,26 +447,47 @@ def bucket_blocks(base: torch.Tensor, x: torch.Tensor, digit: int, shift: int):
     compiled loop per block writing an int8 mask, then its nonzero. ~3x the chunked PyTorch pass on the 2-core CPU.
     None when the structure cannot be compiled or loaded (the caller runs its PyTorch pass). For finite buckets
     (`digit << shift` below +inf's pattern): a NaN's payload here may differ from `select.abs_delta_bits`'."""
-    key = ("bucket", str(base.dtype).split(".")[-1], str(x.dtype).split(".")[-1], f"t{torch.get_num_threads()}")
     fb, fx = base.reshape(-1).contiguous(), x.reshape(-1).contiguous()  # the program reads dense memory
-    d, sh = torch.tensor(digit, dtype=torch.int32), torch.tensor(shift, dtype=torch.int32)
-    fn = _LOADED.get(key)
+    fn = _bucket_program(fb, fx)
     if fn is None and fb.numel() >= 2:
-        e = min(fb.numel(), BUCKET_BLOCK)
-        fn = _program(key, _BucketModule(), (fb[:e], fx[:e], d, sh), 2, "the top-k cut's bucket pass", 2)
-        if fn is None:
-            return None
+        return None
+    d, sh = torch.tensor(digit, dtype=torch.int32), torch.tensor(shift, dtype=torch.int32)
 
     def blocks():
         for s in range(0, fb.numel(), BUCKET_BLOCK):
             e = min(fb.numel(), s + BUCKET_BLOCK)
-            if e - s < 2:  # the compiled program's dynamic dimension starts at 2
-                bits = (fx[s:e].float() - fb[s:e].float()).abs().view(torch.int32)
-                yield ((bits >> shift) == digit).nonzero().reshape(-1) + s
-            else:
-                yield fn(fb[s:e], fx[s:e], d, sh).nonzero().reshape(-1) + s
+            yield _block_mask(fn, fb[s:e], fx[s:e], d, sh).nonzero().reshape(-1) + s
 
     return blocks()
 
 
-__all__ = ["bucket_blocks", "cache_dir", "enabled", "l1_sums_fused", "merge_delta_fused"]
+def nth_equal(base: torch.Tensor | None, x: torch.Tensor, bits: int, m: int, total: int | None = None) -> int | None:
+    """Flat index of the m-th (1-based, in index order) element whose |x - base| bit pattern is `bits` (finite, below
+    +inf's pattern): the compiled mask of NTH_BLOCK elements at a time, counted, until the block holding it, then that
+    block's nonzero. With `total` (how many elements equal `bits`) it counts from whichever end is nearer: on average
+    a quarter of a pass over the tensor. `kernels.select.table_cuts`' tie index. None when it cannot run here (no
+    base, a non-finite value, the program not compiled): the caller counts in PyTorch.
+    Raises ValueError if fewer than m elements equal `bits`."""
+    if base is None or bits >= 0x7F800000:
+        return None
+    fb, fx = base.reshape(-1).contiguous(), x.reshape(-1).contiguous()
+    fn = _bucket_program(fb, fx)
+    if fn is None and fb.numel() >= 2:
+        return None
+    d, sh = torch.tensor(bits, dtype=torch.int32), torch.tensor(0, dtype=torch.int32)
+    starts = range(0, fb.numel(), NTH_BLOCK)
+    backward = total is not None and m > total - m + 1
+    r = total - m + 1 if backward else m  # the r-th equal element from the end scanned from
+    seen = 0
+    for s in reversed(starts) if backward else starts:
+        e = min(fb.numel(), s + NTH_BLOCK)
+        mask = _block_mask(fn, fb[s:e], fx[s:e], d, sh)
+        n = int(torch.count_nonzero(mask))  # 3x `sum` of an int8 mask
+        if seen + n >= r:
+            pos = mask.nonzero().reshape(-1)
+            return s + int(pos[n - (r - seen)] if backward else pos[r - seen - 1])
+        seen += n
+    raise ValueError(f"fewer than {m} elements equal the cut value")
+
+
+__all__ = ["bucket_blocks", "nth_equal", "cache_dir", "enabled", "l1_sums_fused", "merge_delta_fused"]

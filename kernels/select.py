@@ -22,6 +22,10 @@ delta from the inputs chunk by chunk (`CHUNK` elements: the temporaries stay in 
 histograms (O(2**16) counts), never O(numel). The first histogram depends only on the (source, tensor) pair and can be
 kept by the caller (`top`) so that a new density costs one pass (plus the tie pass when needed).
 
+When |delta| takes few distinct values (at most TABLE_MAX: deltas of bf16 or fp16 checkpoints, a few thousand per
+tensor), `value_table` counts them exactly in one pass, and `table_cuts` reads t and m for any k from that table;
+only c needs a counting pass, which stops at the block holding it.
+
 Backends: `histogram` runs vectorized PyTorch on any device; `histogram_triton` is the Triton kernel (atomic adds
 into a global histogram), used for CUDA tensors and tested under TRITON_INTERPRET=1. `topk_cut_reference` is the
 sort-based oracle (O(numel) extra memory).
@@ -38,6 +42,8 @@ from .rng import MAX_INDEX
 CHUNK = 1 << 16  # elements per step of the PyTorch passes (~10 temporaries of 256 KB: they stay in L2)
 COLLECT_MAX = 1 << 18  # a cut's first-digit bucket up to this many elements is finished in one collecting pass
 SMALL_SORT = 1 << 16  # CPU tensors up to this many elements: one sort (256 KiB of bits) instead of the passes
+TABLE_MAX = 1 << 16  # distinct |delta| values a kept `value_table` may hold (at most 768 KiB)
+TABLE_CHUNK = 1 << 20  # elements per step of `value_table`'s pass
 INF_BITS = 0x7F800000  # +inf; every larger non-negative pattern is a NaN
 NAN_BITS = 0x7FC00000  # the one pattern every NaN |delta| is given: NaNs tie, ordered by index, as in a float sort
 DIGITS_CPU = (16, 16)
@@ -115,6 +121,89 @@ def nth_equal_index(base: torch.Tensor | None, x: torch.Tensor, bits_value: int,
             return s + int(eq.nonzero()[m - seen - 1, 0])
         seen += n
     raise ValueError(f"fewer than {m} elements equal the cut value")  # unreachable for a consistent histogram
+
+
+# -- the exact distribution, when it is small ---------------------------------------------------------------------
+def value_table(base: torch.Tensor | None, x: torch.Tensor, cap: int | None = None) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor] | None:
+    """The exact distribution of |x - base|: (values, counts), its distinct bit patterns (int32, descending) and how
+    many elements have each (int64); None when it has more than `cap` (default TABLE_MAX) distinct values (float32
+    sources: about one per element). O(cap) memory, whatever the tensor's size: what a caller keeps per (source,
+    tensor) so that a cut of any density is read from the table, with no pass over the tensor but the tie index's
+    (`table_cuts`).
+
+    Why it is small: a delta of two bfloat16 (or float16) checkpoints is a small multiple of the base weight's ulp,
+    so its float32 pattern has few significant bits (on a 267M bf16 family 98% of |delta| patterns have zero low 16
+    bits; 5K-38K distinct values per tensor). One chunked pass: the top 16 bits of every pattern are counted
+    (bincount), and the patterns whose low 16 bits are not zero are collected and counted exactly (`torch.unique`)."""
+    cap = TABLE_MAX if cap is None else cap
+    if cap <= 0:
+        return None
+    fx = x.reshape(-1)
+    fb = base.reshape(-1) if base is not None else None
+    top = torch.zeros(1 << 15, dtype=torch.int64, device=x.device)  # patterns with zero low bits, by their top bits
+    vals: list[torch.Tensor] = []
+    counts: list[torch.Tensor] = []
+    held = 0
+    for s in range(0, fx.numel(), TABLE_CHUNK):
+        e = min(fx.numel(), s + TABLE_CHUNK)
+        bits = abs_delta_bits(None if fb is None else fb[s:e], fx[s:e])
+        top += torch.bincount(bits >> 16, minlength=1 << 15)
+        rest = bits[(bits & 0xFFFF) != 0]
+        if rest.numel() == 0:
+            continue
+        top -= torch.bincount(rest >> 16, minlength=1 << 15)
+        u, c = torch.unique(rest, return_counts=True)
+        vals.append(u)
+        counts.append(c)
+        held += u.numel()
+        if held > cap:  # merge what was collected; give up once the merged table is over the cap
+            u, inv = torch.unique(torch.cat(vals), return_inverse=True)
+            c = torch.zeros(u.numel(), dtype=torch.int64, device=x.device).index_add_(0, inv, torch.cat(counts))
+            if u.numel() > cap:
+                return None
+            vals, counts, held = [u], [c], u.numel()
+    if len(vals) > 1:
+        u, inv = torch.unique(torch.cat(vals), return_inverse=True)
+        vals, counts = [u], [torch.zeros(u.numel(), dtype=torch.int64, device=x.device).index_add_(
+            0, inv, torch.cat(counts))]
+    zero_low = top.nonzero().reshape(-1)
+    v = torch.cat([(zero_low << 16).to(torch.int32)] + vals)  # disjoint: zero and non-zero low bits
+    c = torch.cat([top[zero_low]] + counts)
+    if v.numel() > cap:
+        return None
+    order = v.argsort(descending=True)
+    return v[order], c[order]
+
+
+def table_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, table: tuple[torch.Tensor, torch.Tensor],
+               nth=None) -> list[tuple[float, int]]:
+    """Exact (threshold, cutoff) of each k in `ks` from `value_table(base, x)`: t and how many of the elements equal
+    to t are in come from the table's cumulative counts; the tie index c (when some element equal to t falls outside
+    the cut) is the flat index of the m-th element equal to t, found by `nth(base, x, bits, m, n_eq)` (default:
+    `nth_equal_index`; kernels/merge_cpu.py `nth_equal` is its compiled twin, or None where it cannot run), which
+    stops at the block holding it. The same cuts as `topk_cut_reference`."""
+    vals, counts = table
+    cum = counts.cumsum(0)
+    numel = x.numel()
+    out = []
+    for k in ks:
+        k = int(k)
+        if k <= 0:
+            out.append((math.inf, -1))
+            continue
+        if k >= numel:
+            out.append((-1.0, -1))
+            continue
+        i = int(torch.searchsorted(cum, k))  # the first value whose cumulative count reaches k
+        tb, n_eq = int(vals[i]), int(counts[i])
+        m = k - (int(cum[i]) - n_eq)  # the m-th (in index order) of the elements equal to t is the last one in
+        if m == n_eq:
+            out.append((bits_to_float(tb), MAX_INDEX))
+            continue
+        c = nth(base, x, tb, m, n_eq) if nth is not None else None
+        out.append((bits_to_float(tb), c if c is not None else nth_equal_index(base, x, tb, m)))
+    return out
 
 
 # -- the selection ------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ parameters and ~2.1 GiB of safetensors in all. Then, for each merge method, each
 
 1. `score`: `lazymerge score RECIPE TEXT` (the CLI, default configuration): peak RSS.
 2. `candidate`: one search candidate with the default runtime config (`search.evaluate.Evaluator`, tasks: greedy
-   generation + exact match and answer log-likelihood on 16 prompts): peak RSS, seconds of a first candidate and of
+   generation + exact match and answer log-likelihood on 16 prompts, or one of them: `--tasks generate|loglik`):
+   peak RSS, seconds of a first candidate and of
    a second whose densities and weights all changed (the cut statistics reused, the cuts recomputed);
    vs `mergekit`: `run_merge` of the same candidate + transformers load + the same evaluation.
 3. `forward`: on-the-fly and cached forward vs a plain transformers model of the exported merge at 1, 64 and 2048
@@ -49,6 +50,8 @@ SHAPE = dict(SHAPES[os.environ.get("LAZYMERGE_BENCH_SHAPE", "280m")])
 if os.environ.get("LAZYMERGE_BENCH_SMOKE") == "1":  # --smoke: a tiny family, to check the script end to end
     SHAPE = dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=1000)
 DEVICE = os.environ.get("LAZYMERGE_BENCH_DEVICE", "cpu")  # forward and decode: the engine's and the plain model's
+# the candidate's evaluation (--tasks): greedy generation + exact match, answer log-likelihood, or both (the default)
+TASKS = os.environ.get("LAZYMERGE_BENCH_TASKS", "both")
 TEXT = " ".join(["the cat sees the dog and the dog sees the cat"] * 6)
 
 
@@ -128,9 +131,10 @@ def _search_cfg(root: Path, method: str) -> dict:
     data.write_text("".join(json.dumps(x) + "\n" for x in rows))
     return {"sources": {k: str(root / k) for k in ("base", "e1", "e2", "e3")}, "base_model": "base",
             "space": {"kind": "ps", "method": method, "models": ["e1", "e2", "e3"]},
-            "tasks": [{"name": "gen", "type": "generate_exact_match", "data": str(data), "extract": "exact",
-                       "max_tokens": 8},
-                      {"name": "ll", "type": "answer_loglik", "data": str(data)}],
+            "tasks": [t for t in ({"name": "gen", "type": "generate_exact_match", "data": str(data), "extract": "exact",
+                                   "max_tokens": 8},
+                                  {"name": "ll", "type": "answer_loglik", "data": str(data)})
+                      if TASKS == "both" or t["name"] == {"generate": "gen", "loglik": "ll"}[TASKS]],
             "budget": {"evaluations": 1}}
 
 
@@ -329,7 +333,8 @@ def table(info: dict, results: dict) -> str:
             secs = x.get("candidate_s", x.get("total_s", x.get("seconds", 0.0)))
             out.append(f"| {m} | {part} | {rss:.2f} | {'-' if lim is None else f'{lim:.2f}'} | "
                        f"{'-' if lim is None else ('yes' if rss <= lim else 'NO')} | {secs:.1f} |")
-    out += ["", "| method | lazy candidate s (merge + eval) | first candidate s | mergekit merge+write s | load s | "
+    out += ["", f"Search candidate, evaluated on: {info.get('tasks', 'both')} (16 prompts)",
+            "", "| method | lazy candidate s (merge + eval) | first candidate s | mergekit merge+write s | load s | "
             "eval s | mergekit total s | speedup |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, r in results.items():
         c, k = r.get("candidate", {}), r.get("mergekit", {})
@@ -354,7 +359,7 @@ def table(info: dict, results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    global DEVICE
+    global DEVICE, TASKS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", help="build folder (default: a new temporary folder, deleted at the end)")
     ap.add_argument("--json", help="write the results here")
@@ -368,11 +373,15 @@ def main(argv=None) -> int:
                     help="the family's shape (7b-layers: two layers of a 7B model's shapes, for a GPU)")
     ap.add_argument("--device", default=DEVICE,
                     help="where forward and decode run (cuda: the Triton kernels against transformers in bf16)")
+    ap.add_argument("--tasks", choices=["both", "generate", "loglik"], default=TASKS,
+                    help="a search candidate's evaluation: greedy generation (8 tokens) + exact match, answer "
+                         "log-likelihood, or both (default)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ["LAZYMERGE_BENCH_SHAPE"], os.environ["LAZYMERGE_BENCH_DEVICE"] = args.shape, args.device  # children
     DEVICE = args.device
+    TASKS = os.environ["LAZYMERGE_BENCH_TASKS"] = args.tasks
     if os.environ.get("LAZYMERGE_BENCH_SMOKE") != "1":  # a child of --smoke keeps the module's tiny shape
         SHAPE.clear()
         SHAPE.update(SHAPES[args.shape])
@@ -425,7 +434,7 @@ def main(argv=None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     info = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
             "threads": default_threads(), "params": built["params"], "source_bytes": built["source_bytes"],
-            "shape": SHAPE, "device": DEVICE}
+            "shape": SHAPE, "device": DEVICE, "tasks": TASKS}
     if DEVICE != "cpu":
         import torch
 

@@ -1,7 +1,9 @@
 """engine/alloc.py: with the allocator tuned (the default on glibc), an on-the-fly forward's transient tensors (pread
 copies of sources read at every use, `resident_bytes=0`; the merged weight) reuse freed heap memory; untuned, glibc
 hands them back to the OS and every forward faults fresh zeroed pages in again (measured: 202k page faults and 2.2x
-the time per 1-token forward of an 8-layer, hidden-1024 TIES merge; BENCHMARKS.md)."""
+the time per 1-token forward of an 8-layer, hidden-1024 TIES merge; BENCHMARKS.md). The test merges DARE-TIES: a
+TIES engine's first cut (`select.value_table`'s attempt on these float32 sources) frees transients large enough to
+raise glibc's dynamic mmap threshold, after which untuned glibc happens to stop faulting too, leaving no contrast."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import json, resource, sys, torch
 torch.set_num_threads(1)
 from lazymerge.engine import Engine, alloc
 paths = json.loads(sys.argv[1])
-m = Engine(paths, policy="on_the_fly", cpu_fused=False, resident_bytes=0).compile({"merge_method": "ties", "base_model": "base",
+m = Engine(paths, policy="on_the_fly", cpu_fused=False, resident_bytes=0).compile({"merge_method": "dare_ties", "base_model": "base",
     "models": [{"model": "e1", "parameters": {"weight": 0.7, "density": 0.5}},
                {"model": "e2", "parameters": {"weight": 0.5, "density": 0.4}}]})
 ids = torch.tensor([[5]]); mask = torch.ones_like(ids); pos = mask.cumsum(-1) - 1

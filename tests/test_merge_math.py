@@ -297,9 +297,19 @@ def test_cut_statistics_are_reused_and_flat_in_size(fam, monkeypatch):
         for name in names:
             M.merge(plan.tensors[name])
     tops = [k for k in M.stats.data if k[0] == "top"]
-    assert len(tops) == 2 * len(names)  # one histogram per (source, tensor), not per density
+    assert len(tops) == 2 * len(names)  # one statistic per (source, tensor), not per density
     assert M.stats.hits == 3 * len(tops)
-    assert M.stats.bytes == len(tops) * (1 << 15) * 4  # 128 KiB each, whatever the tensor's size
+    for k in tops:  # a value table (at most TABLE_MAX entries) or a 128 KiB histogram, whatever the tensor's size
+        v = M.stats.data[k]
+        if isinstance(v, tuple):
+            assert v[0].numel() == v[1].numel() <= select.TABLE_MAX
+        else:
+            assert v.numel() * v.element_size() == (1 << 15) * 4
+    monkeypatch.setattr(select, "TABLE_MAX", 0)  # no tables: the first-digit histogram of every (source, tensor)
+    M = Merger(S)
+    for name in names:
+        M.merge(plan.tensors[name])
+    assert M.stats.bytes == 2 * len(names) * (1 << 15) * 4
 
 
 def test_gradient_and_filter_parameters(fam):

@@ -367,6 +367,7 @@ def test_magnitude_cuts_on_the_fused_path_equal_the_reference(families, method, 
     fam = families["mistral_bf16"]
     monkeypatch.setattr(select, "SMALL_SORT", 0)
     monkeypatch.setattr(select, "COLLECT_MAX", 0)
+    monkeypatch.setattr(select, "TABLE_MAX", 0)  # no value tables: the histogram route (the next test has them)
     calls = []
     real = merge_cpu_mod.bucket_blocks
     monkeypatch.setattr(merge_cpu_mod, "bucket_blocks", lambda *a: calls.append(a[3]) or real(*a))
@@ -375,3 +376,37 @@ def test_magnitude_cuts_on_the_fused_path_equal_the_reference(families, method, 
     assert 16 in calls and 0 in calls, "the compiled bucket pass and its tie pass ran"
     ref = Engine(fam, policy="cached", cpu_fused=False).compile(METHOD_RECIPES[method]).logits(ids, mask)
     assert torch.equal(fused, ref)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_magnitude_cuts_from_value_tables_equal_the_reference(families, method, monkeypatch):
+    """The CPU's route for bf16 sources: each (source, tensor)'s exact |delta| table is kept (`select.value_table`)
+    and every cut is read from it, the tie index counted by the compiled mask from either end (`merge_cpu.nth_equal`):
+    the eager reference's logits bit for bit, for a first recipe and for a second whose densities all changed."""
+    import lazymerge.kernels.merge_cpu as merge_cpu_mod
+    from lazymerge.engine import merger as merger_mod
+    from lazymerge.kernels import select
+
+    fam = families["mistral_bf16"]
+    monkeypatch.setattr(select, "SMALL_SORT", 0)
+    monkeypatch.setattr(merger_mod, "KEEP_HISTOGRAM_FROM", 1)  # the toy's tensors are small: keep every table
+    monkeypatch.setattr(merge_cpu_mod, "NTH_BLOCK", 97)
+    calls = []
+    real = merge_cpu_mod.nth_equal
+    monkeypatch.setattr(merge_cpu_mod, "nth_equal", lambda *a: calls.append(real(*a)) or calls[-1])
+    ids, mask = batch(60)
+    eng = Engine(fam, policy="cached", cpu_fused=True)
+    ref_eng = Engine(fam, policy="cached", cpu_fused=False)
+    first = METHOD_RECIPES[method]
+    second = copy.deepcopy(first)
+    for m in second["models"]:
+        if "parameters" in m and "density" in m["parameters"]:
+            m["parameters"]["density"] = round(1.1 - m["parameters"]["density"], 3)
+    assert second != first
+    for rec in (first, second):
+        calls.clear()
+        fused = eng.compile(rec).logits(ids, mask)
+        assert any(c is not None for c in calls), "tie indices came from the compiled count"
+        assert torch.equal(fused, ref_eng.compile(rec).logits(ids, mask))
+    kept = [v for k, v in eng.merger.stats.data.items() if k[0] == "top"]
+    assert kept and all(isinstance(v, tuple) for v in kept), "every kept cut statistic is a value table"

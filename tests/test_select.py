@@ -139,6 +139,67 @@ def test_compiled_bucket_collect_equals_the_reference(kind, keep_max, monkeypatc
         assert _key(cut) == _key(select.topk_cut_reference(base, x, k)), f"k={k}"
 
 
+@pytest.mark.parametrize("nth", ["pytorch", "compiled"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_table_cuts_equal_the_sorted_reference(kind, nth, monkeypatch):
+    """The engine's route on the CPU when a tensor's |delta| has few distinct values: the exact value table (built in
+    chunks whose partial tables are merged) gives t and m, and the tie index comes from the PyTorch count or the
+    compiled mask counted block by block, from the front or from the back (merge_cpu.nth_equal)."""
+    from lazymerge.kernels import merge_cpu
+
+    monkeypatch.setattr(select, "TABLE_CHUNK", 4099)  # several chunks and partial-table merges
+    monkeypatch.setattr(merge_cpu, "NTH_BLOCK", 1001)  # several blocks each way and a short last one
+    base, x = _inputs(kind)
+    table = select.value_table(base, x, cap=1 << 16)
+    assert table is not None
+    vals, counts = table
+    bits = select.abs_delta_bits(base, x).reshape(-1)
+    u, c = torch.unique(bits, return_counts=True)
+    assert torch.equal(vals, u.flip(0)) and torch.equal(counts, c.flip(0))  # exact, descending
+    ks = _ks(x.numel(), x, base) + [1, 2, 3, 4, 5, 6]  # k <= 6: among the NaNs and infs
+    calls = []
+
+    def compiled(b, xx, tb, m, total):
+        got = merge_cpu.nth_equal(b, xx, tb, m, total)
+        calls.append(got)
+        if got is not None:
+            assert got == select.nth_equal_index(b, xx, tb, m)
+        return got
+
+    got = select.table_cuts(base, x, ks, table, nth=compiled if nth == "compiled" else None)
+    for k, cut in zip(ks, got):
+        assert _key(cut) == _key(select.topk_cut_reference(base, x, k)), f"k={k}"
+    if nth == "compiled" and kind in ("many_ties", "bf16"):  # ties straddle their cuts
+        assert any(c is not None for c in calls), "the compiled tie count ran"
+
+
+def test_value_table_gives_up_past_its_cap():
+    """float32 sources have about one distinct |delta| per element: no table (the histogram route takes over)."""
+    base, x = _inputs("gaussian")
+    assert select.value_table(base, x, cap=1000) is None
+    assert select.value_table(None, torch.zeros(5000)) == (torch.tensor([0], dtype=torch.int32),
+                                                           torch.tensor([5000]))
+
+
+@pytest.mark.parametrize("where", ["first", "last", "middle"])
+def test_nth_equal_counts_from_either_end(where, monkeypatch):
+    from lazymerge.kernels import merge_cpu
+
+    monkeypatch.setattr(merge_cpu, "NTH_BLOCK", 64)
+    base = torch.zeros(1000, dtype=torch.bfloat16)
+    x = torch.zeros(1000, dtype=torch.bfloat16)
+    x[[3, 70, 71, 500, 998, 999]] = 0.5
+    bits = int(select.abs_delta_bits(base, x)[3])
+    m = {"first": 1, "last": 6, "middle": 4}[where]
+    want = [3, 70, 71, 500, 998, 999][m - 1]
+    assert merge_cpu.nth_equal(base, x, bits, m, 6) == want
+    assert merge_cpu.nth_equal(base, x, bits, m) == want
+    with pytest.raises(ValueError, match="fewer than"):
+        merge_cpu.nth_equal(base, x, bits, 7)
+    assert merge_cpu.nth_equal(None, x, bits, 1) is None
+    assert merge_cpu.nth_equal(base, x, 0x7FC00000, 1) is None  # NaNs: left to the PyTorch count
+
+
 def test_compiled_bucket_pass_reads_strided_tensors():
     from lazymerge.kernels import merge_cpu
 
