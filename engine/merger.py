@@ -197,7 +197,7 @@ class Merger:
         Per (source, tensor) of at least KEEP_HISTOGRAM_FROM elements one statistic is kept, built by the first cut:
         on the CPU the exact distribution of |delta| when it has at most `select.TABLE_MAX` distinct values (bf16 and
         fp16 fine-tunes: `select.value_table`, at most 768 KiB), from which a new density's cut is read with no pass
-        but the tie index's (on average half a pass: `merge_cpu.nth_equal`); otherwise the first-digit histogram
+        but the tie index's (on average a quarter of a pass: `merge_cpu.nth_equal`); otherwise the first-digit histogram
         (2**15 counts, 128 KiB) of the radix select, a new density then costing one pass over base and source (plus
         a counting pass when a tie straddles the cut)."""
         b, xx = self.store.get(base), self.store.get(x)

@@ -477,7 +477,7 @@ def nth_equal(base: torch.Tensor | None, x: torch.Tensor, bits: int, m: int, tot
     d, sh = torch.tensor(bits, dtype=torch.int32), torch.tensor(0, dtype=torch.int32)
     starts = range(0, fb.numel(), NTH_BLOCK)
     backward = total is not None and m > total - m + 1
-    r = total - m + 1 if backward else m  # the r-th equal element from the end scanned from
+    r = total - m + 1 if backward else m  # the wanted element is the r-th met from the end the count starts at
     seen = 0
     for s in reversed(starts) if backward else starts:
         e = min(fb.numel(), s + NTH_BLOCK)
