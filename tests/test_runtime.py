@@ -382,13 +382,13 @@ def test_magnitude_cuts_on_the_fused_path_equal_the_reference(families, method, 
 def test_magnitude_cuts_from_value_tables_equal_the_reference(families, method, monkeypatch):
     """The CPU's route for bf16 sources: each (source, tensor)'s exact |delta| table is kept (`select.value_table`)
     and every cut is read from it, the tie index counted by the compiled mask from either end (`merge_cpu.nth_equal`):
-    the eager reference's logits bit for bit, for a first recipe and for a second whose densities all changed."""
+    the logits of the eager reference cutting each tensor from one sort (no table), bit for bit, for a first recipe
+    and for a second whose densities all changed."""
     import lazymerge.kernels.merge_cpu as merge_cpu_mod
     from lazymerge.engine import merger as merger_mod
     from lazymerge.kernels import select
 
     fam = families["mistral_bf16"]
-    monkeypatch.setattr(select, "SMALL_SORT", 0)
     monkeypatch.setattr(merger_mod, "KEEP_HISTOGRAM_FROM", 1)  # the toy's tensors are small: keep every table
     monkeypatch.setattr(merge_cpu_mod, "NTH_BLOCK", 97)
     calls = []
@@ -403,10 +403,13 @@ def test_magnitude_cuts_from_value_tables_equal_the_reference(families, method, 
         if "parameters" in m and "density" in m["parameters"]:
             m["parameters"]["density"] = round(1.1 - m["parameters"]["density"], 3)
     assert second != first
+    small_sort = select.SMALL_SORT
     for rec in (first, second):
         calls.clear()
+        monkeypatch.setattr(select, "SMALL_SORT", 0)
         fused = eng.compile(rec).logits(ids, mask)
         assert any(c is not None for c in calls), "tie indices came from the compiled count"
+        monkeypatch.setattr(select, "SMALL_SORT", small_sort)  # the reference: one sort per tensor, no table
         assert torch.equal(fused, ref_eng.compile(rec).logits(ids, mask))
     kept = [v for k, v in eng.merger.stats.data.items() if k[0] == "top"]
     assert kept and all(isinstance(v, tuple) for v in kept), "every kept cut statistic is a value table"
