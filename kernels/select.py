@@ -123,6 +123,15 @@ def nth_equal_index(base: torch.Tensor | None, x: torch.Tensor, bits_value: int,
     raise ValueError(f"fewer than {m} elements equal the cut value")  # unreachable for a consistent histogram
 
 
+def _edge_cut(k: int, numel: int) -> tuple[float, int] | None:
+    """The conventional cut of k <= 0 (nothing: (inf, -1)) or k >= numel (everything: (-1.0, -1)); else None."""
+    if k <= 0:
+        return math.inf, -1
+    if k >= numel:
+        return -1.0, -1
+    return None
+
+
 # -- the exact distribution, when it is small ---------------------------------------------------------------------
 def value_table(base: torch.Tensor | None, x: torch.Tensor, cap: int | None = None) -> tuple[torch.Tensor,
                                                                                              torch.Tensor] | None:
@@ -189,11 +198,9 @@ def table_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, table: tuple[torc
     out = []
     for k in ks:
         k = int(k)
-        if k <= 0:
-            out.append((math.inf, -1))
-            continue
-        if k >= numel:
-            out.append((-1.0, -1))
+        edge = _edge_cut(k, numel)
+        if edge is not None:
+            out.append(edge)
             continue
         i = int(torch.searchsorted(cum, k))  # the first value whose cumulative count reaches k
         tb, n_eq = int(vals[i]), int(counts[i])
@@ -246,11 +253,9 @@ def topk_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, top: torch.Tensor 
     out = []
     for k in ks:
         k = int(k)
-        if k <= 0:
-            out.append((math.inf, -1))
-            continue
-        if k >= numel:
-            out.append((-1.0, -1))
+        edge = _edge_cut(k, numel)
+        if edge is not None:
+            out.append(edge)
             continue
         prefix, done, r = 0, 0, k  # digits fixed so far (as an int, `done` bits), elements still to take
         counts = None
@@ -324,10 +329,9 @@ def _small_cuts(base, x, ks) -> list[tuple[float, int]]:
     n, out = bits.numel(), []
     for k in ks:
         k = int(k)
-        if k <= 0:
-            out.append((math.inf, -1))
-        elif k >= n:
-            out.append((-1.0, -1))
+        edge = _edge_cut(k, n)
+        if edge is not None:
+            out.append(edge)
         else:
             tb = int(vals[k - 1])
             out.append((bits_to_float(tb), int(idx[k - 1]) if int(vals[k]) == tb else MAX_INDEX))
