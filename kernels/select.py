@@ -123,13 +123,10 @@ def nth_equal_index(base: torch.Tensor | None, x: torch.Tensor, bits_value: int,
     raise ValueError(f"fewer than {m} elements equal the cut value")  # unreachable for a consistent histogram
 
 
-def _edge_cut(k: int, numel: int) -> tuple[float, int] | None:
-    """The conventional cut of k <= 0 (nothing: (inf, -1)) or k >= numel (everything: (-1.0, -1)); else None."""
-    if k <= 0:
-        return math.inf, -1
-    if k >= numel:
-        return -1.0, -1
-    return None
+def _each_cut(ks, numel: int, one) -> list[tuple[float, int]]:
+    """[one(k) for k in ks], with the conventions of k <= 0 (nothing: (inf, -1)) and k >= numel (everything:
+    (-1.0, -1)) applied first: `one` sees 0 < k < numel only."""
+    return [(math.inf, -1) if int(k) <= 0 else (-1.0, -1) if int(k) >= numel else one(int(k)) for k in ks]
 
 
 # -- the exact distribution, when it is small ---------------------------------------------------------------------
@@ -194,23 +191,17 @@ def table_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, table: tuple[torc
     stops at the block holding it. The same cuts as `topk_cut_reference`."""
     vals, counts = table
     cum = counts.cumsum(0)
-    numel = x.numel()
-    out = []
-    for k in ks:
-        k = int(k)
-        edge = _edge_cut(k, numel)
-        if edge is not None:
-            out.append(edge)
-            continue
+
+    def one(k: int) -> tuple[float, int]:
         i = int(torch.searchsorted(cum, k))  # the first value whose cumulative count reaches k
         tb, n_eq = int(vals[i]), int(counts[i])
         m = k - (int(cum[i]) - n_eq)  # the m-th (in index order) of the elements equal to t is the last one in
         if m == n_eq:
-            out.append((bits_to_float(tb), MAX_INDEX))
-            continue
+            return bits_to_float(tb), MAX_INDEX
         c = nth(base, x, tb, m, n_eq) if nth is not None else None
-        out.append((bits_to_float(tb), c if c is not None else nth_equal_index(base, x, tb, m)))
-    return out
+        return bits_to_float(tb), c if c is not None else nth_equal_index(base, x, tb, m)
+
+    return _each_cut(ks, x.numel(), one)
 
 
 # -- the selection ------------------------------------------------------------------------------------------------
@@ -250,13 +241,8 @@ def topk_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, top: torch.Tensor 
     if numel <= SMALL_SORT and x.device.type == "cpu":
         return _small_cuts(base, x, ks)
     hist = hist or _hist_fn(x)
-    out = []
-    for k in ks:
-        k = int(k)
-        edge = _edge_cut(k, numel)
-        if edge is not None:
-            out.append(edge)
-            continue
+
+    def one(k: int) -> tuple[float, int]:
         prefix, done, r = 0, 0, k  # digits fixed so far (as an int, `done` bits), elements still to take
         counts = None
         if top is not None and x.device.type == "cpu":  # finish in the cut's first-digit bucket
@@ -269,8 +255,7 @@ def topk_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, top: torch.Tensor 
             if first is not None or int(t0[digit]) <= COLLECT_MAX:
                 r -= int(at_or_above[digit]) - int(t0[digit])
                 blocks = collect if first is not None else _bucket_blocks
-                out.append(_cut_in_bucket(base, x, digit, 32 - digits[0], r, blocks, first))
-                continue
+                return _cut_in_bucket(base, x, digit, 32 - digits[0], r, blocks, first)
         for level, nd in enumerate(digits):
             shift = 32 - done - nd
             if level == 0:
@@ -283,9 +268,9 @@ def topk_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, top: torch.Tensor 
             prefix = (prefix << nd) | digit
             done += nd
         n_eq = int(counts[prefix & ((1 << digits[-1]) - 1)])
-        t = bits_to_float(prefix)
-        out.append((t, MAX_INDEX if r == n_eq else nth_equal_index(base, x, prefix, r)))
-    return out
+        return bits_to_float(prefix), MAX_INDEX if r == n_eq else nth_equal_index(base, x, prefix, r)
+
+    return _each_cut(ks, numel, one)
 
 
 def _cut_in_bucket(base, x, digit: int, shift: int, r: int, blocks, first=None) -> tuple[float, int]:
@@ -326,16 +311,12 @@ def _small_cuts(base, x, ks) -> list[tuple[float, int]]:
     numel <= SMALL_SORT)."""
     bits = abs_delta_bits(base, x).reshape(-1)
     vals, idx = torch.sort(bits, descending=True, stable=True)  # ties: lower index first
-    n, out = bits.numel(), []
-    for k in ks:
-        k = int(k)
-        edge = _edge_cut(k, n)
-        if edge is not None:
-            out.append(edge)
-        else:
-            tb = int(vals[k - 1])
-            out.append((bits_to_float(tb), int(idx[k - 1]) if int(vals[k]) == tb else MAX_INDEX))
-    return out
+
+    def one(k: int) -> tuple[float, int]:
+        tb = int(vals[k - 1])
+        return bits_to_float(tb), int(idx[k - 1]) if int(vals[k]) == tb else MAX_INDEX
+
+    return _each_cut(ks, bits.numel(), one)
 
 
 def topk_cut_reference(base: torch.Tensor | None, x: torch.Tensor, k: int) -> tuple[float, int]:
