@@ -164,15 +164,11 @@ def value_table(base: torch.Tensor | None, x: torch.Tensor, cap: int | None = No
         counts.append(c)
         held += u.numel()
         if held > cap:  # merge what was collected; give up once the merged table is over the cap
-            u, inv = torch.unique(torch.cat(vals), return_inverse=True)
-            c = torch.zeros(u.numel(), dtype=torch.int64, device=x.device).index_add_(0, inv, torch.cat(counts))
-            if u.numel() > cap:
+            vals, counts = _merged(vals, counts)
+            held = vals[0].numel()
+            if held > cap:
                 return None
-            vals, counts, held = [u], [c], u.numel()
-    if len(vals) > 1:
-        u, inv = torch.unique(torch.cat(vals), return_inverse=True)
-        vals, counts = [u], [torch.zeros(u.numel(), dtype=torch.int64, device=x.device).index_add_(
-            0, inv, torch.cat(counts))]
+    vals, counts = _merged(vals, counts)
     zero_low = top.nonzero().reshape(-1)
     v = torch.cat([(zero_low << 16).to(torch.int32)] + vals)  # disjoint: zero and non-zero low bits
     c = torch.cat([top[zero_low]] + counts)
@@ -180,6 +176,14 @@ def value_table(base: torch.Tensor | None, x: torch.Tensor, cap: int | None = No
         return None
     order = v.argsort(descending=True)
     return v[order], c[order]
+
+
+def _merged(vals: list[torch.Tensor], counts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Partial (distinct values, counts) tables merged into one ([values], [counts]); as they are if 0 or 1."""
+    if len(vals) <= 1:
+        return vals, counts
+    u, inv = torch.unique(torch.cat(vals), return_inverse=True)
+    return [u], [torch.zeros(u.numel(), dtype=torch.int64, device=u.device).index_add_(0, inv, torch.cat(counts))]
 
 
 def table_cuts(base: torch.Tensor | None, x: torch.Tensor, ks, table: tuple[torch.Tensor, torch.Tensor],

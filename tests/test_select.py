@@ -156,6 +156,10 @@ def test_table_cuts_equal_the_sorted_reference(kind, nth, monkeypatch):
     bits = select.abs_delta_bits(base, x).reshape(-1)
     u, c = torch.unique(bits, return_counts=True)
     assert torch.equal(vals, u.flip(0)) and torch.equal(counts, c.flip(0))  # exact, descending
+    tight = select.value_table(base, x, cap=vals.numel())  # partial tables over the cap, merged back under it
+    assert tight is not None and torch.equal(tight[0], vals) and torch.equal(tight[1], counts)
+    if vals.numel() > 1:
+        assert select.value_table(base, x, cap=vals.numel() - 1) is None
     ks = _ks(x.numel(), x, base) + [1, 2, 3, 4, 5, 6]  # k <= 6: among the NaNs and infs
     calls = []
 
