@@ -121,7 +121,7 @@ def _fake_package(tmp_path, monkeypatch, probe: str):
     `probe` instead of loading it; `_load`'s own loading is recorded, not done."""
     monkeypatch.setenv("LAZYMERGE_CACHE_DIR", str(tmp_path))
     key = ("probe-test", str(tmp_path.name))
-    path = merge_cpu.cache_dir() / ("-".join(key) + ".pt2")
+    path = merge_cpu.package_path(key, None)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a package")
     monkeypatch.setattr(merge_cpu, "_PROBE", probe + "\n# {src}")
@@ -194,3 +194,18 @@ def test_a_read_only_cache_still_loads_a_package_whose_probe_passed(tmp_path, mo
     assert merge_cpu._program(key, None, (), 0, "probe test", 0) is not None
     assert opened == [str(path)] and not path.with_suffix(".ok").exists()
     merge_cpu._LOADED.pop(key)
+
+
+def test_a_package_is_named_by_the_source_it_compiles(monkeypatch):
+    """Each program's package name carries the hash of its own source (class, the functions it calls, the Inductor
+    settings): changing one program recompiles that one alone, not every package on the machine."""
+    delta, l1, bucket = merge_cpu._DeltaModule(3, False, keep="topk"), merge_cpu._L1Module(False, "topk"), \
+        merge_cpu._BucketModule()
+    before = {m: merge_cpu._code_hash(m) for m in (delta, l1, bucket)}
+    assert len(set(before.values())) == 3
+    monkeypatch.setattr(merge_cpu._L1Module, "USES", (*merge_cpu._L1Module.USES, merge_cpu._scalars))
+    assert merge_cpu._code_hash(l1) != before[l1]
+    assert merge_cpu._code_hash(delta) == before[delta] and merge_cpu._code_hash(bucket) == before[bucket]
+    monkeypatch.setitem(merge_cpu.INDUCTOR_CONFIGS, "realize_reads_threshold", 4)  # settings count for all
+    assert all(merge_cpu._code_hash(m) != before[m] for m in (delta, bucket))
+    assert merge_cpu.package_path(("delta", "topk"), delta).name == f"delta-topk-{merge_cpu._code_hash(delta)}.pt2"
