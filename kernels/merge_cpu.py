@@ -8,9 +8,10 @@ threads).
 
 Compiled once per machine: each structure is exported (`torch.export`) and compiled ahead of time by Inductor
 (AOTInductor) into a package under the cache directory (`LAZYMERGE_CACHE_DIR`, default `~/.cache/lazymerge`), keyed
-by the torch version, the source of what it compiles and the Inductor settings below. A process loads a package in milliseconds; a missing one costs one
-compilation (about a minute per structure on a 2-core machine, announced by one line on stderr), then never again on
-this machine. Concurrent processes may both compile a missing package; the last atomic rename wins.
+by the torch version, the source of what it compiles and the Inductor settings (`INDUCTOR_CONFIGS`). A process loads
+a package in milliseconds; a missing one costs one compilation (about a minute per structure on a 2-core machine,
+announced by one line on stderr), then never again on this machine. Concurrent processes may both compile a missing
+package; the last atomic rename wins.
 
 Switches: `LAZYMERGE_CPU_FUSED=0` runs the eager reference (the oracle, a debug switch; also `Engine(...,
 cpu_fused=False)`); if a package cannot be compiled (no C++ compiler), the reference runs, with one warning.
