@@ -62,8 +62,9 @@ def cache_dir() -> Path:
 # 16 lanes (whole 256-bit loads) only when every fused node reads that dtype; by default it stores a subexpression
 # read more than 4 times (TIES' and DARE-TIES' per-source sign masks, read by the sum and the divisor) as a buffer of
 # its own, whose node then reads no bfloat16, and the whole loop falls back to 8 lanes with a partial load (a copy
-# through the stack) per input: the consensus merge ran 2.2x slower on bf16 sources (3.1M elements x 3, 2-core AVX2:
-# 9.5 vs 4.3 ms, same bits). Kept inline, the subexpressions are computed once each inside the one loop (CSE).
+# through the stack) per input: TIES' and DARE-TIES' merges ran 1.7-1.9x slower on bf16 sources, DARE's L1 pass 1.6x
+# (the masked delta, over 30 operations with its hash, was realized by `realize_opcount_threshold`), same bits
+# (`python -m lazymerge.kernels.bench_inductor`). Kept inline, each subexpression is still computed once (CSE).
 INDUCTOR_CONFIGS = {"realize_reads_threshold": 1 << 10, "realize_opcount_threshold": 1 << 10}
 
 
@@ -294,8 +295,9 @@ def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: in
                     warnings.simplefilter("ignore", FutureWarning)
                     warnings.simplefilter("ignore", DeprecationWarning)
                     ep = torch.export.export(module, args, dynamic_shapes=shapes)
+                    # a copy: torch adds its own keys to the dict it is given, which would change the code hash
                     torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
-                                                             inductor_configs=INDUCTOR_CONFIGS)
+                                                             inductor_configs=dict(INDUCTOR_CONFIGS))
                 for marker in (".ok", ".bad"):  # a new package is probed anew
                     path.with_suffix(marker).unlink(missing_ok=True)
                 os.replace(tmp, path)
