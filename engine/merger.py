@@ -88,6 +88,13 @@ class LRU:
                 _, old = self.data.popitem(last=False)
                 self.bytes -= self.size(old)
 
+    def retain(self, keep) -> list:
+        """Evict every entry for which `keep(key)` is false (whatever its recency); returns the evicted values."""
+        with self.lock:
+            gone = [self.data.pop(k) for k in [k for k in self.data if not keep(k)]]
+            self.bytes -= sum(self.size(v) for v in gone)
+            return gone
+
     def clear(self):
         with self.lock:
             self.data.clear()

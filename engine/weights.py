@@ -18,10 +18,11 @@ merged tensor (on the fly: read at each use; with LAZYMERGE_UNSAFE_MMAP=1: the f
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import torch
 
+from . import alloc
 from .merger import LRU, Merger, _nbytes
 from .plan import TensorPlan
 from .reader import unsafe_mmap
@@ -45,6 +46,7 @@ class WeightProvider:
         self._checked: OrderedDict[str, None] = OrderedDict()  # plan keys whose weight was found finite
         self._mmap = unsafe_mmap()  # sources are zero-copy mapped views (engine/reader.py)
         self._buffers: dict = {}  # GPU on-the-fly: one reused merge buffer per (shape, dtype); forwards are serialized
+        self._spares: dict[tuple, list[torch.Tensor]] = {}  # CPU cached: evicted merged weights to merge into (retain)
 
     @property
     def device(self) -> torch.device:
@@ -73,13 +75,19 @@ class WeightProvider:
         self.merges += 1
         if self.policy == "cached":  # make room first: the weight it replaces is freed before it is formed
             self.cache.reserve(math.prod(plan.shape) * self.dtype.itemsize)
-        t = self.merger.merge(plan)
+        spare = self._spare(tuple(plan.shape)) if self.dtype == torch.float32 else None
+        t = self.merger.merge(plan, out=spare)
         if t.dtype != self.dtype:
             t = t.to(self.dtype)
         self._check(plan, t)
         if self.policy == "cached":
             self.cache.put(key, t)
         return t
+
+    def _spare(self, shape: tuple) -> torch.Tensor | None:
+        """An evicted merged weight of `shape` to merge into (see `retain`), or None."""
+        free = self._spares.get(shape)
+        return free.pop() if free else None
 
     def _check(self, plan: TensorPlan, t: torch.Tensor) -> None:
         """NonFiniteError (naming the source or recipe tensor) the first time plan `plan` gives a NaN/Inf weight."""
@@ -163,7 +171,62 @@ class WeightProvider:
             self.cache.put(key, tuple(out[n] for n in group.params))
         return out
 
+    def retain(self, plans) -> None:
+        """Under the cached policy, evict every cached weight that no TensorPlan of `plans` gives (merged tensors and
+        built groups alike), whatever its recency. A search calls it (`search.evaluate.prefetch`) before merging a
+        candidate, so that the previous candidate's weights are gone before the new ones are formed. On the CPU the
+        evicted float32 weights that nothing else holds (`_recyclable`) are kept as spares: the next merges of the
+        same shape write into them (`merge(out=...)`), and `drop_spares` frees what no merge took; the pages of
+        everything freed go back to the OS at once (`alloc.release`).
+
+        Measured on the 267M family (BENCHMARKS.md, session 13): with the LRU alone a search's peak RSS grew with
+        its candidates (task arithmetic: 3.5 -> 4.4 GiB over 6; the LRU held 1.3 candidates and glibc's heap kept
+        freed blocks), with the eviction alone it still grew in some runs (3.5 -> 5.3 GiB over 7: freed blocks
+        split by small allocations, never reused whole), with eviction and release it stayed at 3.5 GiB but faulted
+        every candidate's 1 GiB of pages in afresh (280k faults, ~1 s of system time); with the spares, 3.5 GiB and
+        ~20k faults."""
+        plans = list(plans)
+        keys = {p.key for p in plans}
+        dtype = self.dtype
+
+        def keep(key) -> bool:
+            if key[0] == "group":  # ("group", *plan keys, dtype)
+                return key[-1] == dtype and all(k in keys for k in key[1:-1])
+            return key[1] == dtype and key[0] in keys
+
+        gone = self.cache.retain(keep)
+        if not gone or self.device.type != "cpu":
+            return
+        # evicted merged weights held by nothing else become the output buffers of the merges to come, as many per
+        # shape as those merges need (the rest is freed now: the peak stays one candidate's weights)
+        need = Counter(tuple(p.shape) for p in plans if not p.is_identity() and (p.key, dtype) not in self.cache.data)
+        for t in gone:
+            shape = tuple(t.shape)
+            if need[shape] > 0 and _recyclable(t):
+                need[shape] -= 1
+                self._spares.setdefault(shape, []).append(t)
+        del gone, t
+        alloc.release()
+
+    def drop_spares(self) -> None:
+        """Free the evicted weights `retain` kept that no merge reused (handing their pages back to the OS)."""
+        if self._spares:
+            self._spares.clear()
+            alloc.release()
+
     def stats(self) -> dict:
         c = self.cache
         return {"policy": self.policy, "cache_bytes": c.bytes, "cache_budget": c.budget, "cache_entries": len(c.data),
                 "cache_hits": c.hits, "cache_misses": c.misses, "merges": self.merges}
+
+
+def _recyclable(t) -> bool:
+    """Whether evicted cache value `t` is a float32 CPU tensor whose memory nothing else can see: no other Python
+    reference (the caller's loop variable and the list it came from aside), no C++ holder, no view, no other tensor on
+    its storage. A source's resident copy is held by the store, so it never qualifies."""
+    import sys
+
+    return (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu" and t._base is None
+            and not t.is_inference()  # made inside inference_mode (a forward): not writable outside it
+            and t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes and sys.getrefcount(t) <= 4
+            and t._use_count() == 1 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2)

@@ -327,7 +327,9 @@ def merge_reference(base: torch.Tensor | None, sources: list[torch.Tensor], spec
     flat_base = base.reshape(-1) if base is not None else None
     flat_aux = [a.reshape(-1) for a in aux] if aux is not None else None
     flat_idx = index.reshape(-1) if index is not None else None
-    res = out.view(-1) if out is not None else torch.empty(numel, dtype=torch.float32, device=sources[0].device)
+    if out is None:  # the result is this tensor, not a view of a flat one: a cache can hand its memory on (weights.py)
+        out = torch.empty(shape, dtype=torch.float32, device=sources[0].device)
+    res = out.view(-1)
     ranks_here = spec.mode == "delta" and spec.keep == "della" and aux is None
     step, width = della_step(shape, CHUNK) if ranks_here else (CHUNK, 0)
     for s in range(0, numel, step):
@@ -352,7 +354,7 @@ def merge_reference(base: torch.Tensor | None, sources: list[torch.Tensor], spec
                 auxs = [row_ranks((x.float() - b).abs_().view(-1, width)).view(-1) for x in xs]
             r = _delta_chunk(flat_base[s:e], xs, spec, idx, auxs)
         res[s:e] = r
-    return res.view(shape) if out is None else out
+    return out
 
 
 def merge(base, sources, spec, aux=None, index=None, out=None, cpu_fused: bool | None = None):
@@ -362,9 +364,10 @@ def merge(base, sources, spec, aux=None, index=None, out=None, cpu_fused: bool |
     from . import dispatch, merge_cpu
 
     fused = merge_cpu.enabled() if cpu_fused is None else cpu_fused
-    if (fused and spec.mode == "delta" and not spec.row_layout and index is None and out is None and sources
+    if (fused and spec.mode == "delta" and not spec.row_layout and index is None and sources
             and sources[0].device.type == "cpu" and not dispatch.use_triton(sources[0])):
-        r = merge_cpu.merge_delta_fused(base, sources, spec, aux=aux)  # None: a spec the fused loop does not take
+        # None: a spec (or an `out`) the fused loop does not take
+        r = merge_cpu.merge_delta_fused(base, sources, spec, aux=aux, out=out)
         if r is not None:
             return r
     if dispatch.use_triton(sources[0]):

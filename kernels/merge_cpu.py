@@ -238,12 +238,14 @@ class _DeltaModule(torch.nn.Module):
         super().__init__()
         self.n, self.has_aux, self.kw = n, has_aux, kw
 
-    def forward(self, b, *rest):
+    def forward(self, out, b, *rest):
+        # the merged tensor is written into `out` (float32, b's numel): AOTInductor stores the loop's result there
+        # directly, so that a caller can hand it a buffer to reuse (a search's previous candidate's weight)
         xs, rest = list(rest[: self.n]), rest[self.n:]
         aux = None
         if self.has_aux:
             aux, rest = list(rest[: self.n]), rest[self.n:]
-        return _delta(b, xs, aux, *rest, **self.kw)
+        return out.copy_(_delta(b, xs, aux, *rest, **self.kw))
 
 
 class _L1Module(torch.nn.Module):
@@ -358,11 +360,15 @@ def fusable(spec) -> bool:
             and not spec.div_min)
 
 
-def merge_delta_fused(base, sources, spec, aux=None) -> torch.Tensor | None:
-    """Fused delta-mode merge of whole tensors (no row `index`); float32 of the inputs' shape, or None when the
-    structure could not be compiled (the caller then runs the reference). DELLA without `aux`: ranks per row block.
-    Specs of the newer methods' keep rules (sce, arcee_fusion, ram: kernels/merge.py) are left to the reference."""
+def merge_delta_fused(base, sources, spec, aux=None, out=None) -> torch.Tensor | None:
+    """Fused delta-mode merge of whole tensors (no row `index`); float32 of the inputs' shape (written into `out`, a
+    contiguous float32 tensor of as many elements, when given), or None when the structure could not be compiled (the
+    caller then runs the reference). DELLA without `aux`: ranks per row block. Specs of the newer methods' keep
+    rules (sce, arcee_fusion, ram: kernels/merge.py) are left to the reference."""
     if not fusable(spec):
+        return None
+    if out is not None and (out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != base.numel()
+                            or out.device != base.device):
         return None
     n = len(sources)
     has_aux = spec.keep == "della"
@@ -376,7 +382,8 @@ def merge_delta_fused(base, sources, spec, aux=None) -> torch.Tensor | None:
     numel = fb.numel()
     step, width = della_step(base.shape, DELLA_BLOCK) if has_aux else (max(numel, 2), 0)
     kw = dict(keep=keep, consensus=spec.consensus, normalize=spec.normalize)
-    out = None
+    res = out if out is not None else torch.empty(base.shape, dtype=torch.float32, device=dev)  # not a view: reusable
+    flat = res.view(-1)
     fn = None
     for s in range(0, numel, step):
         e = min(numel, s + step)
@@ -388,20 +395,15 @@ def merge_delta_fused(base, sources, spec, aux=None) -> torch.Tensor | None:
             a = aux if aux is not None else None
             auxs = [unit_ranks(a[i].reshape(-1)[s:e], width) for i in range(n)] if a is not None else [
                 row_ranks((x.float() - b.float()).abs_().view(-1, width)).view(-1) for x in xs]
-        args = (b, *xs, *auxs, *tail, torch.tensor(s, dtype=torch.int64, device=dev))
+        args = (flat[s:e], b, *xs, *auxs, *tail, torch.tensor(s, dtype=torch.int64, device=dev))
         if fn is None:
-            fn = _program(key, _DeltaModule(n, has_aux, **kw), args, 1 + n + len(auxs),
+            fn = _program(key, _DeltaModule(n, has_aux, **kw), args, 2 + n + len(auxs),
                           f"{keep} x {n} sources ({'consensus, ' if spec.consensus else ''}"
-                          f"{'normalize, ' if spec.normalize else ''}{key[6]})", 1)
+                          f"{'normalize, ' if spec.normalize else ''}{key[6]})", 2)
             if fn is None:
                 return None
-        r = fn(*args)
-        if step >= numel:
-            return r.view(base.shape)
-        if out is None:
-            out = torch.empty(numel, dtype=torch.float32, device=dev)
-        out[s:e] = r
-    return out.view(base.shape)
+        fn(*args)
+    return res
 
 
 def l1_sums_fused(base, x, spec, i: int, aux_i=None) -> tuple[float, float] | None:

@@ -8,11 +8,12 @@ parameters and ~2.1 GiB of safetensors in all. Then, for each merge method, each
 (so that its peak RSS is its own):
 
 1. `score`: `lazymerge score RECIPE TEXT` (the CLI, default configuration): peak RSS.
-2. `candidate`: one search candidate with the default runtime config (`search.evaluate.Evaluator`, tasks: greedy
+2. `candidate`: search candidates with the default runtime config (`search.evaluate.Evaluator`, tasks: greedy
    generation + exact match and answer log-likelihood on 16 prompts, or one of them: `--tasks generate|loglik`):
-   peak RSS, seconds of a first candidate and of
-   a second whose densities and weights all changed (the cut statistics reused, the cuts recomputed);
-   vs `mergekit`: `run_merge` of the same candidate + transformers load + the same evaluation.
+   seconds of a first candidate, of a second whose densities and weights all changed (the cut statistics reused,
+   the cuts recomputed) and the median of `STEADY` later ones, each with new weights and densities (a search's
+   steady state: the first candidates after start-up also pay for fresh memory pages); peak RSS over all of them;
+   vs `mergekit`: `run_merge` of the second candidate + transformers load + the same evaluation.
 3. `forward`: on-the-fly and cached forward vs a plain transformers model of the exported merge at 1, 64 and 2048
    tokens (medians of interleaved repeats).
 4. `decode`: decode tokens/s of the cached recipe vs transformers' `generate` on the export (greedy, 32 new tokens,
@@ -52,13 +53,22 @@ if os.environ.get("LAZYMERGE_BENCH_SMOKE") == "1":  # --smoke: a tiny family, to
 DEVICE = os.environ.get("LAZYMERGE_BENCH_DEVICE", "cpu")  # forward and decode: the engine's and the plain model's
 # the candidate's evaluation (--tasks): greedy generation + exact match, answer log-likelihood, or both (the default)
 TASKS = os.environ.get("LAZYMERGE_BENCH_TASKS", "both")
+STEADY = 5  # later candidates a `candidate` child evaluates after the second (their median: a search's steady state)
 TEXT = " ".join(["the cat sees the dog and the dog sees the cat"] * 6)
 
 
 def recipe(method: str, variant: int = 0) -> dict:
-    """The recipe of `method` over e1..e3 (variant 1: every weight and density changed)."""
-    w = [(0.5, 0.4, 0.3), (0.6, 0.35, 0.45)][variant]
-    d = [(0.5, 0.4, 0.6), (0.45, 0.55, 0.35)][variant]
+    """The recipe of `method` over e1..e3 (variant 1: every weight and density changed; variant k >= 2: weights in
+    [0.3, 0.7] and densities in [0.35, 0.65] drawn with seed k, a later candidate of a search)."""
+    if variant < 2:
+        w = [(0.5, 0.4, 0.3), (0.6, 0.35, 0.45)][variant]
+        d = [(0.5, 0.4, 0.6), (0.45, 0.55, 0.35)][variant]
+    else:
+        import random
+
+        rng = random.Random(variant)
+        w = [round(rng.uniform(0.3, 0.7), 4) for _ in range(3)]
+        d = [round(rng.uniform(0.35, 0.65), 4) for _ in range(3)]
     models = []
     for i in range(3):
         p = {"weight": w[i]}
@@ -151,7 +161,15 @@ def child_candidate(root: Path, method: str) -> dict:
     t1 = time.perf_counter()
     r2 = ev.evaluate(recipe(method, 1))  # every density and weight changed
     t2 = time.perf_counter()
+    later = []  # a search's later candidates: each with new weights and densities
+    for k in range(2, 2 + STEADY):
+        t = time.perf_counter()
+        r = ev.evaluate(recipe(method, k))
+        later.append((time.perf_counter() - t, r.merge_s, r.eval_s))
+    steady = sorted(later)[len(later) // 2] if later else (t2 - t1, r2.merge_s, r2.eval_s)  # the median candidate
     return {"first_s": t1 - t0, "candidate_s": t2 - t1, "merge_s": r2.merge_s, "eval_s": r2.eval_s,
+            "steady_s": steady[0], "steady_merge_s": steady[1], "steady_eval_s": steady[2],
+            "later_s": [x[0] for x in later],
             "fitness": r2.fitness, "first_fitness": r1.fitness, "cache_budget_bytes": budget,
             "model_bytes": model_bytes(ev.engine), "stats_bytes": ev.engine.merger.stats.bytes}
 
@@ -334,15 +352,19 @@ def table(info: dict, results: dict) -> str:
             out.append(f"| {m} | {part} | {rss:.2f} | {'-' if lim is None else f'{lim:.2f}'} | "
                        f"{'-' if lim is None else ('yes' if rss <= lim else 'NO')} | {secs:.1f} |")
     out += ["", f"Search candidate, evaluated on: {info.get('tasks', 'both')} (16 prompts)",
-            "", "| method | lazy candidate s (merge + eval) | first candidate s | mergekit merge+write s | load s | "
-            "eval s | mergekit total s | speedup |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "", f"| method | first candidate s | second candidate s (merge + eval) | later candidates s, median of "
+            f"{STEADY} (merge + eval) | mergekit merge+write s | load s | eval s | mergekit total s | speedup, second "
+            "| speedup, later |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, r in results.items():
         c, k = r.get("candidate", {}), r.get("mergekit", {})
         if "candidate_s" in c and "total_s" in k:
-            out.append(f"| {m} | {c['candidate_s']:.1f} ({c['merge_s']:.1f} + {c['eval_s']:.1f}) | "
-                       f"{c['first_s']:.1f} | "
+            st = c.get("steady_s", c["candidate_s"])
+            sm, se = c.get("steady_merge_s", c["merge_s"]), c.get("steady_eval_s", c["eval_s"])
+            out.append(f"| {m} | {c['first_s']:.1f} | "
+                       f"{c['candidate_s']:.1f} ({c['merge_s']:.1f} + {c['eval_s']:.1f}) | "
+                       f"{st:.1f} ({sm:.1f} + {se:.1f}) | "
                        f"{k['merge_write_s']:.1f} | {k['load_s']:.1f} | {k['eval_s']:.1f} | {k['total_s']:.1f} | "
-                       f"{k['total_s'] / c['candidate_s']:.1f}x |")
+                       f"{k['total_s'] / c['candidate_s']:.1f}x | {k['total_s'] / st:.1f}x |")
     out += ["", "| method | tokens | plain s | cached / plain | on the fly / plain | bandwidth floor (n+1) |",
             "|---|---:|---:|---:|---:|---:|"]
     for m, r in results.items():

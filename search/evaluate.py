@@ -8,7 +8,8 @@
   the whole run) or `RayPool` (one Ray actor per worker, on a Ray cluster's CPUs or GPUs).
 
 The engine is built with the `cached` weight policy and a cache of about `cache_factor` models, so a candidate's
-weights are merged once for all its batches and decoding steps, and older candidates are evicted.
+weights are merged once for all its batches and decoding steps; the previous candidate's weights are evicted before
+the next candidate's are merged.
 """
 
 from __future__ import annotations
@@ -60,9 +61,15 @@ def make_engine(cfg: SearchConfig, threads: int | None = None):
 
 
 def prefetch(engine, model) -> None:
-    """Merge every weight of a compiled model into the engine's cache (once per candidate)."""
-    for tp in model.plan.tensors.values():
-        engine.provider.weight(tp)
+    """Merge every weight of a compiled model into the engine's cache (once per candidate), after evicting the
+    cached weights it does not use (`WeightProvider.retain`: the previous candidate's, all at once; on the CPU the
+    new weights are merged into their memory where shapes match)."""
+    engine.provider.retain(model.plan.tensors.values())
+    try:
+        for tp in model.plan.tensors.values():
+            engine.provider.weight(tp)
+    finally:
+        engine.provider.drop_spares()
 
 
 def evaluate_recipe(engine, recipe, tasks: list[Task], batch_size: int = 128) -> dict[str, float]:

@@ -65,3 +65,37 @@ def test_tuned_allocator_stops_page_faults_on_the_hot_path(medium):
 
 def test_an_environment_that_tunes_glibc_itself_is_left_alone(medium):
     assert _run(medium, {"MALLOC_TRIM_THRESHOLD_": "1000000"})["tuned"] is False
+
+
+RELEASE = """
+import json, sys, torch
+from lazymerge.engine import alloc
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+big, pins = [], []
+for _ in range(24):  # 8 MiB blocks from the heap (the environment's thresholds), each followed by a small live block
+    t = torch.empty(2 << 20)
+    t.fill_(1.0)
+    big.append(t)
+    pins.append(torch.ones(50_000))
+before = rss()
+big.clear()  # freed, but not at the heap's top: glibc keeps them
+kept = rss()
+released = alloc.release()
+print(json.dumps({"before": before, "kept": kept, "after": rss(), "released": released}))
+"""
+
+
+def test_release_hands_freed_heap_blocks_back():
+    """`alloc.release` (a search's candidate change, engine/weights.py `retain`): the pages of freed heap blocks that
+    glibc keeps (blocks between live allocations) go back to the OS."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    env.update(MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
+    r = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    if not got["released"]:
+        pytest.skip("not glibc: engine/alloc.py does nothing here")
+    freed = 24 * (8 << 20)
+    assert got["before"] - got["kept"] < freed / 4, got  # glibc kept the freed blocks' pages
+    assert got["kept"] - got["after"] > freed * 3 / 4, got  # release gave them back

@@ -50,6 +50,12 @@ def test_fused_cpu_merge_equals_reference(name):
         assert got is None
         got = merge(b, xs, SPECS[name], aux=aux, cpu_fused=True)
     assert torch.equal(got, want), f"{int((got != want).sum())} elements differ"
+    # into a given buffer (a search's evicted weight, engine/weights.py): every element written, nothing allocated
+    out = torch.full((N,), float("nan"))
+    from lazymerge.kernels.merge import merge
+
+    into = merge(b, xs, SPECS[name], aux=aux, out=out, cpu_fused=True)
+    assert into.data_ptr() == out.data_ptr() and torch.equal(out, want)
 
 
 def test_fused_l1_sums_equal_eager():
@@ -81,6 +87,8 @@ def test_della_ranks_in_the_pass_equal_given_ranks():
     assert torch.equal(merge_reference(b, xs, spec), want)
     got = merge_cpu.merge_delta_fused(b, xs, spec)
     assert got is not None and torch.equal(got, want)
+    out = torch.full((rows, width), float("nan"))  # block by block into a given buffer
+    assert merge_cpu.merge_delta_fused(b, xs, spec, out=out) is out and torch.equal(out, want)
     # int16 ranks (engine/merger.py keeps them between the L1 pass and the merge): normalized per block, the same
     from lazymerge.kernels.merge import row_rank_ints, unit_ranks
 

@@ -356,6 +356,40 @@ def test_cache_makes_room_before_a_weight_is_formed():
     assert not c.data and c.bytes == 0
 
 
+def test_a_search_candidate_frees_the_previous_ones_weights_first(fam, monkeypatch):
+    """`prefetch` (search/evaluate.py) evicts every cached weight the new candidate does not use before merging it,
+    even when the budget would hold both: a search's cache holds one candidate, not 1.3 (measured: its peak RSS grew
+    with every candidate). Weights the new candidate shares (here the base's own tensors) stay."""
+    from lazymerge.engine import alloc
+    from lazymerge.search.evaluate import prefetch
+
+    released = []
+    monkeypatch.setattr(alloc, "release", lambda: released.append(1) or True)
+    eng = Engine(fam, policy="cached", cache_bytes=1 << 30)
+    a = copy.deepcopy(METHOD_RECIPES["ties"])
+    b = copy.deepcopy(a)
+    for m in b["models"]:  # the MLPs change, the rest of the plan stays as it was
+        m["parameters"]["weight"] = [{"filter": "mlp", "value": 0.3}, {"value": m["parameters"]["weight"]}]
+    ma, mb = eng.compile(a), eng.compile(b)
+    prefetch(eng, ma)
+    keys_a = set(eng.provider.cache.data)
+    ptrs_a = {k: t.data_ptr() for k, t in eng.provider.cache.data.items()}
+    assert not released  # nothing was evicted
+    prefetch(eng, mb)
+    assert released  # the evicted weights' pages went back at once (engine/alloc.py `release`)
+    keys_b = set(eng.provider.cache.data)
+    wanted = {(tp.key, eng.provider.dtype) for tp in mb.plan.tensors.values()}
+    assert keys_b <= wanted and keys_a - wanted and not (keys_a - wanted) & keys_b
+    assert keys_a & keys_b  # tensors both candidates use (not re-merged)
+    # b's new weights were merged into the memory of a's evicted ones (same shapes: the MLPs), none newly allocated
+    new_ptrs = {eng.provider.cache.data[k].data_ptr() for k in keys_b - keys_a}
+    assert new_ptrs and new_ptrs <= {ptrs_a[k] for k in keys_a - keys_b}
+    assert not eng.provider._spares  # what no merge took was freed
+    assert eng.provider.cache.bytes == sum(t.nbytes for t in eng.provider.cache.data.values())
+    ids, mask = batch(60)
+    assert torch.equal(mb.logits(ids, mask), Engine(fam, policy="on_the_fly").compile(b).logits(ids, mask))
+
+
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
 def test_magnitude_cuts_on_the_fused_path_equal_the_reference(families, method, monkeypatch):
     """The CPU's default route of a TIES / breadcrumbs cut (kernels/select.py with merge_cpu.bucket_blocks: the
