@@ -332,20 +332,32 @@ class Merger:
 
     def _l1_scale(self, spec: MergeSpec, i: int, base: TensorRef, x: TensorRef) -> float:
         """L1 rescale factor of source i: sum |delta| / sum |delta * keep| (1 if either is < 1e-7; mergekit
-        sparsify.py `rescaled_masked_tensor`), both sums in float64 over one pass."""
+        sparsify.py `rescaled_masked_tensor`), both sums in float64 over one pass; sum |delta| is kept per (source,
+        tensor) in `stats` (O(1)), so a later recipe's pass sums only the kept part."""
         b, xx = self.store.get(base), self.store.get(x)
         cpu = self.cpu_fused and self.store.device.type == "cpu"
         aux_i = None
         if (cpu and spec.keep == "della" and spec.n * xx.numel() * 2 <= SHARED_RANKS_BYTES
                 and row_view(xx.shape)[1] <= 1 << 15):
             aux_i = self._ranks[self._stat_key("ranks", base, x)] = self._rank_ints(b, xx)
-        sums = merge_cpu.l1_sums_fused(b, xx, spec, i, aux_i=aux_i) if cpu else None
-        if sums is not None:
-            before, after = sums
-        else:
+        # sum |delta| does not depend on the recipe's numbers: kept (one float per source and tensor, per route, since
+        # the routes and compiled structures sum in their own orders) so that a later recipe's pass sums only the kept
+        # part
+        how = merge_cpu.structure_keep(spec)
+        route = lambda fused: self._stat_key(f"l1:{'fused' if fused else 'reference'}:{how}", base, x)  # noqa: E731
+        key = route(cpu)
+        known = self.stats.get(key)
+        sums = merge_cpu.l1_sums_fused(b, xx, spec, i, aux_i=aux_i, before=known) if cpu else None
+        if sums is None:
+            if cpu:
+                key = route(False)
+                known = self.stats.get(key)
             if spec.keep == "della" and aux_i is None:
                 aux_i = self.della_ranks(base, x)
-            before, after = l1_sums(b, xx, spec, i, aux_i)
+            sums = l1_sums(b, xx, spec, i, aux_i, before=known)
+        before, after = sums
+        if known is None:
+            self.stats.put(key, before)
         return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
     def _slerp_coeffs(self, p: TensorPlan) -> tuple[float, float]:

@@ -177,7 +177,7 @@ class WeightProvider:
         candidate, so that the previous candidate's weights are gone before the new ones are formed. On the CPU the
         evicted float32 weights that nothing else holds (`_recyclable`) are kept as spares: the next merges of the
         same shape write into them (`merge(out=...)`), and `drop_spares` frees what no merge took; the pages of
-        everything freed go back to the OS at once (`alloc.release`).
+        what is freed go back to the OS at once (`alloc.release`).
 
         Measured on the 267M family (BENCHMARKS.md, session 13): with the LRU alone a search's peak RSS grew with
         its candidates (task arithmetic: 3.5 -> 4.4 GiB over 6; the LRU held 1.3 candidates and glibc's heap kept
@@ -200,18 +200,23 @@ class WeightProvider:
         # evicted merged weights held by nothing else become the output buffers of the merges to come, as many per
         # shape as those merges need (the rest is freed now: the peak stays one candidate's weights)
         need = Counter(tuple(p.shape) for p in plans if not p.is_identity() and (p.key, dtype) not in self.cache.data)
+        freed = False
         for t in gone:
             shape = tuple(t.shape)
             if need[shape] > 0 and _recyclable(t):
                 need[shape] -= 1
                 self._spares.setdefault(shape, []).append(t)
+            else:
+                freed = True
         del gone, t
-        alloc.release()
+        if freed:  # (when every evicted weight is reused, the heap keeps what the evaluation freed: no new faults)
+            alloc.release()
 
     def drop_spares(self) -> None:
         """Free the evicted weights `retain` kept that no merge reused (handing their pages back to the OS)."""
-        if self._spares:
-            self._spares.clear()
+        left = any(self._spares.values())
+        self._spares.clear()
+        if left:
             alloc.release()
 
     def stats(self) -> dict:

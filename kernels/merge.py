@@ -226,13 +226,14 @@ def della_step(shape, chunk: int) -> tuple[int, int]:
 
 
 def l1_sums(base: torch.Tensor, x: torch.Tensor, spec: MergeSpec, i: int,
-            aux_i: torch.Tensor | None = None) -> tuple[float, float]:
+            aux_i: torch.Tensor | None = None, before: float | None = None) -> tuple[float, float]:
     """(sum |d|, sum |d * keep_i|) in float64 over one chunked pass, d = x - base (the L1 rescale's norms);
-    DELLA ranks come from `aux_i` or are computed per row block."""
+    DELLA ranks come from `aux_i` or are computed per row block. With `before` (the first norm, known from an earlier
+    call on the same tensors) only the second is summed."""
     b, xx = base.reshape(-1), x.reshape(-1)
     a = aux_i.reshape(-1) if aux_i is not None else None
     step, width = della_step(x.shape, CHUNK) if spec.keep == "della" else (CHUNK, 0)
-    before = after = 0.0
+    total = after = 0.0
     for s in range(0, b.numel(), step):
         e = min(b.numel(), s + step)
         d = xx[s:e].float() - b[s:e].float()
@@ -240,9 +241,10 @@ def l1_sums(base: torch.Tensor, x: torch.Tensor, spec: MergeSpec, i: int,
         if spec.keep == "della" and ai is None:
             ai = row_ranks(d.abs().view(-1, width)).view(-1)
         k = keep_mask(spec, i, d, torch.arange(s, e, device=d.device), ai)
-        before += float(d.abs().sum(dtype=torch.float64))
+        if before is None:
+            total += float(d.abs().sum(dtype=torch.float64))
         after += float((d * k).abs().sum(dtype=torch.float64)) if k is not None else float(d.abs().sum())
-    return before, after
+    return (total if before is None else before), after
 
 
 def _delta_chunk(base, xs, spec, idx, auxs):

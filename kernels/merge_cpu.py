@@ -231,6 +231,15 @@ def _l1(b, x, aux_i, t_in, c_in, t_out, c_out, dens, eps, k1, k2, start, *, keep
     return d.abs().sum(dtype=torch.float64), (d * k).abs().sum(dtype=torch.float64)
 
 
+def _l1_kept(b, x, aux_i, t_in, c_in, t_out, c_out, dens, eps, k1, k2, start, *, keep: str):
+    """sum |d * keep| alone: `_l1`'s second norm, for a caller that knows the first (it does not depend on the
+    recipe's numbers). Its float64 sum is the same reduction as `_l1`'s, so the same bits."""
+    d = x.float() - b.float()
+    idx = _index(b.numel(), start, keep, b.device)
+    k = _keep(d, idx, aux_i, t_in, c_in, t_out, c_out, dens, eps, k1, k2, keep)
+    return (d * k).abs().sum(dtype=torch.float64)
+
+
 class _DeltaModule(torch.nn.Module):
     USES = (_mix, _index, _keep, _delta)
 
@@ -260,6 +269,16 @@ class _L1Module(torch.nn.Module):
         if self.has_aux:
             aux, rest = rest[0], rest[1:]
         return _l1(b, x, aux, *rest, keep=self.keep)
+
+
+class _L1KeptModule(_L1Module):
+    USES = (_mix, _index, _keep, _l1_kept)
+
+    def forward(self, b, x, *rest):
+        aux = None
+        if self.has_aux:
+            aux, rest = rest[0], rest[1:]
+        return _l1_kept(b, x, aux, *rest, keep=self.keep)
 
 
 class _BucketModule(torch.nn.Module):
@@ -348,7 +367,7 @@ def _tail(spec, n: int, dev) -> tuple:
 FUSED_KEEPS = ("all", "topk", "random", "della")
 
 
-def _structure_keep(spec) -> str:
+def structure_keep(spec) -> str:
     """The keep rule the compiled loop specializes on: "band" for a top-k cut with an outer cut
     (`MergeSpec.has_outer_cut`), else `spec.keep`."""
     return "band" if spec.has_outer_cut else spec.keep
@@ -372,7 +391,7 @@ def merge_delta_fused(base, sources, spec, aux=None, out=None) -> torch.Tensor |
         return None
     n = len(sources)
     has_aux = spec.keep == "della"
-    keep = _structure_keep(spec)
+    keep = structure_keep(spec)
     key = ("delta", keep, int(spec.consensus), int(spec.normalize), n, str(base.dtype).split(".")[-1],
            "_".join(str(s.dtype).split(".")[-1] for s in sources), f"t{torch.get_num_threads()}")
     dev = base.device
@@ -406,20 +425,24 @@ def merge_delta_fused(base, sources, spec, aux=None, out=None) -> torch.Tensor |
     return res
 
 
-def l1_sums_fused(base, x, spec, i: int, aux_i=None) -> tuple[float, float] | None:
-    """Fused `kernels.merge.l1_sums` for source i of `spec`: (sum |d|, sum |d * keep|), or None if not compiled."""
+def l1_sums_fused(base, x, spec, i: int, aux_i=None, before: float | None = None) -> tuple[float, float] | None:
+    """Fused `kernels.merge.l1_sums` for source i of `spec`: (sum |d|, sum |d * keep|), or None if not compiled.
+    With `before` (sum |d| of an earlier call on the same tensors, which no recipe number changes) only the second
+    norm is computed, by a program without the first sum: ~25% less time for the pass, a 267M DARE-TIES candidate's
+    merge 1.10 -> 1.00 s (BENCHMARKS.md, session 14)."""
     if not fusable(spec):
         return None
     has_aux = spec.keep == "della"
-    keep = _structure_keep(spec)
-    key = ("l1", keep, str(base.dtype).split(".")[-1], str(x.dtype).split(".")[-1],
+    keep = structure_keep(spec)
+    key = ("l1" if before is None else "l1kept", keep, str(base.dtype).split(".")[-1], str(x.dtype).split(".")[-1],
            f"t{torch.get_num_threads()}")
+    module = _L1Module(has_aux, keep) if before is None else _L1KeptModule(has_aux, keep)
     dev = base.device
     sc = [t[i:i + 1].reshape(()) for t in _scalars(spec, spec.n, dev)]
     fb, fx = base.reshape(-1), x.reshape(-1)
     numel = fb.numel()
     step, width = della_step(base.shape, DELLA_BLOCK) if has_aux else (max(numel, 2), 0)
-    before = after = 0.0
+    total = after = 0.0
     fn = None
     for s in range(0, numel, step):
         e = min(numel, s + step)
@@ -432,13 +455,16 @@ def l1_sums_fused(base, x, spec, i: int, aux_i=None) -> tuple[float, float] | No
                      row_ranks((xx.float() - b.float()).abs_().view(-1, width)).view(-1)]
         args = (b, xx, *extra, *sc, torch.tensor(s, dtype=torch.int64, device=dev))
         if fn is None:
-            fn = _program(key, _L1Module(has_aux, keep), args, 2 + len(extra), f"L1 norms of {keep}", 2)
+            fn = _program(key, module, args, 2 + len(extra), f"L1 norms of {keep}", 2)
             if fn is None:
                 return None
-        bb, aa = fn(*args)
-        before += float(bb)
+        if before is None:
+            bb, aa = fn(*args)
+            total += float(bb)
+        else:
+            aa = fn(*args)
         after += float(aa)
-    return before, after
+    return (total if before is None else before), after
 
 
 BUCKET_BLOCK = 1 << 22  # elements per compiled call of `bucket_blocks` (a 4 MiB mask at a time)

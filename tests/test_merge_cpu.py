@@ -72,6 +72,24 @@ def test_fused_l1_sums_equal_eager():
     assert abs(after - float((d * k).abs().double().sum())) < 1e-9 * after + 1e-6
 
 
+@pytest.mark.parametrize("name", ["dare_ties", "della_linear"])
+def test_l1_kept_sum_alone_equals_both_sums(name):
+    """Given the first norm (sum |d|, kept by the merger across recipes), the fused and the reference pass return it
+    with the second norm bit for bit what the pass summing both gives."""
+    from lazymerge.kernels.merge import l1_sums
+
+    g = torch.Generator().manual_seed(4)
+    b = torch.randn(37, 1_111, generator=g)
+    x = (b + 0.01 * torch.randn(37, 1_111, generator=g)).to(torch.bfloat16)
+    spec = SPECS[name]
+    both = merge_cpu.l1_sums_fused(b, x, spec, 1)
+    assert both is not None
+    assert merge_cpu.l1_sums_fused(b, x, spec, 1, before=both[0]) == both
+    assert merge_cpu.l1_sums_fused(b, x, spec, 1, before=123.5) == (123.5, both[1])
+    ref = l1_sums(b, x, spec, 1)
+    assert l1_sums(b, x, spec, 1, before=ref[0]) == ref
+
+
 def test_della_ranks_in_the_pass_equal_given_ranks():
     """Without `aux`, the reference and the fused merge form DELLA's per-row ranks per block of rows: the same merge
     as with the whole tensor's ranks given (what the GPU kernel reads)."""
