@@ -10,6 +10,9 @@ from pathlib import Path
 
 
 def _cmd_demo(args) -> int:
+    from .numerics import pin_cpu_kernels
+
+    pin_cpu_kernels()  # before torch is imported: the same zoo and searches on AVX2 and AVX-512 CPUs
     from .experiment import claim, format_table, run_experiment
     from .zoo import build_zoo
 
@@ -34,7 +37,7 @@ def _cmd_demo(args) -> int:
             f"{chosen}; best search-split fitness %: {table['search_fitness']})")
         pf = table["platform"]
         say(f"zoo v{pf['zoo_version']} content {pf['zoo_content_hash']} (trained on {pf['zoo_train_threads']} "
-            f"threads), {pf['cpu']}, torch {pf['torch']}")
+            f"threads, {pf['zoo_cpu_kernels']} kernels), {pf['cpu']}, torch {pf['torch']}, {pf['cpu_kernels']} kernels")
         say(format_table(table))
         say(f"evolved vs best source {c['vs_sources']:+.1f}, vs best baseline {c['vs_baselines']:+.1f}, "
             f"vs control {c['vs_control']:+.1f} points -> claim {'holds' if c['holds'] else 'does NOT hold'}")
@@ -114,6 +117,9 @@ def _mean(tables: list[dict]) -> dict:
 
 
 def _cmd_zoo_build(args) -> int:
+    from .numerics import pin_cpu_kernels
+
+    pin_cpu_kernels()  # before torch is imported (demo/numerics.py)
     from .zoo import _cmd_build  # torch and transformers load only when the command runs
 
     return _cmd_build(args)

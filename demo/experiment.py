@@ -306,12 +306,14 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
 
 
 def platform_facts(zoo: Path) -> dict:
-    """What a rebuilt zoo's numbers depend on: the zoo's content hash (its manifest), the CPU and torch's version
-    (floating-point paths differ between CPUs and thread counts, and training amplifies them)."""
+    """What a rebuilt zoo's numbers depend on: the zoo's content hash (its manifest), the CPU, the ATen kernel set
+    the zoo was trained with and the one this process runs (demo/numerics.py), and torch's version (floating-point
+    paths differ between CPUs, kernel sets and thread counts, and training amplifies them)."""
     import platform
 
     import torch
 
+    from .numerics import cpu_kernels, machine_default
     from .zoo import TRAIN_THREADS
 
     try:
@@ -328,7 +330,8 @@ def platform_facts(zoo: Path) -> dict:
         pass
     return {"zoo_content_hash": str(manifest.get("content_hash", ""))[:16], "zoo_version": manifest.get("version"),
             "zoo_train_threads": manifest.get("train_threads", TRAIN_THREADS),  # zoos before the option: the default
-            "cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
+            "zoo_cpu_kernels": manifest.get("cpu_kernels", machine_default()),
+            "cpu": cpu, "cpu_kernels": cpu_kernels(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _yaml(recipe: dict) -> str:

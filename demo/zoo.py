@@ -1,7 +1,8 @@
 """The toy model zoo: a tiny Mistral base, a foreign-language expert and an English math expert.
 
 Contract: `build_zoo(out_dir, seed, size, threads)` is deterministic in (seed, size, ZOO_VERSION, threads: the torch
-threads training runs on, default TRAIN_THREADS) and cached:
+threads training runs on, default TRAIN_THREADS; the ATen kernel set the process runs, which the `zoo build` and `demo`
+commands pin to AVX2 on x86: demo/numerics.py) and cached:
 it writes, under `out_dir`,
     base/ foreign/ math/        standard HF checkpoints (config.json, model.safetensors, tokenizer files)
     data/<split>.jsonl          one {"prompt": str, "answer": str} per line; answers are digits
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lazymerge.demo import corpus
+from lazymerge.demo.numerics import cpu_kernels, machine_default
 from lazymerge.demo.progress import StepProgress
 from lazymerge.demo.train import ModelSpec, make_model, make_tokenizer, train
 
@@ -146,8 +148,10 @@ def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: boo
         raise ValueError(f"threads must be >= 1, got {threads}")
     out = Path(out_dir)
     old = _read_manifest(out)
+    kernels = cpu_kernels()
     if not force and old and (old.get("seed"), old.get("size"), old.get("version"),
-                              old.get("train_threads", TRAIN_THREADS)) == (seed, size, ZOO_VERSION, threads):
+                              old.get("train_threads", TRAIN_THREADS),
+                              old.get("cpu_kernels", machine_default())) == (seed, size, ZOO_VERSION, threads, kernels):
         return out
     recipe = RECIPES[size]
     (out / "manifest.json").unlink(missing_ok=True)
@@ -201,6 +205,7 @@ def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: boo
         "seed": seed,
         "size": size,
         "train_threads": threads,
+        "cpu_kernels": kernels,
         "models": {name: name for name in MODELS},
         "base": "base",
         "datasets": {split: f"data/{split}.jsonl" for split in data},
@@ -231,7 +236,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     size = "small" if args.small else "full"
     out = build_zoo(args.dir, seed=args.seed, size=size, force=args.force, threads=args.threads)
     manifest = _read_manifest(out) or {}
-    print(f"zoo ({size}, seed {args.seed}, {manifest.get('train_threads')} training threads) at {out.resolve()}")
+    print(f"zoo ({size}, seed {args.seed}, {manifest.get('train_threads')} training threads, "
+          f"{manifest.get('cpu_kernels')} kernels) at {out.resolve()}")
     for name, stat in manifest.get("train", {}).items():
         print(f"  {name:8s} steps={stat['steps']:5d} loss={stat['final_loss']:.3f} ({stat['seconds']}s)")
     for rel in manifest.get("datasets", {}).values():
