@@ -6,8 +6,9 @@ ATen chooses its vectorized CPU kernels by the CPU (AVX2 or AVX-512 builds of th
 between the two, and 1500 training steps amplify the difference into another model. Measured on 2026-12-01: seed 0's
 zoo trained by `make demo` on a 2-core AVX-512 AMD EPYC had content `bf089cd15cf0e5a2`, not the `9256948661ffcd74` of
 the AVX2 EPYC behind the README's table, and the claim failed there (+8.8 points over the best source). With ATen
-pinned to its AVX2 kernels (`ATEN_CPU_CAPABILITY=avx2`) the AVX-512 machine trained `9256948661ffcd74` bit for bit,
-5% slower (BENCHMARKS.md, session 14). torch reads the variable once, at its first kernel dispatch, so it is set
+pinned to its AVX2 kernels (`ATEN_CPU_CAPABILITY=avx2`) the AVX-512 machine trained `9256948661ffcd74` bit for bit
+and printed the AVX2 machines' table row for row, at no measurable cost (zoo 324 s against 329 s unpinned;
+BENCHMARKS.md, session 14). torch reads the variable once, at its first kernel dispatch, so it is set
 before torch is imported; child processes (search workers) inherit it.
 """
 
@@ -35,6 +36,11 @@ def _flags(cpuinfo: Path) -> set[str]:
     return set()
 
 
+def _torch_imported() -> bool:
+    """Whether torch is imported in this process (then the variable would no longer take effect)."""
+    return "torch" in sys.modules
+
+
 def machine_default(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The kernel set torch picks on this CPU when nothing is pinned, as `cpu_kernels` names it: "AVX512" where the
     CPU has AVX-512 F/BW/VL/DQ (what ATen's AVX-512 kernels need), "AVX2" with AVX2 and FMA, else "DEFAULT". What a
@@ -53,7 +59,7 @@ def pin_cpu_kernels(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     nothing is pinned (torch already imported: too late to take effect; another architecture; no AVX2)."""
     if VAR in os.environ:
         return os.environ[VAR]
-    if "torch" in sys.modules or platform.machine().lower() not in ("x86_64", "amd64"):
+    if _torch_imported() or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     if not {"avx2", "fma"} <= _flags(cpuinfo):
         return None

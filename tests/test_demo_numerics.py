@@ -58,7 +58,7 @@ def test_the_cpu_flags_decide(tmp_path, monkeypatch, flags, default, pinned):
     info.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n\n")
     assert numerics.machine_default(info) == default
     monkeypatch.delenv(numerics.VAR, raising=False)
-    monkeypatch.delitem(sys.modules, "torch")  # as in a fresh process (restored after the test)
+    monkeypatch.setattr(numerics, "_torch_imported", lambda: False)  # as in a fresh process
     monkeypatch.setattr(numerics.platform, "machine", lambda: "x86_64")
     assert numerics.pin_cpu_kernels(info) == pinned
     assert os.environ.get(numerics.VAR) == pinned
