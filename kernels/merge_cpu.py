@@ -11,7 +11,8 @@ Compiled once per machine: each structure is exported (`torch.export`) and compi
 by the torch version, the source of what it compiles and the Inductor settings (`INDUCTOR_CONFIGS`). A process loads
 a package in milliseconds; a missing one costs one compilation (about a minute per structure on a 2-core machine,
 announced by one line on stderr), then never again on this machine. Concurrent processes may both compile a missing
-package; the last atomic rename wins.
+package; the last atomic rename wins. A tensor of at most COMPILE_FROM elements never starts a compilation (it runs a
+package already there, else the reference: the same bits), so a toy model compiles nothing.
 
 Switches: `LAZYMERGE_CPU_FUSED=0` runs the eager reference (the oracle, a debug switch; also `Engine(...,
 cpu_fused=False)`); if a package cannot be compiled (no C++ compiler), the reference runs, with one warning.
@@ -39,10 +40,19 @@ from .rng import C1, C2, M32
 _ENABLED = os.environ.get("LAZYMERGE_CPU_FUSED", "1") != "0"
 _LOADED: dict = {}
 _FAILED: set = set()
+_ABSENT: set = set()  # structures a small tensor found no package for (COMPILE_FROM): not looked for again here
 _LOCK = threading.Lock()
 _TAILS: dict = {}
 TAILS_MAX = 8192  # memoized spec tensors (~1 KB each)
 DELLA_BLOCK = 1 << 18  # elements per compiled call on DELLA (whole rank rows; the ranks' temporaries stay small)
+# A tensor of at most COMPILE_FROM elements never starts a compilation: its merge runs a program already loaded or
+# on disk, else the reference (the same bits), and its L1 sums always run the reference (so that they do not depend on
+# which packages the machine holds). A model whose tensors are all this small (the demo's zoo: 65,536 at most)
+# compiles nothing: a structure's compilation (5-20 s on a 2-core CPU) costs more than the fused loop saves on such
+# tensors in a whole search (measured, one thread: a 2-source TIES merge of 65,536 float32 elements 0.09 ms fused,
+# 1.2 ms eager; the demo's PS candidate merges in 86 ms fused, 105 ms eager; `make demo` compiled five structures,
+# ~70 s of its wall time). Real checkpoints' matrices are larger and compile as before.
+COMPILE_FROM = 1 << 16
 
 
 def enabled() -> bool:
@@ -68,14 +78,23 @@ def cache_dir() -> Path:
 INDUCTOR_CONFIGS = {"realize_reads_threshold": 1 << 10, "realize_opcount_threshold": 1 << 10}
 
 
+_HASHES: dict = {}
+
+
 def _code_hash(module) -> str:
     """Hash of what a package compiles (the module's class, the functions it calls, the Inductor settings), not of
-    the loading code: a package stays valid until that changes, and changing one program recompiles that one alone."""
+    the loading code: a package stays valid until that changes, and changing one program recompiles that one alone.
+    Memoized per (class, functions, settings): reading the source took ~10 ms, and a small tensor asks for its
+    package on every merge (COMPILE_FROM)."""
     import inspect
 
-    parts = [type(module), *getattr(module, "USES", ())] if module is not None else []
-    src = "".join(inspect.getsource(f) for f in parts) + repr(sorted(INDUCTOR_CONFIGS.items()))
-    return hashlib.sha1(src.encode()).hexdigest()[:12]
+    parts = tuple([type(module), *getattr(module, "USES", ())] if module is not None else [])
+    memo = (parts, repr(sorted(INDUCTOR_CONFIGS.items())))
+    got = _HASHES.get(memo)
+    if got is None:
+        src = "".join(inspect.getsource(f) for f in parts) + memo[1]
+        got = _HASHES[memo] = hashlib.sha1(src.encode()).hexdigest()[:12]
+    return got
 
 
 def package_path(key: tuple, module) -> Path:
@@ -290,8 +309,10 @@ class _BucketModule(torch.nn.Module):
         return torch.where((bits >> shift) == digit, 1, 0).to(torch.int8)
 
 
-def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: int, what: str, n_named: int):
-    """The loaded AOTInductor package of `key` (compiled and saved first if missing); None if it cannot be built."""
+def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: int, what: str, n_named: int,
+             may_compile: bool = True):
+    """The loaded AOTInductor package of `key` (compiled and saved first if missing, when `may_compile`); None if it
+    cannot be built, or is missing and may not be."""
     fn = _LOADED.get(key)
     if fn is not None or key in _FAILED:
         return fn
@@ -300,6 +321,9 @@ def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: in
         if fn is not None:
             return fn
         path = package_path(key, module)
+        if not may_compile and not path.exists():
+            _ABSENT.add(key)
+            return None
         try:
             if not path.exists():
                 import time
@@ -383,7 +407,8 @@ def merge_delta_fused(base, sources, spec, aux=None, out=None) -> torch.Tensor |
     """Fused delta-mode merge of whole tensors (no row `index`); float32 of the inputs' shape (written into `out`, a
     contiguous float32 tensor of as many elements, when given), or None when the structure could not be compiled (the
     caller then runs the reference). DELLA without `aux`: ranks per row block. Specs of the newer methods' keep
-    rules (sce, arcee_fusion, ram: kernels/merge.py) are left to the reference."""
+    rules (sce, arcee_fusion, ram: kernels/merge.py) are left to the reference. A tensor of at most COMPILE_FROM
+    elements runs a package already compiled, never compiles one (None if there is none)."""
     if not fusable(spec):
         return None
     if out is not None and (out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != base.numel()
@@ -394,6 +419,8 @@ def merge_delta_fused(base, sources, spec, aux=None, out=None) -> torch.Tensor |
     keep = structure_keep(spec)
     key = ("delta", keep, int(spec.consensus), int(spec.normalize), n, str(base.dtype).split(".")[-1],
            "_".join(str(s.dtype).split(".")[-1] for s in sources), f"t{torch.get_num_threads()}")
+    if key in _ABSENT and key not in _LOADED and base.numel() <= COMPILE_FROM:
+        return None  # the reference, as on the first look (same bits either way)
     dev = base.device
     tail = _tail(spec, n, dev)
     fb = base.reshape(-1)
@@ -418,7 +445,7 @@ def merge_delta_fused(base, sources, spec, aux=None, out=None) -> torch.Tensor |
         if fn is None:
             fn = _program(key, _DeltaModule(n, has_aux, **kw), args, 2 + n + len(auxs),
                           f"{keep} x {n} sources ({'consensus, ' if spec.consensus else ''}"
-                          f"{'normalize, ' if spec.normalize else ''}{key[6]})", 2)
+                          f"{'normalize, ' if spec.normalize else ''}{key[6]})", 2, may_compile=numel > COMPILE_FROM)
             if fn is None:
                 return None
         fn(*args)
@@ -429,8 +456,9 @@ def l1_sums_fused(base, x, spec, i: int, aux_i=None, before: float | None = None
     """Fused `kernels.merge.l1_sums` for source i of `spec`: (sum |d|, sum |d * keep|), or None if not compiled.
     With `before` (sum |d| of an earlier call on the same tensors, which no recipe number changes) only the second
     norm is computed, by a program without the first sum: ~25% less time for the pass, a 267M DARE-TIES candidate's
-    merge 1.10 -> 1.00 s (BENCHMARKS.md, session 14)."""
-    if not fusable(spec):
+    merge 1.10 -> 1.00 s (BENCHMARKS.md, session 14). None for a tensor of at most COMPILE_FROM elements: its sums
+    always run the reference (the routes sum in their own orders; the choice must not depend on what is compiled)."""
+    if not fusable(spec) or base.numel() <= COMPILE_FROM:
         return None
     has_aux = spec.keep == "della"
     keep = structure_keep(spec)

@@ -10,6 +10,13 @@ from lazymerge.kernels.merge import MergeSpec, merge_reference
 from lazymerge.kernels.rng import mask_keys
 
 N = 33_331  # not a multiple of any vector width
+
+
+@pytest.fixture(autouse=True)
+def _compile_small_tensors(monkeypatch):
+    """These tests run the compiled loop on small tensors, which by default never start a compilation
+    (`merge_cpu.COMPILE_FROM`; its own test is `test_small_tensors_never_compile`)."""
+    monkeypatch.setattr(merge_cpu, "COMPILE_FROM", 0)
 KEYS = tuple(mask_keys(11, "model.layers.0.mlp.up_proj.weight", i) for i in range(3))
 SPECS = {
     # thresholds with a tie cutoff inside the tensor, one "no straddling tie" (2**32), one breadcrumbs exclusion
@@ -259,3 +266,35 @@ def test_every_program_is_compiled_with_the_project_inductor_settings(tmp_path, 
     merge_cpu._FAILED.discard(key)
     assert seen["configs"] == merge_cpu.INDUCTOR_CONFIGS and "aot_inductor.package" not in merge_cpu.INDUCTOR_CONFIGS
     assert merge_cpu.INDUCTOR_CONFIGS["realize_reads_threshold"] > 4  # Inductor's default, which splits the loop
+
+
+def test_small_tensors_never_compile(monkeypatch, tmp_path):
+    """A tensor of at most COMPILE_FROM elements never starts a compilation: with no package on disk its merge and
+    its L1 sums run the reference (same bits); once the structure is compiled (by a larger tensor) its merge runs
+    the package, its L1 sums still the reference."""
+    from lazymerge.kernels.merge import merge
+
+    monkeypatch.setenv("LAZYMERGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(merge_cpu, "_LOADED", {})
+    monkeypatch.setattr(merge_cpu, "_FAILED", set())
+    monkeypatch.setattr(merge_cpu, "_ABSENT", set())
+    monkeypatch.setattr(merge_cpu, "COMPILE_FROM", N)
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(N, generator=g)
+    xs = [b + 0.01 * torch.randn(N, generator=g)]
+    spec = MergeSpec("delta", weights=(0.7,), keep="random", densities=(0.4,), keys=KEYS[:1], scales=(1.0,))
+    want = merge_reference(b, xs, spec)
+    assert merge_cpu.merge_delta_fused(b, xs, spec) is None
+    assert torch.equal(merge(b, xs, spec, cpu_fused=True), want)
+    assert merge_cpu.l1_sums_fused(b, xs[0], spec, 0) is None
+    assert not list(tmp_path.rglob("*.pt2")), "a small tensor compiled a package"
+    big_b = torch.randn(N + 1, generator=g)  # one element more: compiles
+    big = [big_b + 0.01 * torch.randn(N + 1, generator=g)]
+    assert torch.equal(merge_cpu.merge_delta_fused(big_b, big, spec), merge_reference(big_b, big, spec))
+    assert list(tmp_path.rglob("*.pt2"))
+    assert merge_cpu.merge_delta_fused(b, xs, spec) is not None  # loaded in this process: a small tensor uses it
+    monkeypatch.setattr(merge_cpu, "_LOADED", {})  # a new process: the package is on disk
+    monkeypatch.setattr(merge_cpu, "_ABSENT", set())
+    got = merge_cpu.merge_delta_fused(b, xs, spec)
+    assert got is not None and torch.equal(got, want)
+    assert merge_cpu.l1_sums_fused(b, xs[0], spec, 0) is None

@@ -11,6 +11,14 @@ from transformers import AutoModelForCausalLM
 
 from lazymerge.engine import Engine, SamplingParams
 from lazymerge.engine.export import export
+from lazymerge.kernels import merge_cpu
+
+
+@pytest.fixture(autouse=True)
+def _compile_small_tensors(monkeypatch):
+    """The test families' tensors are small; these tests are about the compiled route, which by default such tensors
+    never compile (`merge_cpu.COMPILE_FROM`, tested in test_merge_cpu.py)."""
+    monkeypatch.setattr(merge_cpu, "COMPILE_FROM", 0)
 
 METHOD_RECIPES = {
     "linear": {"merge_method": "linear", "models": [{"model": "e1", "parameters": {"weight": [0.2, 0.9]}},
