@@ -20,6 +20,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -29,9 +30,10 @@ from pathlib import Path
 import torch
 
 from lazymerge.demo import corpus
-from lazymerge.demo.numerics import cpu_kernels, machine_default
+from lazymerge.demo.numerics import VAR, cpu_kernels, machine_default
 from lazymerge.demo.progress import StepProgress
 from lazymerge.demo.train import ModelSpec, make_model, make_tokenizer, train
+from lazymerge.engine.threads import available_cpus
 
 ZOO_VERSION = 5  # 4: the foreign expert adapts the foreign vocabulary, the math expert its body; 5: math replays
 MODELS = ("base", "foreign", "math")
@@ -133,14 +135,17 @@ def _read_manifest(out: Path) -> dict | None:
 
 
 def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: bool = False, stream=None,
-              threads: int | None = None) -> Path:
+              threads: int | None = None, parallel: bool | None = None) -> Path:
     """Build (or reuse) the zoo for `seed`, `size` and training `threads` (None: TRAIN_THREADS) under `out_dir`;
     returns `out_dir` as a Path.
     A zoo built on another thread count is rebuilt (its weights differ). Raises ValueError for an unknown size or
-    threads < 1.
+    threads < 1, RuntimeError if an expert's training process fails.
 
-    Training shows its progress on `stream` (default stderr): a bar with ETA on a terminal, a line per phase and
-    every 20 s otherwise (demo/progress.py); a reused zoo prints nothing."""
+    The base trains on `threads` torch threads; then the two experts, each from the saved base on
+    `expert_threads(threads)` threads: in two processes at once when `parallel` (None: for the full size when the
+    CPUs this process may use hold both), else one after the other here; the same bits either way
+    (`test_demo.py`). Training shows its progress on `stream` (default stderr): a bar with ETA on a terminal, a line
+    per phase and every 20 s otherwise (demo/progress.py); a reused zoo prints nothing."""
     if size not in RECIPES:
         raise ValueError(f"size must be one of {sorted(RECIPES)}, got {size!r}")
     threads = TRAIN_THREADS if threads is None else threads
@@ -164,39 +169,27 @@ def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: boo
     try:
         world = corpus.World(seed)
         data = make_datasets(world, seed, recipe.n_eval)
-        english_target = data.pop("_english_target")
+        data.pop("_english_target")
         for split, rows in data.items():
             _write_jsonl(out / "data" / f"{split}.jsonl", rows)
-        held_out = {
-            "base": set(),
-            "foreign": {corpus.as_text(p, a) for p, a in data["foreign_test"]},
-            "math": {corpus.as_text(p, a) for p, a in data["math_test"] + english_target},
-        }
-        mixes = {"base": corpus.base_text, "foreign": corpus.foreign_text, "math": corpus.math_text}
-        tokenizer = make_tokenizer(world.vocab)
-        foreign_rows = tokenizer.convert_tokens_to_ids(sorted(world.foreign.values()))
-        base = make_model(recipe.spec, tokenizer, seed)
-        stats = {}
-        for name in MODELS:
-            model = base if name == "base" else copy.deepcopy(base)
-            text_rng = random.Random(f"{name}-{seed}")
-            progress = StepProgress(f"zoo seed {seed}: training {name}", recipe.steps[name], stream=stream)
-            stats[name] = train(
-                model,
-                tokenizer,
-                _stream(world, mixes[name], text_rng, held_out[name]),
-                steps=recipe.steps[name],
-                batch_size=recipe.batch_size,
-                lr=recipe.lr[name],
-                weight_decay=0.01 if name == "base" else 0.0,
-                seed=seed,
-                frozen=FROZEN[name],
-                rows=foreign_rows if name == "foreign" else None,
-                on_step=progress.update,
-            )
-            progress.close(f", loss {stats[name]['final_loss']:.3f}")
-            _save_quietly(model, out / name)
-            tokenizer.save_pretrained(out / name)
+        job = _Job(str(out), seed, size)
+        base = make_model(recipe.spec, job.tokenizer(), seed)
+        progress = StepProgress(f"zoo seed {seed}: training base", recipe.steps["base"], stream=stream)
+        stats = {"base": job.train(base, "base", progress.update)}
+        progress.close(f", loss {stats['base']['final_loss']:.3f}")
+        experts = [m for m in MODELS if m != "base"]
+        each = expert_threads(threads)
+        if parallel is None:
+            parallel = size == "full" and available_cpus() >= len(experts) * each
+        if parallel:
+            stats.update(_train_in_processes(job, experts, each, stream))
+        else:
+            torch.set_num_threads(each)
+            for name in experts:
+                model = copy.deepcopy(base)
+                progress = StepProgress(f"zoo seed {seed}: training {name}", recipe.steps[name], stream=stream)
+                stats[name] = job.train(model, name, progress.update)
+                progress.close(f", loss {stats[name]['final_loss']:.3f}")
     finally:
         torch.set_num_threads(was)
 
@@ -214,6 +207,132 @@ def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: boo
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def expert_threads(threads: int) -> int:
+    """Torch threads each expert trains on when the base trained on `threads`: half of them, at least 1 (the two
+    experts train at once). Measured on the 2-core machines: 1 and 2 threads train the same bits (so do 4 and 8; 3
+    does not), and a 1-thread step takes 1.26x a 2-thread one, so two 1-thread experts at once take 105 s where one
+    after the other on 2 threads took 151 s (zoo v5, seed 0, AVX-512 EPYC, AVX2 kernels)."""
+    return max(1, threads // 2)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What training one model of a zoo needs, rebuilt from (out, seed, size) alone (a training process gets only
+    this): the world, the held-out texts every model's training stream excludes, the tokenizer."""
+
+    out: str
+    seed: int
+    size: str
+
+    def world(self) -> corpus.World:
+        return corpus.World(self.seed)
+
+    def tokenizer(self):
+        return make_tokenizer(self.world().vocab)
+
+    def train(self, model, name: str, on_step: Callable[[int], None] | None = None) -> dict:
+        """Train `model` as zoo model `name` in place, save it (and the tokenizer) under out/name; its stats."""
+        recipe, world = RECIPES[self.size], self.world()
+        data = make_datasets(world, self.seed, recipe.n_eval)
+        held_out = {
+            "base": set(),
+            "foreign": {corpus.as_text(p, a) for p, a in data["foreign_test"]},
+            "math": {corpus.as_text(p, a) for p, a in data["math_test"] + data["_english_target"]},
+        }
+        mixes = {"base": corpus.base_text, "foreign": corpus.foreign_text, "math": corpus.math_text}
+        tokenizer = self.tokenizer()
+        foreign_rows = tokenizer.convert_tokens_to_ids(sorted(world.foreign.values()))
+        stats = train(
+            model,
+            tokenizer,
+            _stream(world, mixes[name], random.Random(f"{name}-{self.seed}"), held_out[name]),
+            steps=recipe.steps[name],
+            batch_size=recipe.batch_size,
+            lr=recipe.lr[name],
+            weight_decay=0.01 if name == "base" else 0.0,
+            seed=self.seed,
+            frozen=FROZEN[name],
+            rows=foreign_rows if name == "foreign" else None,
+            on_step=on_step,
+        )
+        _save_quietly(model, Path(self.out) / name)
+        tokenizer.save_pretrained(Path(self.out) / name)
+        return stats
+
+
+def _train_expert(job: _Job, name: str, threads: int, queue) -> None:
+    """A training process's body: expert `name` from the saved base on `threads` threads; reports ("step", name, k)
+    every few steps, then ("done", name, stats) or ("error", name, traceback text) on `queue`."""
+    try:
+        from transformers import MistralForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        from lazymerge.search.evaluate import die_with_parent
+
+        die_with_parent()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars of two processes: noise between the demo's lines
+        torch.set_num_threads(threads)
+        model = MistralForCausalLM.from_pretrained(Path(job.out) / "base")
+        every = lambda k: queue.put(("step", name, k)) if k % 10 == 0 else None  # noqa: E731
+        queue.put(("done", name, job.train(model, name, every)))
+    except BaseException:  # noqa: BLE001 - the parent names the model and raises
+        import traceback
+
+        queue.put(("error", name, traceback.format_exc()))
+
+
+def _train_in_processes(job: _Job, names: list[str], threads: int, stream) -> dict:
+    """Train the experts `names` at once, one spawned process each on `threads` threads (a child inherits the
+    parent's environment, so the pinned kernel set too: demo/numerics.py); one progress line for all of them.
+    Returns {name: stats}; raises RuntimeError naming the model whose process failed."""
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    recipe = RECIPES[job.size]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = {n: ctx.Process(target=_train_expert, args=(job, n, threads, q), daemon=True) for n in names}
+    # the children run the kernel set this process runs (the one the manifest records), whatever the environment
+    # says now (set after torch was imported here, it would pin the children alone)
+    was = os.environ.get(VAR)
+    os.environ[VAR] = cpu_kernels().lower()
+    try:
+        for p in procs.values():
+            p.start()
+    finally:
+        if was is None:
+            os.environ.pop(VAR, None)
+        else:
+            os.environ[VAR] = was
+    progress = StepProgress(f"zoo seed {job.seed}: training {' + '.join(names)} (one process each)",
+                            sum(recipe.steps[n] for n in names), stream=stream)
+    steps, stats = dict.fromkeys(names, 0), {}
+    try:
+        while len(stats) < len(names):
+            try:
+                kind, name, value = q.get(timeout=1.0)
+            except queue_mod.Empty:
+                dead = [n for n, p in procs.items() if n not in stats and not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"zoo seed {job.seed}: the process training {dead[0]!r} exited "
+                                       f"(code {procs[dead[0]].exitcode}) before it finished") from None
+                continue
+            if kind == "error":
+                raise RuntimeError(f"zoo seed {job.seed}: training {name!r} failed:\n{value}")
+            if kind == "step":
+                steps[name] = value
+            else:
+                steps[name], stats[name] = value["steps"], value
+            progress.update(sum(steps.values()))
+    finally:
+        for p in procs.values():
+            if p.is_alive() and not stats.keys() >= set(names):
+                p.terminate()
+            p.join()
+    progress.close(", loss " + ", ".join(f"{n} {stats[n]['final_loss']:.3f}" for n in names))
+    return stats
 
 
 def _save_quietly(model, path: Path) -> None:

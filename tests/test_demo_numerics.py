@@ -57,6 +57,7 @@ def test_the_cpu_flags_decide(tmp_path, monkeypatch, flags, default, pinned):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n\n")
     assert numerics.machine_default(info) == default
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what the pin sets stays in this test (not the suite's env)
     monkeypatch.delenv(numerics.VAR, raising=False)
     monkeypatch.setattr(numerics, "_torch_imported", lambda: False)  # as in a fresh process
     monkeypatch.setattr(numerics.platform, "machine", lambda: "x86_64")

@@ -232,3 +232,21 @@ def test_training_threads_are_part_of_the_zoo(small_zoo, tmp_path, monkeypatch):
     zoo.build_zoo(root, seed=0, size="small", threads=1)  # another thread count: another zoo, rebuilt
     assert trained == [1, 1, 1]
     assert json.loads((root / "manifest.json").read_text())["train_threads"] == 1
+
+
+def test_experts_trained_at_once_in_processes_equal_those_trained_in_turn(small_zoo, tmp_path, monkeypatch):
+    """The full zoo trains its two experts at once, one spawned process each, from the saved base (`build_zoo`,
+    parallel=None on 2+ CPUs): the same bytes as training them one after the other in this process. The children
+    run this process's ATen kernel set even when the environment names another one now (set after torch was
+    imported here, it would otherwise pin the children alone)."""
+    from lazymerge.demo.numerics import VAR
+
+    monkeypatch.setenv(VAR, "default")
+    log = io.StringIO()
+    par = zoo.build_zoo(tmp_path / "par", seed=0, size="small", parallel=True, stream=log)
+    lines = log.getvalue().splitlines()
+    assert any(x.startswith("zoo seed 0: training foreign + math (one process each): done in ") for x in lines)
+    for name in ("base", "foreign", "math"):
+        assert (par / name / "model.safetensors").read_bytes() == (small_zoo / name / "model.safetensors").read_bytes()
+    hash_of = lambda p: json.loads((p / "manifest.json").read_text())["content_hash"]  # noqa: E731
+    assert hash_of(par) == hash_of(small_zoo)
