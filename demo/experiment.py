@@ -190,26 +190,105 @@ def choose_on_validation(history: list[dict], score, k: int = TOP_K) -> tuple[di
                   for v, h in scored]
 
 
-def held_out_tasks(zoo: Path):
-    from lazymerge.search.tasks import load_task
+def _key(recipe: dict) -> str:
+    return json.dumps(recipe, sort_keys=True)
 
-    return [load_task({"name": name, "type": "generate_exact_match", "data": str(zoo / "data" / test),
-                       "max_tokens": MAX_TOKENS}) for name, (_, test) in TASK_FILES.items()]
+
+def evaluator(pool, zoo: Path, seed: int, runtime: dict, tasks: list[dict]):
+    """A function of a list of recipes -> {recipe's JSON (`_key`): {task: score 0-1}}, each distinct recipe scored
+    once on `tasks` ({"name", "data"}: generation, exact match, MAX_TOKENS) by the shared pool's workers. The config
+    is a DFS search's, for its merged-weight cache (room for a path's repeated layers); its space is not used."""
+    from lazymerge.search.config import load_config
+
+    cfg = search_config(zoo, [], 1, seed, 2, runtime=runtime, space=dict(DFS_SPACES["dfs"]))
+    cfg["tasks"] = [{"type": "generate_exact_match", "max_tokens": MAX_TOKENS, **t} for t in tasks]
+    bound = pool.bind(load_config(cfg))
+
+    def scores(recipes: list[dict]) -> dict[str, dict[str, float]]:
+        todo = list({_key(r): r for r in recipes}.values())
+        return {_key(r): res.scores for r, res in zip(todo, bound.map(todo))}
+
+    return scores
+
+
+# The searches run at once, in LANES (threads of this process, each running its searches in order) sharing one pool
+# of worker processes (`search.evaluate.SharedPool`): while one search waits for the last candidates of a
+# generation, another's keep the workers busy, and the workers start once for all of them. PS+DFS needs the PS
+# search's best merge, so it follows PS in its lane. Each search records what it records alone (its own numpy
+# random stream: `search.run._OwnRandom`); on zoo v5 seed 0 the six histories equal those of one search at a time
+# (session 15).
+LANES = (("ps", "ps_dfs"), ("control", "dfs_w1"), ("ps_weighted", "dfs"))
+
+
+def run_searches(configs: dict, out: Path, runtime: dict, quiet: bool = False, say=None, stream=None,
+                 pool=None) -> dict:
+    """Run the searches of `configs` ({key: search config dict, or a function of the finished searches returning
+    one}) in LANES at once on `pool` (a SharedPool; None: one of `runtime`'s workers for these searches alone); run
+    directories out/search_<key>. One progress
+    bar (or a line every 20 s) for all of them on `stream` (default stderr) unless `quiet`; `say` gets a line as each
+    search starts and ends. Returns {key: SearchResult}; the first search error is raised once the others stop."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lazymerge.search import run_search
+    from lazymerge.search.evaluate import SharedPool
+
+    from .progress import StepProgress
+
+    say = say or (lambda *a: None)
+    done: dict = {}
+    lanes = [[k for k in lane if k in configs] for lane in LANES]
+    lanes = [lane for lane in lanes if lane] + [[k] for k in configs if not any(k in lane for lane in LANES)]
+    counts: dict[str, tuple[int, int]] = {}
+    lock = threading.Lock()
+
+    def budget(key: str) -> int:
+        cfg = configs[key]
+        # a config made later (PS+DFS) has PS's budget
+        return cfg["budget"]["evaluations"] if isinstance(cfg, dict) else configs["ps"]["budget"]["evaluations"]
+
+    progress = None if quiet else StepProgress(f"searches ({len(configs)}, {len(lanes)} at a time)",
+                                               sum(budget(k) for k in configs), stream=stream, unit="candidate")
+
+    def evaluated(key: str, n: int, total: int) -> None:
+        with lock:
+            counts[key] = (n, total)
+            if progress is not None:  # searches not started yet count their budget (whole generations when started)
+                planned = sum(counts[k][1] if k in counts else budget(k) for k in configs)
+                progress.update(sum(c[0] for c in counts.values()), total=planned)
+
+    def lane(keys: list[str]) -> None:
+        for key in keys:
+            cfg = configs[key] if isinstance(configs[key], dict) else configs[key](done)
+            t = time.time()
+            say(f"search {key}: {cfg['space']['kind']} space, {cfg['budget']['evaluations']} evaluations ...")
+            done[key] = run_search(cfg, out / f"search_{key}", quiet=True, summary=False, pool=pool,
+                                   on_evaluated=lambda n, total, key=key: evaluated(key, n, total))
+            say(f"search {key}: best search-split fitness {done[key].best_fitness:.3f} ({time.time() - t:.0f} s)")
+
+    own = pool is None
+    pool = SharedPool(runtime["workers"], runtime.get("threads")) if own else pool
+    try:
+        with ThreadPoolExecutor(len(lanes)) as ex:
+            futures = [ex.submit(lane, keys) for keys in lanes]
+            errors = [f.exception() for f in futures]
+    finally:
+        if own:
+            pool.close()
+    if progress is not None:
+        progress.close()
+    for e in errors:
+        if e is not None:
+            raise e
+    return done
 
 
 def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, layer_groups: int = 2, seed: int = 0,
-                   quiet: bool = False, threads: int | None = None, spaces: tuple[str, ...] = SPACES,
-                   say=None, workers: int | None = None) -> dict:
+                   quiet: bool = False, spaces: tuple[str, ...] = SPACES, say=None, workers: int | None = None) -> dict:
     """Run the searches of `spaces` (a subset of SPACES, "ps" always included) and the control on `zoo`; score every
-    row on the held-out splits. `say` (a print-like function) gets one line per phase. Searches run in `workers`
-    processes (`search_runtime`); the scoring in this process on `threads` torch threads (default: every CPU)."""
-    import torch
-
-    from lazymerge.engine import Engine
-    from lazymerge.engine.threads import available_cpus
-    from lazymerge.search import run_search
-    from lazymerge.search.evaluate import evaluate_recipe
-    from lazymerge.search.tasks import load_task
+    row on the held-out splits. `say` (a print-like function) gets one line per phase. Searches, validation and
+    scoring run in one pool of `workers` processes (`search_runtime`, `search.evaluate.SharedPool`)."""
+    from lazymerge.search.evaluate import SharedPool
 
     zoo, out = Path(zoo), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,19 +297,9 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
     unknown = set(spaces) - set(SPACES)
     if unknown:
         raise ValueError(f"unknown search spaces {sorted(unknown)}; known: {', '.join(SPACES)}")
-    searches = {}
     runtime = search_runtime(workers)
-
-    def search(key: str, cfg: dict, run_dir: str):
-        t = time.time()
-        say(f"search {key}: {cfg['space']['kind']} space, {evaluations} evaluations ...")
-        searches[key] = run_search(cfg, out / run_dir, quiet=quiet, summary=False)
-        say(f"search {key}: best search-split fitness {searches[key].best_fitness:.3f} ({time.time() - t:.0f} s)")
-
-    search("ps", search_config(zoo, ["foreign", "math"], evaluations, seed, layer_groups, runtime=runtime),
-           "search_ps")
-    search("control", search_config(zoo, ["math"], evaluations, seed, layer_groups, runtime=runtime),
-           "search_control")
+    configs = {"ps": search_config(zoo, ["foreign", "math"], evaluations, seed, layer_groups, runtime=runtime),
+               "control": search_config(zoo, ["math"], evaluations, seed, layer_groups, runtime=runtime)}
     if "ps_weighted" in spaces:
         cfg = search_config(zoo, ["foreign", "math"], evaluations, seed, layer_groups, runtime=runtime)
         cfg["tasks"][0]["weight"] = 1.0
@@ -238,58 +307,64 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
             cfg["tasks"].append({"name": name, "type": "generate_exact_match", "data": str(path),
                                  "test_data": str(zoo / "data" / TASK_FILES[name][1]), "max_tokens": MAX_TOKENS,
                                  "weight": EXPERT_WEIGHT})
-        search("ps_weighted", cfg, "search_ps_weighted")
-    for key in ("dfs", "dfs_w1", "ps_dfs"):
-        if key not in spaces:
-            continue
-        space = dict(DFS_SPACES[key])
-        if key == "ps_dfs":
-            space["ps_recipe"] = searches["ps"].best_recipe
-        search(key, search_config(zoo, [], evaluations, seed, layer_groups, runtime=runtime, space=space),
-               f"search_{key}")
-    evolved = searches["ps"]
-    torch.set_num_threads(threads or available_cpus())
-    eng = Engine({m: zoo / m for m in ("base", "foreign", "math")}, policy="cached", cache_bytes=256 << 20,
-                 allow_open=False)
-    evolved_keys = [k for k in SPACES if k in searches]
-    # each search's reported candidate, chosen on the validation split; the expert-weighted search keeps its own
-    # best (its fitness weighs the experts' tasks in: the target alone would choose against it)
-    valid_task = load_task({"name": TARGET, "type": "generate_exact_match", "max_tokens": MAX_TOKENS,
-                            "data": str(target_validation_split(zoo, seed, out))})
-    chosen, validation = {}, {}
-    say(f"choosing each search's candidate: its {TOP_K} best by search fitness, on {VALID_N} validation problems ...")
-    for k in ("control", *evolved_keys):
-        if k == "ps_weighted":
-            chosen[k] = searches[k].best_recipe
-            continue
-        rec, cands = choose_on_validation(
-            searches[k].history, lambda r: evaluate_recipe(eng, r, [valid_task])[TARGET])
-        chosen[k] = rec["recipe"]
-        validation[k] = {"n": VALID_N, "top_k": TOP_K, "chosen": max(c["validation"] for c in cands),
-                         "candidates": cands}
-        say(f"  {k}: candidate {rec['eval']} (search {100 * rec['fitness']:.1f}%, validation "
-            f"{validation[k]['chosen']:.1f}%)")
-    tasks = held_out_tasks(zoo)
-    models: list[tuple[str, str, dict]] = []
-    for m in ("base", "foreign", "math"):
-        identity = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}}]}
-        models.append((m, "source", identity))
-    models += [(f"{k} (default)", "baseline", r) for k, r in baselines().items()]
-    models.append(("math alone, evolved", "control", chosen["control"]))
-    for k in evolved_keys:
-        models.append((ROW_NAMES[k], f"evolved_{k}", chosen[k]))
-    # first of equals: PS; the expert-weighted search is not a candidate (its fitness is not a target-only score)
-    best_key = max((k for k in evolved_keys if k != "ps_weighted"), key=lambda k: validation[k]["chosen"])
-    models.append(("best evolved (by validation split)", "evolved", chosen[best_key]))
-    say(f"scoring {len(models)} models on the held-out splits ...")
-    rows, cache = [], {}
+        configs["ps_weighted"] = cfg
+    for key in ("dfs", "dfs_w1"):
+        if key in spaces:
+            configs[key] = search_config(zoo, [], evaluations, seed, layer_groups, runtime=runtime,
+                                         space=dict(DFS_SPACES[key]))
+
+    def ps_dfs_config(done: dict) -> dict:  # PS+DFS: a path whose model A is the PS search's best merge
+        return search_config(zoo, [], evaluations, seed, layer_groups, runtime=runtime,
+                             space={**DFS_SPACES["ps_dfs"], "ps_recipe": done["ps"].best_recipe})
+
+    if "ps_dfs" in spaces:
+        configs["ps_dfs"] = ps_dfs_config
+    pool = SharedPool(runtime["workers"], runtime.get("threads"))
+    try:
+        searches = run_searches(configs, out, runtime, quiet=quiet, say=say, pool=pool)
+        evolved = searches["ps"]
+        evolved_keys = [k for k in SPACES if k in searches]
+        # each search's reported candidate, chosen on the validation split; the expert-weighted search keeps its own
+        # best (its fitness weighs the experts' tasks in: the target alone would choose against it)
+        say(f"choosing each search's candidate: its {TOP_K} best by search fitness, on {VALID_N} validation "
+            "problems ...")
+        valid = evaluator(pool, zoo, seed, runtime, [{"name": TARGET, "data": str(target_validation_split(zoo, seed,
+                                                                                                          out))}])
+        keys = [k for k in ("control", *evolved_keys) if k != "ps_weighted"]
+        valid_scores = valid([h["recipe"] for k in keys for h in top_candidates(searches[k].history)])
+        chosen = {"ps_weighted": searches["ps_weighted"].best_recipe} if "ps_weighted" in searches else {}
+        validation = {}
+        for k in keys:
+            rec, cands = choose_on_validation(searches[k].history, lambda r: valid_scores[_key(r)][TARGET])
+            chosen[k] = rec["recipe"]
+            validation[k] = {"n": VALID_N, "top_k": TOP_K, "chosen": max(c["validation"] for c in cands),
+                             "candidates": cands}
+            say(f"  {k}: candidate {rec['eval']} (search {100 * rec['fitness']:.1f}%, validation "
+                f"{validation[k]['chosen']:.1f}%)")
+        models: list[tuple[str, str, dict]] = []
+        for m in ("base", "foreign", "math"):
+            identity = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}}]}
+            models.append((m, "source", identity))
+        models += [(f"{k} (default)", "baseline", r) for k, r in baselines().items()]
+        models.append(("math alone, evolved", "control", chosen["control"]))
+        for k in evolved_keys:
+            models.append((ROW_NAMES[k], f"evolved_{k}", chosen[k]))
+        # first of equals: PS; the expert-weighted search is not a candidate (its fitness is not a target-only score)
+        best_key = max((k for k in evolved_keys if k != "ps_weighted"), key=lambda k: validation[k]["chosen"])
+        models.append(("best evolved (by validation split)", "evolved", chosen[best_key]))
+        say(f"scoring {len(models)} models on the held-out splits ...")
+        held_out = evaluator(pool, zoo, seed, runtime, [{"name": name, "data": str(zoo / "data" / test)}
+                                                        for name, (_, test) in TASK_FILES.items()])
+        scores = held_out([r for _, _, r in models])
+    finally:
+        pool.close()
+    rows, said = [], set()
     for name, kind, recipe in models:
-        key = json.dumps(recipe, sort_keys=True)
-        if key not in cache:
-            scores = evaluate_recipe(eng, recipe, tasks)
-            cache[key] = {k: round(100 * v, 1) for k, v in scores.items()}
-            say(f"  {name}: target {cache[key][TARGET]:.1f}%")
-        rows.append({"model": name, "kind": kind, "scores": dict(cache[key])})
+        got = {k: round(100 * v, 1) for k, v in scores[_key(recipe)].items()}
+        if _key(recipe) not in said:
+            said.add(_key(recipe))
+            say(f"  {name}: target {got[TARGET]:.1f}%")
+        rows.append({"model": name, "kind": kind, "scores": got})
     table = {"target_task": TARGET, "rows": rows, "seconds": round(time.time() - t0, 1),
              "evaluations": evolved.evaluations, "zoo": str(zoo), "platform": platform_facts(zoo),
              "best_space": best_key,

@@ -6,6 +6,9 @@
 * `make_pool(cfg, workers)` -> a pool with `map(recipes) -> [EvalResult]` in order and `close()`: `LocalPool` (this
   process when workers == 1, else one process per worker, each opening the sources once and keeping its engine for
   the whole run) or `RayPool` (one Ray actor per worker, on a Ray cluster's CPUs or GPUs).
+* `SharedPool(workers)`: one set of worker processes for several searches at once (`run_search(pool=...)`, each
+  search in a thread of this process): while one search waits for the last candidates of a generation, the others'
+  candidates keep the workers busy; each worker keeps an evaluator per search config.
 
 The engine is built with the `cached` weight policy and a cache of about `cache_factor` models, so a candidate's
 weights are merged once for all its batches and decoding steps; the previous candidate's weights are evicted before
@@ -99,7 +102,27 @@ class Evaluator:
 _WORKER: Evaluator | None = None
 
 
+def die_with_parent(every_s: float = 1.0) -> None:
+    """End this process (`os._exit`) within `every_s` seconds of the death of the process that started it: a daemon
+    thread compares the parent's pid every `every_s` seconds (a killed demo's two workers were seen running on for
+    minutes, taking the CPUs of the next run). Polling, not Linux's PR_SET_PDEATHSIG, which fires when the *thread*
+    that started the process ends: a search lane's thread (demo/experiment.py) starts pool workers and ends first."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="lazymerge-parent-watch", daemon=True).start()
+
+
 def _worker_init(cfg_json: str, threads: int) -> None:
+    die_with_parent()
     global _WORKER
     cfg = SearchConfig.model_validate_json(cfg_json)
     _WORKER = Evaluator(make_engine(cfg, threads), load_tasks(cfg), cfg.runtime.batch_size)
@@ -138,6 +161,66 @@ class LocalPool:
     def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown(cancel_futures=True)
+
+
+_SHARED: dict[str, Evaluator] = {}  # a SharedPool worker's evaluators, by search config (JSON)
+_SHARED_THREADS = [1]
+SHARED_CONFIGS = 8  # evaluators a SharedPool worker keeps (the oldest is dropped)
+
+
+def _shared_init(threads: int) -> None:
+    die_with_parent()
+    _SHARED_THREADS[0] = threads
+
+
+def _shared_eval(cfg_json: str, recipe: dict) -> EvalResult:
+    ev = _SHARED.get(cfg_json)
+    if ev is None:
+        if len(_SHARED) >= SHARED_CONFIGS:
+            _SHARED.pop(next(iter(_SHARED)))
+        cfg = SearchConfig.model_validate_json(cfg_json)
+        ev = _SHARED[cfg_json] = Evaluator(make_engine(cfg, _SHARED_THREADS[0]), load_tasks(cfg),
+                                           cfg.runtime.batch_size)
+    return ev.evaluate(recipe)
+
+
+class SharedPool:
+    """`workers` local processes (started with `start_method`, each on `threads` torch threads, default: the CPUs this
+    process may use shared among them) evaluating the candidates of several searches: `bind(cfg)` gives a search's
+    view (`map`, `close`), which `run_search(pool=...)` uses in place of its own pool. Candidates are served in the
+    order they are submitted. A candidate's fitness depends on its recipe and config alone, so each search records
+    what it would alone. `close()` stops the workers."""
+
+    def __init__(self, workers: int, threads: int | None = None, start_method: str = "spawn"):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        from lazymerge.engine.threads import per_worker
+
+        self.executor = ProcessPoolExecutor(workers, mp_context=mp.get_context(start_method),
+                                            initializer=_shared_init, initargs=(per_worker(workers, threads),))
+
+    def bind(self, cfg: SearchConfig) -> "_Bound":
+        return _Bound(self, cfg.model_dump_json())
+
+    def close(self) -> None:
+        self.executor.shutdown(cancel_futures=True)
+
+
+class _Bound:
+    """One search's view of a SharedPool."""
+
+    def __init__(self, pool: SharedPool, cfg_json: str):
+        self.pool, self.cfg_json = pool, cfg_json
+
+    def map(self, recipes: list[dict]):
+        """Yields EvalResults in the order of `recipes`."""
+        futures = [self.pool.executor.submit(_shared_eval, self.cfg_json, r) for r in recipes]
+        for f in futures:
+            yield f.result()
+
+    def close(self) -> None:
+        """Nothing: the pool outlives the search."""
 
 
 class RayPool:

@@ -28,7 +28,9 @@ import json
 import math
 import os
 import pickle
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +85,30 @@ def cma_options(cfg: SearchConfig, dim: int) -> dict:
     return opts
 
 
+_NUMPY_RANDOM = threading.Lock()
+
+
+class _OwnRandom:
+    """numpy's global RNG, which cma seeds and samples from, as one search's own stream: `with rng:` holds a lock,
+    puts the search's state in (None: leaves it, e.g. for cma's constructor, which seeds it) and takes it back out at
+    the end. Searches run in threads of one process (`run_search(pool=...)`) then draw exactly what each would draw
+    alone."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def __enter__(self):
+        _NUMPY_RANDOM.acquire()
+        if self.state is not None:
+            np.random.set_state(self.state)
+        return self
+
+    def __exit__(self, *exc):
+        self.state = np.random.get_state()
+        _NUMPY_RANDOM.release()
+        return False
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -127,8 +153,13 @@ def _write_best(path: Path, rec: dict) -> None:
 
 
 def run_search(config, out_dir, workers: int | None = None, quiet: bool = False, summary: bool = True,
-               plots: bool = True) -> SearchResult:
-    """Run (or resume) the search of `config` (a path, YAML text, dict or SearchConfig) in `out_dir`."""
+               plots: bool = True, pool=None,
+               on_evaluated: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Run (or resume) the search of `config` (a path, YAML text, dict or SearchConfig) in `out_dir`.
+
+    `pool`: a `search.evaluate.SharedPool` that evaluates the candidates (several searches, each in a thread of this
+    process, may share it; the same records as alone), instead of a pool of its own with `workers` workers.
+    `on_evaluated(done, total)`: called after each candidate (done of total, whole generations)."""
     import cma
 
     from lazymerge.engine import SourceSet, compile_plan
@@ -154,14 +185,15 @@ def run_search(config, out_dir, workers: int | None = None, quiet: bool = False,
         if state["digest"] != cfg.digest():
             raise SearchConfigError(f"out: {out} holds a run of a different config; use another run directory")
         es, gen = state["es"], state["generation"]
-        np.random.set_state(state["np_random"])
+        rng = _OwnRandom(state["np_random"])
         history = _read_history(hist_path)
     else:
-        es = cma.CMAEvolutionStrategy(x0, cfg.cma.sigma0, opts)
+        with _OwnRandom() as rng:
+            es = cma.CMAEvolutionStrategy(x0, cfg.cma.sigma0, opts)
         gen = 0
         history = []
         hist_path.write_bytes(b"")
-        _atomic_write(ck, pickle.dumps({"es": es, "generation": 0, "np_random": np.random.get_state(),
+        _atomic_write(ck, pickle.dumps({"es": es, "generation": 0, "np_random": rng.state,
                                         "digest": cfg.digest()}))
     popsize = es.popsize
     max_gens = cfg.budget.generations or math.ceil(cfg.budget.evaluations / popsize)
@@ -175,11 +207,13 @@ def run_search(config, out_dir, workers: int | None = None, quiet: bool = False,
     progress = Progress(max_gens * popsize, max_gens, quiet=quiet)
     progress.update(gen, history)
 
-    pool = make_pool(cfg, workers) if gen < max_gens else None
+    shared = pool
+    pool = (make_pool(cfg, workers) if shared is None else shared.bind(cfg)) if gen < max_gens else None
     try:
         with open(hist_path, "a", encoding="utf-8") as hf:
             while gen < max_gens:
-                X = es.ask()
+                with rng:
+                    X = es.ask()
                 recipes = [space.to_recipe(x) for x in X]
                 fits: list[float | None] = [None] * len(X)
                 todo = []
@@ -208,9 +242,12 @@ def run_search(config, out_dir, workers: int | None = None, quiet: bool = False,
                         best = rec
                         _write_best(out / BEST, best)
                     progress.update(gen, history)
-                es.tell(X, [-f for f in fits])  # cma minimizes
+                    if on_evaluated is not None:
+                        on_evaluated(len(history), max_gens * popsize)
+                with rng:
+                    es.tell(X, [-f for f in fits])  # cma minimizes
                 gen += 1
-                _atomic_write(ck, pickle.dumps({"es": es, "generation": gen, "np_random": np.random.get_state(),
+                _atomic_write(ck, pickle.dumps({"es": es, "generation": gen, "np_random": rng.state,
                                                 "digest": cfg.digest()}))
                 progress.update(gen, history)
     finally:

@@ -93,3 +93,32 @@ def test_the_demo_searches_use_one_worker_per_cpu_without_oversubscribing(monkey
         rt = search_runtime()
         assert (rt["workers"], rt["threads"]) == (workers, per) and rt["workers"] * rt["threads"] <= cpus
     assert search_runtime(3)["workers"] == 3
+
+
+def test_searches_at_once_record_what_each_records_alone(tmp_path):
+    """`run_searches` runs the demo's searches in lanes on one shared pool of workers; each search draws its own
+    numpy random stream (cma's), so its history equals, genome for genome and fitness for fitness, the one it
+    records alone with a pool of its own. PS+DFS is made from the PS search's result, as the demo does."""
+    from lazymerge.demo.experiment import DFS_SPACES, run_searches, search_config
+    from lazymerge.demo.zoo import build_zoo
+    from lazymerge.search import run_search
+
+    zoo = build_zoo(tmp_path / "zoo", seed=0, size="small")
+    runtime = {"workers": 2, "threads": 1, "batch_size": 400}
+    configs = {"ps": search_config(zoo, ["foreign", "math"], 8, 0, 2, runtime=runtime),
+               "control": search_config(zoo, ["math"], 8, 0, 2, runtime=runtime),
+               "dfs": search_config(zoo, [], 8, 0, 2, runtime=runtime, space=dict(DFS_SPACES["dfs"])),
+               "ps_dfs": lambda done: search_config(zoo, [], 8, 0, 2, runtime=runtime, space={
+                   **DFS_SPACES["ps_dfs"], "ps_recipe": done["ps"].best_recipe})}
+    lines = []
+    together = run_searches(configs, tmp_path / "together", runtime, say=lines.append)
+    assert set(together) == set(configs)
+    assert any(x.startswith("search dfs: best search-split fitness") for x in lines)
+    alone = {}
+    for key in ("ps", "control", "dfs", "ps_dfs"):
+        cfg = configs[key] if isinstance(configs[key], dict) else configs[key](alone)
+        alone[key] = run_search(cfg, tmp_path / "alone" / key, workers=1, quiet=True, summary=False, plots=False)
+        a, b = alone[key].history, together[key].history
+        assert len(a) == len(b) >= 8
+        assert [(h["genome"], h["fitness"], h["recipe"]) for h in a] == [(h["genome"], h["fitness"], h["recipe"])
+                                                                         for h in b], key

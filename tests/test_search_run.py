@@ -170,3 +170,41 @@ def test_task_types_score_the_target_best(search_toy, tmp_path):
     assert target["ll"] > base["ll"] and target["ll"] < 0
     assert base["em"] < 0.2
     assert fitness(target, tasks) == pytest.approx(1.0 + 0.1 * target["ll"] + 0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has exited
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_pool_workers_exit_when_their_parent_is_killed(tmp_path):
+    """A search's worker processes get SIGTERM when the process that started them dies (`die_with_parent`): a killed
+    demo's workers were seen running on for minutes, taking the CPUs of the next run."""
+    import textwrap
+
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import os, time
+        from lazymerge.search.evaluate import SharedPool
+        if __name__ == "__main__":
+            pool = SharedPool(2, threads=1)
+            pids = {pool.executor.submit(os.getpid).result() for _ in range(4)}
+            print(" ".join(map(str, sorted(pids))), flush=True)
+            time.sleep(300)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)  # stderr: the killed parent's resource tracker warns of its semaphores
+    try:
+        pids = [int(x) for x in parent.stdout.readline().split()]
+        assert pids and all(_alive(p) for p in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), "a worker outlived its parent"
