@@ -194,7 +194,7 @@ def _key(recipe: dict) -> str:
     return json.dumps(recipe, sort_keys=True)
 
 
-def evaluator(pool, zoo: Path, seed: int, runtime: dict, tasks: list[dict]):
+def scorer(pool, zoo: Path, seed: int, runtime: dict, tasks: list[dict]):
     """A function of a list of recipes -> {recipe's JSON (`_key`): {task: score 0-1}}, each distinct recipe scored
     once on `tasks` ({"name", "data"}: generation, exact match, MAX_TOKENS) by the shared pool's workers. The config
     is a DFS search's, for its merged-weight cache (room for a path's repeated layers); its space is not used."""
@@ -224,9 +224,9 @@ def run_searches(configs: dict, out: Path, runtime: dict, quiet: bool = False, s
                  pool=None) -> dict:
     """Run the searches of `configs` ({key: search config dict, or a function of the finished searches returning
     one}) in LANES at once on `pool` (a SharedPool; None: one of `runtime`'s workers for these searches alone); run
-    directories out/search_<key>. One progress
-    bar (or a line every 20 s) for all of them on `stream` (default stderr) unless `quiet`; `say` gets a line as each
-    search starts and ends. Returns {key: SearchResult}; the first search error is raised once the others stop."""
+    directories out/search_<key>. One progress bar (or a line every 20 s) for all of them on `stream` (default
+    stderr) unless `quiet`; `say` gets a line as each search starts and ends. Returns {key: SearchResult}; the first
+    search error is raised once the other lanes have stopped."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -328,7 +328,7 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
         # best (its fitness weighs the experts' tasks in: the target alone would choose against it)
         say(f"choosing each search's candidate: its {TOP_K} best by search fitness, on {VALID_N} validation "
             "problems ...")
-        valid = evaluator(pool, zoo, seed, runtime, [{"name": TARGET, "data": str(target_validation_split(zoo, seed,
+        valid = scorer(pool, zoo, seed, runtime, [{"name": TARGET, "data": str(target_validation_split(zoo, seed,
                                                                                                           out))}])
         keys = [k for k in ("control", *evolved_keys) if k != "ps_weighted"]
         valid_scores = valid([h["recipe"] for k in keys for h in top_candidates(searches[k].history)])
@@ -353,7 +353,7 @@ def run_experiment(zoo: str | Path, out: str | Path, evaluations: int = 150, lay
         best_key = max((k for k in evolved_keys if k != "ps_weighted"), key=lambda k: validation[k]["chosen"])
         models.append(("best evolved (by validation split)", "evolved", chosen[best_key]))
         say(f"scoring {len(models)} models on the held-out splits ...")
-        held_out = evaluator(pool, zoo, seed, runtime, [{"name": name, "data": str(zoo / "data" / test)}
+        held_out = scorer(pool, zoo, seed, runtime, [{"name": name, "data": str(zoo / "data" / test)}
                                                         for name, (_, test) in TASK_FILES.items()])
         scores = held_out([r for _, _, r in models])
     finally:

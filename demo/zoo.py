@@ -144,8 +144,8 @@ def build_zoo(out_dir: str | Path, seed: int = 0, size: str = "full", force: boo
     The base trains on `threads` torch threads; then the two experts, each from the saved base on
     `expert_threads(threads)` threads: in two processes at once when `parallel` (None: for the full size when the
     CPUs this process may use hold both), else one after the other here; the same bits either way
-    (`test_demo.py`). Training shows its progress on `stream` (default stderr): a bar with ETA on a terminal, a line
-    per phase and every 20 s otherwise (demo/progress.py); a reused zoo prints nothing."""
+    (`tests/test_zoo.py`). Training shows its progress on `stream` (default stderr): a bar with ETA on a terminal, a
+    line per phase and every 20 s otherwise (demo/progress.py); a reused zoo prints nothing."""
     if size not in RECIPES:
         raise ValueError(f"size must be one of {sorted(RECIPES)}, got {size!r}")
     threads = TRAIN_THREADS if threads is None else threads
