@@ -225,10 +225,11 @@ def run_searches(configs: dict, out: Path, runtime: dict, quiet: bool = False, s
     """Run the searches of `configs` ({key: search config dict, or a function of the finished searches returning
     one}) in LANES at once on `pool` (a SharedPool; None: one of `runtime`'s workers for these searches alone); run
     directories out/search_<key>. One progress bar (or a line every 20 s) for all of them on `stream` (default
-    stderr) unless `quiet`; `say` gets a line as each search starts and ends. Returns {key: SearchResult}; the first
-    search error is raised once the other lanes have stopped."""
+    stderr) unless `quiet`; `say` gets a line as each search starts and ends. Returns {key: SearchResult}. The first
+    search error (or an interrupt) stops every lane at once (no new search, the pool's queued candidates cancelled and
+    `pool` closed) and is raised."""
     import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     from lazymerge.search import run_search
     from lazymerge.search.evaluate import SharedPool
@@ -257,8 +258,12 @@ def run_searches(configs: dict, out: Path, runtime: dict, quiet: bool = False, s
                 planned = sum(counts[k][1] if k in counts else budget(k) for k in configs)
                 progress.update(sum(c[0] for c in counts.values()), total=planned)
 
+    stop = threading.Event()
+
     def lane(keys: list[str]) -> None:
         for key in keys:
+            if stop.is_set():
+                return
             cfg = configs[key] if isinstance(configs[key], dict) else configs[key](done)
             t = time.time()
             say(f"search {key}: {cfg['space']['kind']} space, {cfg['budget']['evaluations']} evaluations ...")
@@ -268,18 +273,25 @@ def run_searches(configs: dict, out: Path, runtime: dict, quiet: bool = False, s
 
     own = pool is None
     pool = SharedPool(runtime["workers"], runtime.get("threads")) if own else pool
+    ex = ThreadPoolExecutor(len(lanes))
     try:
-        with ThreadPoolExecutor(len(lanes)) as ex:
-            futures = [ex.submit(lane, keys) for keys in lanes]
-            errors = [f.exception() for f in futures]
+        futures = [ex.submit(lane, keys) for keys in lanes]
+        first = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f in first.done and f.exception() is not None]
+        if failed:
+            raise failed[0].exception()
+    except BaseException:
+        # a search failed (or Ctrl-C): no lane starts another search, queued candidates are cancelled (the running
+        # ones finish), so every lane's search raises at once instead of running to its end
+        stop.set()
+        pool.close()
+        raise
     finally:
+        ex.shutdown(wait=True)
         if own:
             pool.close()
     if progress is not None:
         progress.close()
-    for e in errors:
-        if e is not None:
-            raise e
     return done
 
 

@@ -122,3 +122,24 @@ def test_searches_at_once_record_what_each_records_alone(tmp_path):
         assert len(a) == len(b) >= 8
         assert [(h["genome"], h["fitness"], h["recipe"]) for h in a] == [(h["genome"], h["fitness"], h["recipe"])
                                                                          for h in b], key
+
+
+def test_a_failing_search_stops_the_others_at_once(tmp_path):
+    """One search's error stops every lane (no new search, the shared pool's queued candidates cancelled) and is
+    raised at once: here a search of 5,000 candidates (minutes) runs beside one whose data file is missing."""
+    import time
+
+    import pytest
+
+    from lazymerge.demo.experiment import run_searches, search_config
+    from lazymerge.demo.zoo import build_zoo
+
+    zoo = build_zoo(tmp_path / "zoo", seed=0, size="small")
+    runtime = {"workers": 2, "threads": 1, "batch_size": 400}
+    bad = search_config(zoo, ["math"], 8, 0, 2, runtime=runtime)
+    bad["tasks"][0]["data"] = str(tmp_path / "missing.jsonl")
+    configs = {"ps": search_config(zoo, ["foreign", "math"], 5_000, 0, 2, runtime=runtime), "control": bad}
+    t0 = time.time()
+    with pytest.raises(Exception, match="missing.jsonl"):
+        run_searches(configs, tmp_path / "runs", runtime)
+    assert time.time() - t0 < 60
