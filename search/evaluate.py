@@ -164,13 +164,14 @@ class LocalPool:
 
 
 _SHARED: dict[str, Evaluator] = {}  # a SharedPool worker's evaluators, by search config (JSON)
-_SHARED_THREADS = [1]
+_SHARED_THREADS = 1  # torch threads of a SharedPool worker (set by its initializer)
 SHARED_CONFIGS = 8  # evaluators a SharedPool worker keeps (the oldest is dropped)
 
 
 def _shared_init(threads: int) -> None:
+    global _SHARED_THREADS
     die_with_parent()
-    _SHARED_THREADS[0] = threads
+    _SHARED_THREADS = threads
 
 
 def _shared_eval(cfg_json: str, recipe: dict) -> EvalResult:
@@ -179,7 +180,7 @@ def _shared_eval(cfg_json: str, recipe: dict) -> EvalResult:
         if len(_SHARED) >= SHARED_CONFIGS:
             _SHARED.pop(next(iter(_SHARED)))
         cfg = SearchConfig.model_validate_json(cfg_json)
-        ev = _SHARED[cfg_json] = Evaluator(make_engine(cfg, _SHARED_THREADS[0]), load_tasks(cfg),
+        ev = _SHARED[cfg_json] = Evaluator(make_engine(cfg, _SHARED_THREADS), load_tasks(cfg),
                                            cfg.runtime.batch_size)
     return ev.evaluate(recipe)
 

@@ -207,8 +207,7 @@ def run_search(config, out_dir, workers: int | None = None, quiet: bool = False,
     progress = Progress(max_gens * popsize, max_gens, quiet=quiet)
     progress.update(gen, history)
 
-    shared = pool
-    pool = (make_pool(cfg, workers) if shared is None else shared.bind(cfg)) if gen < max_gens else None
+    evaluator = (make_pool(cfg, workers) if pool is None else pool.bind(cfg)) if gen < max_gens else None
     try:
         with open(hist_path, "a", encoding="utf-8") as hf:
             while gen < max_gens:
@@ -226,7 +225,7 @@ def run_search(config, out_dir, workers: int | None = None, quiet: bool = False,
                         fits[k] = h["fitness"]
                     else:
                         todo.append(k)
-                for k, res in zip(todo, pool.map([recipes[k] for k in todo])):
+                for k, res in zip(todo, evaluator.map([recipes[k] for k in todo])):
                     rec = {"eval": gen * popsize + k, "generation": gen, "index": k, "fitness": res.fitness,
                            "scores": res.scores, "genome": [float(v) for v in X[k]],
                            "recipe": self_contained(recipes[k], cfg),
@@ -251,8 +250,8 @@ def run_search(config, out_dir, workers: int | None = None, quiet: bool = False,
                                                 "digest": cfg.digest()}))
                 progress.update(gen, history)
     finally:
-        if pool is not None:
-            pool.close()
+        if evaluator is not None:
+            evaluator.close()
     progress.close()
     history.sort(key=lambda h: h["eval"])
     best = max(history, key=lambda h: h["fitness"])  # first of equals, in evaluation order
