@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import root as cache_root
 from .merge import della_step, row_ranks, unit_ranks
 from .rng import C1, C2, M32
 
@@ -61,11 +62,9 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    """Where compiled packages live: $LAZYMERGE_CACHE_DIR, else $XDG_CACHE_HOME/lazymerge, else ~/.cache/lazymerge;
-    one subdirectory per torch version (a package's name carries the hash of its own source: `package_path`)."""
-    root = os.environ.get("LAZYMERGE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lazymerge")
-    return Path(root) / f"merge_cpu-torch{torch.__version__}"
+    """Where compiled packages live: `kernels.cache.root()`, one subdirectory per torch version (a package's name
+    carries the hash of its own source: `package_path`)."""
+    return cache_root() / f"merge_cpu-torch{torch.__version__}"
 
 
 # Inductor settings of every compiled program. Inductor's CPU code vectorizes a loop that reads bfloat16/float16 with
@@ -437,10 +436,11 @@ def merge_delta_fused(base, sources, spec, aux=None, out=None) -> torch.Tensor |
             return None
         b, xs = fb[s:e], [x[s:e] for x in fx]
         auxs = []
-        if has_aux:
-            a = aux if aux is not None else None
-            auxs = [unit_ranks(a[i].reshape(-1)[s:e], width) for i in range(n)] if a is not None else [
-                row_ranks((x.float() - b.float()).abs_().view(-1, width)).view(-1) for x in xs]
+        if has_aux and aux is not None:
+            auxs = [unit_ranks(aux[i].reshape(-1)[s:e], width) for i in range(n)]
+        elif has_aux:  # x - bf promotes to float32 (exact, as x.float() - bf) without a float copy of x
+            bf = b.float()
+            auxs = [row_ranks((x - bf).abs_().view(-1, width)).view(-1) for x in xs]
         args = (flat[s:e], b, *xs, *auxs, *tail, torch.tensor(s, dtype=torch.int64, device=dev))
         if fn is None:
             fn = _program(key, _DeltaModule(n, has_aux, **kw), args, 2 + n + len(auxs),
