@@ -308,6 +308,36 @@ class _BucketModule(torch.nn.Module):
         return torch.where((bits >> shift) == digit, 1, 0).to(torch.int8)
 
 
+def on_fresh_stack(fn):
+    """fn() run in a new thread (joined; its exception re-raised here), so that its Python frames start on an empty
+    frame stack whatever the caller's depth.
+
+    Why: CPython 3.11 keeps frames in 16 KiB chunks, mapped when a call needs a new one and unmapped when the call
+    that needed it returns. Inductor's code generation recurses millions of times; from a caller whose depth put that
+    recursion at a chunk's edge (a pytest test, measured), every crossing mapped and faulted in a fresh chunk: the
+    3-source DARE-TIES structure took 96-103 s to compile there (70 s of it system time, 10.8M page faults) against
+    21-24 s (0.87M faults) from a shallow caller. A fresh thread's depth is the same for every caller. The thread
+    inherits torch's intra-op thread count (the compiled program's `t` key).
+
+    Raises whatever fn raises."""
+    got: dict = {}
+    threads = torch.get_num_threads()
+
+    def run():
+        torch.set_num_threads(threads)
+        try:
+            got["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+            got["error"] = e
+
+    t = threading.Thread(target=run, name="lazymerge-compile")
+    t.start()
+    t.join()
+    if "error" in got:
+        raise got["error"]
+    return got.get("value")
+
+
 def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: int, what: str, n_named: int,
              may_compile: bool = True):
     """The loaded AOTInductor package of `key` (compiled and saved first if missing, when `may_compile`); None if it
@@ -335,13 +365,17 @@ def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: in
                 shapes = tuple({0: n_dim} for _ in range(n_elementwise)) + (None,) * (len(args) - n_elementwise)
                 shapes = shapes[:n_named] + (shapes[n_named:],)  # forward(named..., *rest)
                 tmp = path.with_suffix(f".{os.getpid()}.tmp.pt2")
-                with warnings.catch_warnings():  # torch's own deprecation notices (e.g. LeafSpec) are not the user's
-                    warnings.simplefilter("ignore", FutureWarning)
-                    warnings.simplefilter("ignore", DeprecationWarning)
+
+                def compile_package():
                     ep = torch.export.export(module, args, dynamic_shapes=shapes)
                     # a copy: torch adds its own keys to the dict it is given, which would change the code hash
                     torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
                                                              inductor_configs=dict(INDUCTOR_CONFIGS))
+
+                with warnings.catch_warnings():  # torch's own deprecation notices (e.g. LeafSpec) are not the user's
+                    warnings.simplefilter("ignore", FutureWarning)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    on_fresh_stack(compile_package)
                 for marker in (".ok", ".bad"):  # a new package is probed anew
                     path.with_suffix(marker).unlink(missing_ok=True)
                 os.replace(tmp, path)

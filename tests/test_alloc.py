@@ -63,8 +63,23 @@ def test_tuned_allocator_stops_page_faults_on_the_hot_path(medium):
     assert tuned["faults_per_forward"] < untuned["faults_per_forward"] / 10, (tuned, untuned)
 
 
-def test_an_environment_that_tunes_glibc_itself_is_left_alone(medium):
-    assert _run(medium, {"MALLOC_TRIM_THRESHOLD_": "1000000"})["tuned"] is False
+def test_an_environment_that_tunes_glibc_itself_is_left_alone():
+    """glibc's own settings in the environment (or LAZYMERGE_MALLOC_TUNE=0) keep `tune` from calling mallopt; a
+    plain environment lets it (where glibc is)."""
+    code = "from lazymerge.engine import alloc; print(int(alloc.tune()))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    env.pop("LAZYMERGE_MALLOC_TUNE", None)
+    got = {}
+    for name, extra in (("plain", {}), ("glibc", {"MALLOC_TRIM_THRESHOLD_": "1000000"}),
+                        ("tunables", {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"}),
+                        ("off", {"LAZYMERGE_MALLOC_TUNE": "0"})):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**env, **extra})
+        assert r.returncode == 0, r.stderr[-2000:]
+        got[name] = r.stdout.strip().splitlines()[-1]
+    if got["plain"] == "0":
+        pytest.skip("not glibc: engine/alloc.py does nothing here")
+    assert got == {"plain": "1", "glibc": "0", "tunables": "0", "off": "0"}, got
 
 
 RELEASE = """

@@ -298,3 +298,23 @@ def test_small_tensors_never_compile(monkeypatch, tmp_path):
     got = merge_cpu.merge_delta_fused(b, xs, spec)
     assert got is not None and torch.equal(got, want)
     assert merge_cpu.l1_sums_fused(b, xs[0], spec, 0) is None
+
+
+def test_compilation_runs_on_a_fresh_stack_with_the_callers_threads():
+    """`on_fresh_stack` (where packages compile) runs its function in another thread with this thread's torch thread
+    count (the package's `t` key), returns its value and re-raises its error here."""
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        where, threads = merge_cpu.on_fresh_stack(lambda: (threading.current_thread(), torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(before)
+    assert where is not threading.current_thread() and threads == 1
+
+    def fail():
+        raise ValueError("no compiler")
+
+    with pytest.raises(ValueError, match="no compiler"):
+        merge_cpu.on_fresh_stack(fail)
