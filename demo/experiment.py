@@ -407,14 +407,9 @@ def platform_facts(zoo: Path) -> dict:
         manifest = json.loads((Path(zoo) / "manifest.json").read_text())
     except (OSError, ValueError):
         manifest = {}
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from lazymerge.engine.host import cpu_model
+
+    cpu = cpu_model()
     return {"zoo_content_hash": str(manifest.get("content_hash", ""))[:16], "zoo_version": manifest.get("version"),
             "zoo_train_threads": manifest.get("train_threads", TRAIN_THREADS),  # zoos before the option: the default
             "zoo_cpu_kernels": manifest.get("cpu_kernels", machine_default()),

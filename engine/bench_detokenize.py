@@ -55,7 +55,9 @@ def main(argv=None) -> int:
             assert a == b, (kind, n)
             rows.append({"tokenizer": kind, "tokens": len(gen), "full_us_per_token": 1e6 * ta / len(gen),
                          "incremental_us_per_token": 1e6 * tb / len(gen), "ratio": ta / tb})
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    from . import host
+
+    print(f"machine: {host.cpu_model()}, python {platform.python_version()}")
     print("| tokenizer | tokens | re-decode (us/token) | incremental (us/token) | ratio |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:

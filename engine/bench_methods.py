@@ -125,7 +125,9 @@ def run(rows: int, cols: int, n: int, reps: int, device: str, only: list[str] | 
         nbytes += base.numel() * base.element_size() if base is not None and spec.mode != "combine" else 0
         out.append({"method": name, "inputs": len(xs) + (base is not None), "stats_ms": stats_ms,
                     "merge_ms": merge_ms, "merge_gbps": nbytes / merge_ms / 1e6})
-    env = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+    from . import host
+
+    env = {"machine": platform.machine(), "processor": host.cpu_model(), "host": host.describe(),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if device.startswith("cuda"):

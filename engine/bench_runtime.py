@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -149,7 +148,9 @@ def main(argv=None) -> int:
                            capture_output=True, text=True, check=True)
         mem.append(json.loads(r.stdout.strip().splitlines()[-1]))
     rows = timing(paths, [1, 64, 2048] if not a.quick else [1, 64], a.repeats)
-    machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    from . import host
+
+    machine = host.line()
     print(f"lazy runtime benchmark — {machine}")
     print(f"model: hidden {a.hidden}, {a.layers} layers, {model_mb:.0f} MB per source (fp32), "
           f"3 sources = {src_mb:.0f} MB;"

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -103,7 +102,9 @@ def main() -> None:
         merge_cpu.INDUCTOR_CONFIGS.clear()
         merge_cpu.INDUCTOR_CONFIGS.update(ours)
         shutil.rmtree(cache, ignore_errors=True)
-    info = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    from lazymerge.engine import host
+
+    info = {"machine": host.cpu_model(), "host": host.describe(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
             "shape": [args.rows, args.cols], "sources": args.sources, "settings": ours}
     print(f"\nFused CPU merge, Inductor defaults vs `merge_cpu.INDUCTOR_CONFIGS` ({ours}); one {args.rows}x{args.cols} "

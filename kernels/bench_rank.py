@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -106,8 +105,10 @@ def main(argv=None) -> int:
     configure()
     rows = rank_rows(args.shapes, args.repeats)
     m = della_merge(*args.merge, args.repeats)
-    print(f"DELLA row ranks, |delta| of bf16 tensors, {platform.platform()}, {platform.processor() or '?'}, "
-          f"torch {torch.__version__}, {datetime.datetime.now().isoformat(timespec='minutes')}")
+    from lazymerge.engine import host
+
+    print(f"DELLA row ranks, |delta| of bf16 tensors, {host.line()}, "
+          f"{datetime.datetime.now().isoformat(timespec='minutes')}")
     print("| shape | threads | torch argsort ns/element | radix ns/element | speed-up |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
           f"{m['torch_ms']:.1f} ms, radix ranks {m['radix_ms']:.1f} ms ({m['torch_ms'] / m['radix_ms']:.2f}x), "
           "bit-identical")
     if args.json:
-        Path(args.json).write_text(json.dumps({"ranks": rows, "della_merge": m}, indent=1))
+        Path(args.json).write_text(json.dumps({"ranks": rows, "della_merge": m, "host": host.describe()}, indent=1))
     return 0
 
 

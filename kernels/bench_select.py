@@ -14,9 +14,7 @@ table (and --json). Interleaved repeats, medians. A benchmark is a script, never
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -81,9 +79,10 @@ def main(argv=None) -> int:
 
     configure()
     r = run(args.rows, args.cols, args.sources, args.repeats)
+    from lazymerge.engine import host
     per = lambda s: s / (r["numel"] * r["sources"]) * 1e9  # noqa: E731
     print(f"exact top-k cut, {args.rows}x{args.cols} bf16, {args.sources} sources, torch threads {r['threads']}, "
-          f"{platform.platform()}, {datetime.date.today().isoformat()}")
+          f"{host.line()}")
     print("| selection | first candidate s | new densities s | ns/element (new densities) | kept bytes |")
     print("|---|---:|---:|---:|---:|")
     print(f"| sorted order (old) | {r['old_first_s']:.3f} | {r['old_new_density_s']:.4f} | "
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
     print(f"| radix select (new) | {r['new_first_s']:.3f} | {r['new_new_density_s']:.4f} | "
           f"{per(r['new_new_density_s']):.2f} | {r['new_kept_bytes']} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=1))
+        Path(args.json).write_text(json.dumps({**r, "host": host.describe()}, indent=1))
     return 0
 
 

@@ -331,9 +331,13 @@ def run_child(part: str, root: Path, method: str = "", repeats: int = 3, timeout
 
 def table(info: dict, results: dict) -> str:
     src = info["source_bytes"]
+    from lazymerge.engine import host
+
+    # results of runs before the "host" field name the platform alone
+    where = host.line(info["host"]) if "host" in info else f"{info['machine']}, {info['cpus']} CPUs, {info['date']}"
     out = [f"lazymerge scale benchmark: Llama {info['params'] / 1e6:.0f}M params (hidden {SHAPE['hidden']}, "
            f"{SHAPE['layers']} layers, vocab {SHAPE['vocab']}), bf16, base + 3 fine-tunes = {src / 2**30:.2f} GiB; "
-           f"{info['machine']}, {info['cpus']} CPUs available, torch threads {info['threads']}, {info['date']}"
+           f"{where}, torch threads {info['threads']}"
            + (f"; forward and decode on {info['gpu']} (torch {info['torch']})" if "gpu" in info else ""), ""]
     out.append("| method | part | peak RSS GiB | limit GiB (sources + cache + 1) | within | seconds |")
     out.append("|---|---|---:|---:|---|---:|")
@@ -454,7 +458,10 @@ def main(argv=None) -> int:
     finally:
         if made and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    from lazymerge.engine import host
+
     info = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
+            "host": host.describe(),
             "threads": default_threads(), "params": built["params"], "source_bytes": built["source_bytes"],
             "shape": SHAPE, "device": DEVICE, "tasks": TASKS}
     if DEVICE != "cpu":

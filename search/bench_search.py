@@ -242,8 +242,10 @@ def main(argv=None) -> int:
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)
+    from lazymerge.engine import host
+
     info = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "cpu": host.cpu_model(), "cpu_count": os.cpu_count(), "host": host.describe(),
             "torch": torch.__version__, "device": "cpu", "hidden": args.hidden, "layers": args.layers,
             "max_tokens": args.max_tokens, "space": "ps, 2 experts (weight, density each: 4 genes)"}
     print(f"lazymerge search benchmark: {rows[0]['params'] / 1e6:.1f}M-parameter Mistral-style model "
