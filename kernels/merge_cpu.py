@@ -312,12 +312,14 @@ def on_fresh_stack(fn):
     """fn() run in a new thread (joined; its exception re-raised here), so that its Python frames start on an empty
     frame stack whatever the caller's depth.
 
-    Why: CPython 3.11 keeps frames in 16 KiB chunks, mapped when a call needs a new one and unmapped when the call
-    that needed it returns. Inductor's code generation recurses millions of times; from a caller whose depth put that
-    recursion at a chunk's edge (a pytest test, measured), every crossing mapped and faulted in a fresh chunk: the
-    3-source DARE-TIES structure took 96-103 s to compile there (70 s of it system time, 10.8M page faults) against
-    21-24 s (0.87M faults) from a shallow caller. A fresh thread's depth is the same for every caller. The thread
-    inherits torch's intra-op thread count (the compiled program's `t` key).
+    Why (measured; the mechanism read off `perf`, whose faults sat under `_PyThreadState_BumpFramePointerSlow`):
+    CPython 3.11 keeps frames in 16 KiB chunks, mapped when a call needs a new one and unmapped when that call
+    returns. Inductor's code generation makes millions of calls; from a caller whose depth put them at a chunk's edge
+    (a pytest test), every crossing mapped and faulted in a fresh chunk: the 3-source DARE-TIES structure took
+    96-103 s to compile there (70 s of it system time, 10.8M page faults) against 21-24 s (0.87M faults) from a
+    shallow caller. A fresh thread's depth is the same for every caller. The thread takes this thread's torch
+    intra-op thread count (the compiled program's `t` key). It is a daemon: Ctrl-C during a compilation ends the
+    process without waiting for it (its temporary file is left behind).
 
     Raises whatever fn raises."""
     got: dict = {}
@@ -330,7 +332,7 @@ def on_fresh_stack(fn):
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
             got["error"] = e
 
-    t = threading.Thread(target=run, name="lazymerge-compile")
+    t = threading.Thread(target=run, name="lazymerge-compile", daemon=True)
     t.start()
     t.join()
     if "error" in got:
