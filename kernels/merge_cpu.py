@@ -318,17 +318,21 @@ def on_fresh_stack(fn):
     (a pytest test), every crossing mapped and faulted in a fresh chunk: the 3-source DARE-TIES structure took
     96-103 s to compile there (70 s of it system time, 10.8M page faults) against 21-24 s (0.87M faults) from a
     shallow caller. A fresh thread's depth is the same for every caller. The thread takes this thread's torch
-    intra-op thread count (the compiled program's `t` key). It is a daemon: Ctrl-C during a compilation ends the
-    process without waiting for it (its temporary file is left behind).
+    intra-op thread count (the compiled program's `t` key) and its inference and grad modes (thread-local in
+    torch). It is a daemon: Ctrl-C during a compilation ends the process without waiting for it (its temporary file
+    is left behind).
 
     Raises whatever fn raises."""
     got: dict = {}
-    threads = torch.get_num_threads()
+    threads, inference, grad = torch.get_num_threads(), torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def run():
         torch.set_num_threads(threads)
         try:
-            got["value"] = fn()
+            # the caller's autograd modes are thread-local: under `torch.inference_mode` (score, generate, serve)
+            # the example inputs are inference tensors, which export may only update in inference mode
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                got["value"] = fn()
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
             got["error"] = e
 

@@ -318,3 +318,23 @@ def test_compilation_runs_on_a_fresh_stack_with_the_callers_threads():
 
     with pytest.raises(ValueError, match="no compiler"):
         merge_cpu.on_fresh_stack(fail)
+
+
+def test_a_structure_compiles_under_inference_mode(monkeypatch, tmp_path):
+    """score, generate and serve merge under `torch.inference_mode`: a missing package compiles there (on the
+    compile thread, in the caller's mode) and is cached, instead of falling back to the reference with a warning."""
+    import warnings
+
+    monkeypatch.setenv("LAZYMERGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(merge_cpu, "_LOADED", {})  # nothing this process loaded before counts
+    monkeypatch.setattr(merge_cpu, "_FAILED", set())
+    spec = MergeSpec("delta", weights=(0.5, 0.25), scales=(1.0, 1.0))  # task arithmetic: the cheapest structure
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(4096, generator=g)
+    xs = [b + 0.01 * torch.randn(4096, generator=g) for _ in range(2)]
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback's warning fails the test
+        b, xs = b.clone(), [x.clone() for x in xs]  # inference tensors, as in a scored forward
+        got = merge_cpu.merge_delta_fused(b, xs, spec)
+    assert got is not None and torch.equal(got, merge_reference(b, xs, spec))
+    assert list(merge_cpu.cache_dir().glob("delta-all-*.pt2")), list(tmp_path.rglob("*"))
