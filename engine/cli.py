@@ -37,6 +37,10 @@ def _cmd_generate(args) -> int:
 def _cmd_score(args) -> int:
     eng, model = _open_model(args)
     tokens, lps = model.token_logprobs(args.text)
+    if not tokens:
+        from .generate import UsageError
+
+        raise UsageError("empty text: nothing to score")
     if args.json:
         print(json.dumps({"tokens": tokens, "token_logprobs": lps}))
     else:

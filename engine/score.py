@@ -41,6 +41,10 @@ def score_tokens(model, seqs: list[list[int]], top_k: int = 0, max_batch_tokens:
     pad = model.pad_id
     for batch in _batches(order, lengths, max_batch_tokens):
         T = max(lengths[i] for i in batch)
+        if T == 0:  # only empty sequences (a tokenizer without BOS, empty text): nothing to run the model on
+            for i in batch:
+                out[i] = TokenScores([], [], [], [])
+            continue
         ids = torch.full((len(batch), T), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), T), dtype=torch.long)
         for r, i in enumerate(batch):

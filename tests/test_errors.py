@@ -190,3 +190,5 @@ def test_cli_errors_are_one_line_without_traceback(fam, tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == "error: temperature must be >= 0, got -1.0"
     r = run_cli("score", tmp_path / "missing.yaml", "hello")
     assert r.returncode == 2 and r.stderr.startswith("error: cannot read recipe file")
+    r = run_cli("score", ok, "")  # the toy tokenizer adds no BOS: no token to score
+    assert r.returncode == 2 and r.stderr.strip() == "error: empty text: nothing to score", r.stderr[-500:]

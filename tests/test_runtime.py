@@ -297,6 +297,7 @@ def test_loglikelihood_and_token_logprobs(fam):
     model = Engine(fam).compile(METHOD_RECIPES["ties"])
     tokens, lps = model.token_logprobs("the cat sees the dog")
     assert tokens == ["the", "cat", "sees", "the", "dog"] and lps[0] is None
+    assert model.token_logprobs("") == ([], [])  # no token (no BOS here): nothing to run, nothing to score
     ids = model.encode("the cat sees the dog")
     full = torch.log_softmax(model.logits(torch.tensor([ids]))[0], -1)
     for i in range(1, len(ids)):
