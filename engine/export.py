@@ -17,11 +17,13 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from .merger import Merger
 from .plan import ModelPlan
 from .recipe import RecipeError
+from .refs import rename_models
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -83,5 +85,8 @@ def export(plan: ModelPlan, out_dir: str | Path, merger: Merger | None = None, s
         tok.save_pretrained(str(out))
     if (tok_dir / "generation_config.json").exists():
         shutil.copy(tok_dir / "generation_config.json", out / "generation_config.json")
-    (out / "lazymerge_recipe.yaml").write_text(plan.recipe.to_yaml())
+    # the recipe that made it, naming its sources by absolute folder: it runs from any directory (a path relative to
+    # the original recipe's folder would not resolve beside the export)
+    portable = rename_models(plan.recipe.to_dict(), plan.sources.absolute)
+    (out / "lazymerge_recipe.yaml").write_text(yaml.safe_dump(portable, sort_keys=False))
     return out

@@ -176,6 +176,15 @@ class SourceSet:
         raise RecipeError(f"{where}: unknown source {ref!r} (not a registered name, and no such folder"
                           + (f": {missing!r})" if len(parts) > 1 else ")"))
 
+    def absolute(self, ref: str) -> str:
+        """The absolute folder a model reference (one side of a `base+adapter` pair, or a whole name) denotes, for a
+        recipe written to run from anywhere (an export's `lazymerge_recipe.yaml`): a registered or opened source's
+        identity (`base+adapter` for a LoRA source), else the first existing folder `resolve` would try, else `ref`
+        unchanged."""
+        if ref in self.sources:
+            return "+".join(str(p) for p in source_identity(self.sources[ref]))
+        return str(next((c for c in self._candidates(ref) if c.exists()), ref))
+
     def _candidates(self, ref: str) -> list[Path]:
         """Resolved folders a path-like reference may mean: relative to the recipe's folder first, then as given."""
         cands = [Path(ref)]

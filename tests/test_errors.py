@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +193,24 @@ def test_cli_errors_are_one_line_without_traceback(fam, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: cannot read recipe file")
     r = run_cli("score", ok, "")  # the toy tokenizer adds no BOS: no token to score
     assert r.returncode == 2 and r.stderr.strip() == "error: empty text: nothing to score", r.stderr[-500:]
+
+
+def test_an_exports_recipe_runs_from_anywhere(fam, tmp_path):
+    """`lazymerge merge` writes the recipe beside the export with its sources by absolute folder: a recipe whose
+    paths were relative to its own folder scores the same from the export's folder and from another directory."""
+    import os
+
+    rdir = tmp_path / "recipes"
+    rdir.mkdir()
+    rel = lambda p: os.path.relpath(p, rdir)  # noqa: E731
+    recipe = rdir / "ties.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {rel(fam['base'])}\nmodels:\n"
+                      f"  - {{model: {rel(fam['e1'])}, parameters: {{weight: 0.7, density: 0.5}}}}\n"
+                      f"  - {{model: {rel(fam['e2'])}, parameters: {{weight: 0.5, density: 0.4}}}}\n")
+    assert run_cli("merge", recipe, tmp_path / "out").returncode == 0
+    saved = tmp_path / "out" / "lazymerge_recipe.yaml"
+    assert str(Path(fam["e1"]).resolve()) in saved.read_text()
+    want = run_cli("score", recipe, "the cat sees", "--json", cwd=tmp_path)
+    got = run_cli("score", saved, "the cat sees", "--json", cwd=tmp_path / "out")
+    assert want.returncode == 0 and got.returncode == 0, got.stderr[-800:]
+    assert got.stdout == want.stdout
