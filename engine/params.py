@@ -18,6 +18,23 @@ from typing import Any
 ParamValue = Any  # float | bool | list[float] | list[dict]
 
 
+def numbers_from_text(value: ParamValue) -> ParamValue:
+    """`value` with every string that reads as a number made that number, inside gradients and conditions too.
+
+    YAML 1.1 (PyYAML, what mergekit and lazymerge load recipes with) reads `5e-1` and `1e-3` as strings: its floats
+    need a dot. mergekit takes them anyway (its pydantic fields convert a numeric string to a float), so the same
+    recipe must mean the same here. Other strings are left for `check_value` to refuse."""
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value
+    if isinstance(value, list):
+        return [numbers_from_text(v) if not isinstance(v, dict)
+                else {**v, "value": numbers_from_text(v["value"])} if "value" in v else v for v in value]
+    return value
+
+
 def check_value(value: ParamValue, where: str) -> None:
     """Raise ValueError naming `where` if `value` is not a well-formed parameter value."""
     if isinstance(value, bool):

@@ -54,7 +54,7 @@ from .methods import (
     global_params,
     required_global_params,
 )
-from .params import all_numbers, check_value
+from .params import all_numbers, check_value, numbers_from_text
 
 DTYPES = ("float32", "float16", "bfloat16")
 # fields of mergekit 0.1.5's MergeConfiguration that lazymerge refuses, and why (README lists them)
@@ -347,6 +347,7 @@ def _check_params(params: dict, where: str, m, known: set[str]) -> None:
             raise ValueError(f"{w}: the mask seed is the top-level `random_seed`")
         if key not in known:
             raise ValueError(f"{w}: unknown parameter for merge_method {m.name!r}; known: {', '.join(sorted(known))}")
+        params[key] = value = numbers_from_text(value)  # `5e-1`: a string to YAML 1.1, a number to mergekit
         check_value(value, w)
         nums = all_numbers(value)
         if key == "density":

@@ -54,6 +54,16 @@ slices:
       - {model: E1, layer_range: [1, 3], parameters: {weight: [0.2, 0.9]}}
 out_dtype: bfloat16
 """,
+    # numbers YAML 1.1 reads as strings (no dot: `5e-1`), in a scalar, a gradient and a condition; mergekit's
+    # pydantic fields convert them
+    "exponent_numbers": """
+merge_method: ties
+base_model: BASE
+models:
+  - {model: E1, parameters: {weight: 7e-1, density: [5e-1, 1e0]}}
+  - {model: E2, parameters: {weight: [{filter: mlp, value: 3E-1}, {value: 4e-1}], density: 6e-1}}
+parameters: {normalize: true}
+""",
 }
 
 
