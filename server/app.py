@@ -113,6 +113,10 @@ class GuardMiddleware:
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for e in exc.errors():
+        if e.get("type") == "json_invalid":  # FastAPI's loc is ("body", character offset): not a parameter
+            at = [x for x in e.get("loc", ()) if isinstance(x, int)]
+            why = (e.get("ctx") or {}).get("error") or e.get("msg")
+            return "invalid JSON in the request body" + (f" at character {at[0]}" if at else "") + f": {why}", None
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         if param is None and loc:
             param = loc[0]

@@ -26,9 +26,12 @@ def build_config(sources: dict, recipes: dict | None = None, **kw):
 
 
 def page_address(host: str, port: int, api_key: str | None = None) -> str:
+    """The A/B page's address as printed at start-up. With an API key the page is opened once with `?api_key=` and
+    the key (which sets the page's cookie); the printed address says so without printing the key itself, which would
+    otherwise land in every log of the server's output."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     shown = f"[{shown}]" if ":" in shown else shown
-    return f"http://{shown}:{port}/" + (f"?api_key={api_key}" if api_key else "")
+    return f"http://{shown}:{port}/" + ("?api_key=YOUR_KEY" if api_key else "")
 
 
 def serve_blocking(engine_sources: dict, recipes: dict | None = None, host: str = "127.0.0.1", port: int = 8000,

@@ -98,7 +98,8 @@ class CompletionResponse(BaseModel):
 
 # -- chat completions --------------------------------------------------------------------------------------------
 class ChatMessage(_Request):
-    role: str
+    # OpenAI's roles; another is a 400 naming the allowed ones, as OpenAI answers (a chat template may not know it)
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 

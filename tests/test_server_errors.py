@@ -87,6 +87,12 @@ def test_400_invalid_requests(client):
     assert_error(post("/v1/completions", json={"model": "base"}), 400, "prompt")
     r = post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert_error(r, 400)
+    r = post("/v1/completions", content=b'{"model": "base",', headers={"Content-Type": "application/json"})
+    err = assert_error(r, 400, contains="invalid JSON in the request body")
+    assert err["param"] is None and "character 17" in err["message"], err
+    wizard = [{"role": "wizard", "content": "hi"}]
+    assert_error(post("/v1/chat/completions", json={"model": "base", "messages": wizard}), 400, "messages",
+                 contains="messages.0.role")
     assert_error(post("/v1/chat/completions", json={"model": "base", "messages": []}), 400, "messages")
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert_error(post("/v1/chat/completions", json={"model": "base", "messages": msgs}), 400)

@@ -66,6 +66,7 @@ def live(server_sources, server_recipes, tmp_path_factory):
         log.close()
     out = (tmp / "server.log").read_text()
     assert "A/B page: http://127.0.0.1" in out and "Traceback" not in out, out
+    assert "?api_key=YOUR_KEY" in out and KEY not in out, out  # the key is never printed
 
 
 @pytest.fixture(scope="module")
