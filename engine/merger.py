@@ -28,7 +28,7 @@ from collections import OrderedDict
 import torch
 
 from lazymerge.kernels import merge_cpu, select
-from lazymerge.kernels.merge import MergeSpec, della_step, l1_sums, row_rank_ints, row_ranks, row_view
+from lazymerge.kernels.merge import MergeSpec, della_step, l1_sums, rounded, row_rank_ints, row_ranks, row_view
 from lazymerge.kernels.merge import merge as merge_kernel
 from lazymerge.kernels.rng import MAX_INDEX, mask_keys
 
@@ -415,8 +415,10 @@ class Merger:
         if della is not None:
             aux = della
         if spec.mode == "delta" and not xs:
-            return base.float() if out is None else out.copy_(base)
-        return merge_kernel(base, xs, spec, aux=aux, index=index, out=out, cpu_fused=self.cpu_fused)
+            return rounded(base.float() if out is None else out.copy_(base), plan.round_to)
+        # rounded to the output's dtype (`plan.round_to`): inside the fused CPU loop, else one more pass
+        return merge_kernel(base, xs, spec, aux=aux, index=index, out=out, cpu_fused=self.cpu_fused,
+                            round_to=plan.round_to)
 
 
 def _replace(spec: MergeSpec, **kw) -> MergeSpec:

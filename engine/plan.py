@@ -73,6 +73,9 @@ class TensorPlan:
     seed: int = 0
     mask_name: str = ""  # the tensor name DARE/DELLA masks are keyed by (default: out_name)
     options: tuple[tuple[str, float | bool], ...] = ()  # the method's global parameters (nuslerp, sce, ram, ...)
+    # the output's dtype when narrower than float32 (the plan's `dtype`): the merged tensor is rounded to it, so that
+    # the lazy model computes with the very values an export writes (engine/merger.py `rounded`); "" for float32
+    round_to: str = ""
     key: str = field(default="", compare=False)
 
     def option(self, name: str):
@@ -220,6 +223,8 @@ class _Planner:
         if p.sparsify in (Sparsify.random, Sparsify.della) or p.family is Family.arcee_fusion:
             d["seed"] = p.seed
             d["mask_name"] = p.mask_name or p.out_name  # masks depend on the tensor name
+        if p.round_to:
+            d["round_to"] = p.round_to
         object.__setattr__(p, "key", _digest(d))
         return p
 
@@ -554,6 +559,11 @@ def compile_plan(recipe: str | dict | Path | Recipe, sources: SourceSet) -> Mode
             plan = _merge_plan(r, sources)
     except CheckpointError as e:
         raise RecipeError(str(e)) from None
+    if plan.dtype != "float32":  # the lazy model computes with the values an export of this dtype holds
+        import dataclasses
+
+        finish = _Planner(r, sources).finish
+        plan.tensors = {n: finish(dataclasses.replace(p, round_to=plan.dtype)) for n, p in plan.tensors.items()}
     if r.chat_template is not None:
         # `auto`: one vote per source the merge reads, the base's first (engine/chat_template.py)
         used = ([sources.resolve(r.base_model, "base_model")] if r.base_model else []) + [

@@ -55,7 +55,8 @@ class WeightProvider:
     def _identity(self, plan: TensorPlan) -> torch.Tensor | None:
         if plan.is_identity() and plan.inputs[0].vocab is None:  # a re-indexed vocabulary is a new tensor
             t = self.merger.store.get(plan.inputs[0])
-            if t.dtype == self.dtype:
+            # a float32 source in a narrower output (`round_to`) takes the merge path, which rounds it
+            if t.dtype == self.dtype and not (plan.round_to and t.dtype == torch.float32):
                 return t
         return None
 

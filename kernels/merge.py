@@ -380,21 +380,35 @@ def merge_reference(base: torch.Tensor | None, sources: list[torch.Tensor], spec
     return out
 
 
-def merge(base, sources, spec, aux=None, index=None, out=None, cpu_fused: bool | None = None):
+ROUND_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rounded(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """`t` (a float32 tensor) with every value rounded to `dtype` ("float16" or "bfloat16", round to nearest even;
+    "" or "float32": unchanged), in place, still float32: what a checkpoint of that dtype stores and a model loaded
+    from it computes with. A tensor of another dtype is returned as is."""
+    want = ROUND_DTYPES.get(dtype)
+    if want is None or t.dtype != torch.float32:
+        return t
+    return t.copy_(t.to(want))
+
+
+def merge(base, sources, spec, aux=None, index=None, out=None, cpu_fused: bool | None = None, round_to: str = ""):
     """Dispatch: CUDA tensors -> Triton kernel (unless forced to the reference); CPU tensors -> the fused CPU merge
     (kernels/merge_cpu.py; default on, `cpu_fused=False` or LAZYMERGE_CPU_FUSED=0: the reference) for whole tensors
-    of the delta family, else the reference."""
+    of the delta family, else the reference. `round_to` ("", "bfloat16", "float16"): a float32 result's values
+    rounded to that dtype (`rounded`), inside the fused CPU loop where it runs, else by one more pass."""
     from . import dispatch, merge_cpu
 
     fused = merge_cpu.enabled() if cpu_fused is None else cpu_fused
     if (fused and spec.mode == "delta" and not spec.row_layout and index is None and sources
             and sources[0].device.type == "cpu" and not dispatch.use_triton(sources[0])):
         # None: a spec (or an `out`) the fused loop does not take
-        r = merge_cpu.merge_delta_fused(base, sources, spec, aux=aux, out=out)
+        r = merge_cpu.merge_delta_fused(base, sources, spec, aux=aux, out=out, round_to=round_to)
         if r is not None:
             return r
     if dispatch.use_triton(sources[0]):
         from .merge_triton import merge_triton  # noqa: PLC0415  (GPU path, optional)
 
-        return merge_triton(base, sources, spec, aux=aux, index=index, out=out)
-    return merge_reference(base, sources, spec, aux=aux, index=index, out=out)
+        return rounded(merge_triton(base, sources, spec, aux=aux, index=index, out=out), round_to)
+    return rounded(merge_reference(base, sources, spec, aux=aux, index=index, out=out), round_to)

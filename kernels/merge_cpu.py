@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .cache import root as cache_root
-from .merge import della_step, row_ranks, unit_ranks
+from .merge import ROUND_DTYPES, della_step, row_ranks, unit_ranks
 from .rng import C1, C2, M32
 
 _ENABLED = os.environ.get("LAZYMERGE_CPU_FUSED", "1") != "0"
@@ -75,20 +75,24 @@ def cache_dir() -> Path:
 # (the masked delta, over 30 operations with its hash, was realized by `realize_opcount_threshold`), same bits
 # (`python -m lazymerge.kernels.bench_inductor`). Kept inline, each subexpression is still computed once (CSE).
 INDUCTOR_CONFIGS = {"realize_reads_threshold": 1 << 10, "realize_opcount_threshold": 1 << 10}
+# A program that rounds its result to the output checkpoint's dtype (`.to(bfloat16).to(float32)`): by default Inductor
+# drops such a round trip as a no-op and stores the unrounded value (seen: TIES, bf16 sources); this keeps the cast.
+ROUNDING_CONFIGS = {"emulate_precision_casts": True}
 
 
 _HASHES: dict = {}
 
 
-def _code_hash(module) -> str:
-    """Hash of what a package compiles (the module's class, the functions it calls, the Inductor settings), not of
+def _code_hash(module, configs: dict | None = None) -> str:
+    """Hash of what a package compiles (the module's class, the functions it calls, the Inductor settings: the
+    common ones and the program's own `configs`), not of
     the loading code: a package stays valid until that changes, and changing one program recompiles that one alone.
     Memoized per (class, functions, settings): reading the source took ~10 ms, and a small tensor asks for its
     package on every merge (COMPILE_FROM)."""
     import inspect
 
     parts = tuple([type(module), *getattr(module, "USES", ())] if module is not None else [])
-    memo = (parts, repr(sorted(INDUCTOR_CONFIGS.items())))
+    memo = (parts, repr(sorted(INDUCTOR_CONFIGS.items())) + (repr(sorted(configs.items())) if configs else ""))
     got = _HASHES.get(memo)
     if got is None:
         src = "".join(inspect.getsource(f) for f in parts) + memo[1]
@@ -96,9 +100,10 @@ def _code_hash(module) -> str:
     return got
 
 
-def package_path(key: tuple, module) -> Path:
-    """The package file of structure `key` compiled from `module`: the key's fields and the code hash."""
-    return cache_dir() / ("-".join(str(k) for k in key) + f"-{_code_hash(module)}.pt2")
+def package_path(key: tuple, module, configs: dict | None = None) -> Path:
+    """The package file of structure `key` compiled from `module` (with Inductor settings `configs` beyond
+    INDUCTOR_CONFIGS): the key's fields and the code hash."""
+    return cache_dir() / ("-".join(str(k) for k in key) + f"-{_code_hash(module, configs)}.pt2")
 
 
 def _open(path: str):
@@ -261,9 +266,9 @@ def _l1_kept(b, x, aux_i, t_in, c_in, t_out, c_out, dens, eps, k1, k2, start, *,
 class _DeltaModule(torch.nn.Module):
     USES = (_mix, _index, _keep, _delta)
 
-    def __init__(self, n: int, has_aux: bool, **kw):
+    def __init__(self, n: int, has_aux: bool, round_to: str = "", **kw):
         super().__init__()
-        self.n, self.has_aux, self.kw = n, has_aux, kw
+        self.n, self.has_aux, self.round_to, self.kw = n, has_aux, round_to, kw
 
     def forward(self, out, b, *rest):
         # the merged tensor is written into `out` (float32, b's numel): AOTInductor stores the loop's result there
@@ -272,7 +277,10 @@ class _DeltaModule(torch.nn.Module):
         aux = None
         if self.has_aux:
             aux, rest = list(rest[: self.n]), rest[self.n:]
-        return out.copy_(_delta(b, xs, aux, *rest, **self.kw))
+        v = _delta(b, xs, aux, *rest, **self.kw)
+        if self.round_to:  # the output checkpoint's dtype (`kernels.merge.rounded`), in the same loop
+            v = v.to(ROUND_DTYPES[self.round_to]).to(torch.float32)
+        return out.copy_(v)
 
 
 class _L1Module(torch.nn.Module):
@@ -345,9 +353,10 @@ def on_fresh_stack(fn):
 
 
 def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: int, what: str, n_named: int,
-             may_compile: bool = True):
+             may_compile: bool = True, configs: dict | None = None):
     """The loaded AOTInductor package of `key` (compiled and saved first if missing, when `may_compile`); None if it
-    cannot be built, or is missing and may not be."""
+    cannot be built, or is missing and may not be. `configs`: Inductor settings beyond INDUCTOR_CONFIGS for this
+    program (in its package's code hash; one `key` always comes with the same `configs`)."""
     fn = _LOADED.get(key)
     if fn is not None or key in _FAILED:
         return fn
@@ -355,7 +364,7 @@ def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: in
         fn = _LOADED.get(key)
         if fn is not None:
             return fn
-        path = package_path(key, module)
+        path = package_path(key, module, configs)
         if not may_compile and not path.exists():
             _ABSENT.add(key)
             return None
@@ -376,7 +385,7 @@ def _program(key: tuple, module: torch.nn.Module, args: tuple, n_elementwise: in
                     ep = torch.export.export(module, args, dynamic_shapes=shapes)
                     # a copy: torch adds its own keys to the dict it is given, which would change the code hash
                     torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
-                                                             inductor_configs=dict(INDUCTOR_CONFIGS))
+                                                             inductor_configs={**INDUCTOR_CONFIGS, **(configs or {})})
 
                 with warnings.catch_warnings():  # torch's own deprecation notices (e.g. LeafSpec) are not the user's
                     warnings.simplefilter("ignore", FutureWarning)
@@ -442,7 +451,7 @@ def fusable(spec) -> bool:
             and not spec.div_min)
 
 
-def merge_delta_fused(base, sources, spec, aux=None, out=None) -> torch.Tensor | None:
+def merge_delta_fused(base, sources, spec, aux=None, out=None, round_to: str = "") -> torch.Tensor | None:
     """Fused delta-mode merge of whole tensors (no row `index`); float32 of the inputs' shape (written into `out`, a
     contiguous float32 tensor of as many elements, when given), or None when the structure could not be compiled (the
     caller then runs the reference). DELLA without `aux`: ranks per row block. Specs of the newer methods' keep
@@ -456,8 +465,10 @@ def merge_delta_fused(base, sources, spec, aux=None, out=None) -> torch.Tensor |
     n = len(sources)
     has_aux = spec.keep == "della"
     keep = structure_keep(spec)
+    round_to = round_to if round_to in ROUND_DTYPES else ""
     key = ("delta", keep, int(spec.consensus), int(spec.normalize), n, str(base.dtype).split(".")[-1],
-           "_".join(str(s.dtype).split(".")[-1] for s in sources), f"t{torch.get_num_threads()}")
+           "_".join(str(s.dtype).split(".")[-1] for s in sources), f"t{torch.get_num_threads()}") + (
+        (f"r{round_to}",) if round_to else ())
     if key in _ABSENT and key not in _LOADED and base.numel() <= COMPILE_FROM:
         return None  # the reference, as on the first look (same bits either way)
     dev = base.device
@@ -483,9 +494,11 @@ def merge_delta_fused(base, sources, spec, aux=None, out=None) -> torch.Tensor |
             auxs = [row_ranks((x - bf).abs_().view(-1, width)).view(-1) for x in xs]
         args = (flat[s:e], b, *xs, *auxs, *tail, torch.tensor(s, dtype=torch.int64, device=dev))
         if fn is None:
-            fn = _program(key, _DeltaModule(n, has_aux, **kw), args, 2 + n + len(auxs),
+            rounding = f", rounded to {round_to}" if round_to else ""
+            fn = _program(key, _DeltaModule(n, has_aux, round_to, **kw), args, 2 + n + len(auxs),
                           f"{keep} x {n} sources ({'consensus, ' if spec.consensus else ''}"
-                          f"{'normalize, ' if spec.normalize else ''}{key[6]})", 2, may_compile=numel > COMPILE_FROM)
+                          f"{'normalize, ' if spec.normalize else ''}{key[6]}{rounding})", 2,
+                          may_compile=numel > COMPILE_FROM, configs=ROUNDING_CONFIGS if round_to else None)
             if fn is None:
                 return None
         fn(*args)

@@ -338,3 +338,23 @@ def test_a_structure_compiles_under_inference_mode(monkeypatch, tmp_path):
         got = merge_cpu.merge_delta_fused(b, xs, spec)
     assert got is not None and torch.equal(got, merge_reference(b, xs, spec))
     assert list(merge_cpu.cache_dir().glob("delta-all-*.pt2")), list(tmp_path.rglob("*"))
+
+
+def test_rounding_to_the_output_dtype_in_the_fused_loop_equals_the_reference():
+    """`merge(..., round_to=...)` (an output checkpoint of bfloat16/float16, engine/plan.py `round_to`): the fused
+    loop rounds in the same pass, bit for bit the reference followed by `rounded`, into a given buffer too."""
+    from lazymerge.kernels.merge import merge, rounded
+
+    g = torch.Generator().manual_seed(6)
+    b = torch.randn(N, generator=g)
+    xs = [(b + 0.01 * torch.randn(N, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    spec = SPECS["ties"]
+    plain = merge_reference(b, xs, spec)
+    for dtype in ("bfloat16", "float16"):
+        want = rounded(plain.clone(), dtype)
+        assert not torch.equal(want, plain) and torch.equal(want, want.to(getattr(torch, dtype)).float())
+        got = merge_cpu.merge_delta_fused(b, xs, spec, round_to=dtype)
+        assert got is not None and torch.equal(got, want), dtype
+        out = torch.full((N,), float("nan"))
+        assert merge(b, xs, spec, out=out, cpu_fused=True, round_to=dtype) is out and torch.equal(out, want)
+        assert torch.equal(merge(b, xs, spec, cpu_fused=False, round_to=dtype), want)

@@ -70,6 +70,30 @@ def test_lazy_logits_equal_transformers_on_exported(families, family, method, tm
     assert_close(got[m], want[m], atol=1e-5, rtol=1e-5, what=f"{family}/{method}")
 
 
+@pytest.mark.parametrize("policy", ["cached", "on_the_fly"])
+@pytest.mark.parametrize("case", ["bf16_sources", "dtype_bfloat16", "out_dtype_float16"])
+def test_lazy_logits_equal_a_narrower_export(families, case, policy, tmp_path):
+    """A recipe whose output is bfloat16/float16 (bf16 sources, or `dtype`/`out_dtype`): the float32 lazy model
+    computes with the merged values rounded to that dtype, so it equals transformers' float32 forward of the export
+    (which stores them rounded), not a model the export never was."""
+    fam = families["mistral_bf16" if case == "bf16_sources" else "mistral"]
+    recipe = dict(METHOD_RECIPES["ties"])
+    if case == "dtype_bfloat16":
+        recipe["dtype"] = "bfloat16"
+    if case == "out_dtype_float16":
+        recipe["out_dtype"] = "float16"
+    eng = Engine(fam, policy=policy)
+    model = eng.compile(recipe)
+    assert model.plan.dtype == {"bf16_sources": "bfloat16", "dtype_bfloat16": "bfloat16",
+                                "out_dtype_float16": "float16"}[case]
+    export(model.plan, tmp_path / "out", merger=eng.merger)
+    ref = load_hf(tmp_path / "out")
+    ids, mask = batch(ref.config.vocab_size)
+    got, want = model.logits(ids, mask), hf_logits(ref, ids, mask)
+    m = mask.bool()
+    assert_close(got[m], want[m], atol=1e-5, rtol=1e-5, what=case)
+
+
 def test_all_weight_on_one_source_gives_exactly_its_logits(fam):
     eng = Engine(fam)
     model = eng.compile({"merge_method": "linear", "models": [{"model": "e1", "parameters": {"weight": 1.0}},
