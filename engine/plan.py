@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .arch import Architecture, analyze
@@ -560,10 +560,8 @@ def compile_plan(recipe: str | dict | Path | Recipe, sources: SourceSet) -> Mode
     except CheckpointError as e:
         raise RecipeError(str(e)) from None
     if plan.dtype != "float32":  # the lazy model computes with the values an export of this dtype holds
-        import dataclasses
-
         finish = _Planner(r, sources).finish
-        plan.tensors = {n: finish(dataclasses.replace(p, round_to=plan.dtype)) for n, p in plan.tensors.items()}
+        plan.tensors = {n: finish(replace(p, round_to=plan.dtype)) for n, p in plan.tensors.items()}
     if r.chat_template is not None:
         # `auto`: one vote per source the merge reads, the base's first (engine/chat_template.py)
         used = ([sources.resolve(r.base_model, "base_model")] if r.base_model else []) + [
