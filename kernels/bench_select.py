@@ -75,11 +75,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    from lazymerge.engine import host
     from lazymerge.engine.threads import configure
 
     configure()
     r = run(args.rows, args.cols, args.sources, args.repeats)
-    from lazymerge.engine import host
     per = lambda s: s / (r["numel"] * r["sources"]) * 1e9  # noqa: E731
     print(f"exact top-k cut, {args.rows}x{args.cols} bf16, {args.sources} sources, torch threads {r['threads']}, "
           f"{host.line()}")

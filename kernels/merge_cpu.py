@@ -85,10 +85,9 @@ _HASHES: dict = {}
 
 def _code_hash(module, configs: dict | None = None) -> str:
     """Hash of what a package compiles (the module's class, the functions it calls, the Inductor settings: the
-    common ones and the program's own `configs`), not of
-    the loading code: a package stays valid until that changes, and changing one program recompiles that one alone.
-    Memoized per (class, functions, settings): reading the source took ~10 ms, and a small tensor asks for its
-    package on every merge (COMPILE_FROM)."""
+    common ones and the program's own `configs`), not of the loading code: a package stays valid until that changes,
+    and changing one program recompiles that one alone. Memoized per (class, functions, settings): reading the source
+    took ~10 ms, and a small tensor asks for its package on every merge (COMPILE_FROM)."""
     import inspect
 
     parts = tuple([type(module), *getattr(module, "USES", ())] if module is not None else [])
