@@ -27,7 +27,7 @@ from collections import OrderedDict
 
 import torch
 
-from lazymerge.kernels import merge_cpu, select
+from lazymerge.kernels import merge_cpu, merge_native, select
 from lazymerge.kernels.merge import MergeSpec, della_step, l1_sums, rounded, row_rank_ints, row_ranks, row_view
 from lazymerge.kernels.merge import merge as merge_kernel
 from lazymerge.kernels.rng import MAX_INDEX, mask_keys
@@ -344,14 +344,19 @@ class Merger:
         # the routes and compiled structures sum in their own orders) so that a later recipe's pass sums only the kept
         # part
         how = merge_cpu.structure_keep(spec)
-        route = lambda fused: self._stat_key(f"l1:{'fused' if fused else 'reference'}:{how}", base, x)  # noqa: E731
-        key = route(cpu)
-        known = self.stats.get(key)
-        sums = merge_cpu.l1_sums_fused(b, xx, spec, i, aux_i=aux_i, before=known) if cpu else None
+        route = lambda name: self._stat_key(f"l1:{name}:{how}", base, x)  # noqa: E731
+        sums = None  # the routes in order: the C loop (kernels/merge_native.py), the Inductor loop, the reference
+        if cpu and aux_i is None:
+            key = route("native")
+            known = self.stats.get(key)
+            sums = merge_native.l1_sums_native(b, xx, spec, i, before=known)
+        if cpu and sums is None:
+            key = route("fused")
+            known = self.stats.get(key)
+            sums = merge_cpu.l1_sums_fused(b, xx, spec, i, aux_i=aux_i, before=known)
         if sums is None:
-            if cpu:
-                key = route(False)
-                known = self.stats.get(key)
+            key = route("reference")
+            known = self.stats.get(key)
             if spec.keep == "della" and aux_i is None:
                 aux_i = self.della_ranks(base, x)
             sums = l1_sums(b, xx, spec, i, aux_i, before=known)

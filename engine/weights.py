@@ -1,7 +1,9 @@
 """Where a lazy model's weights come from: the two weight policies.
 
-* `on_the_fly`: every weight is merged when the forward pass reaches it and dropped right after its use; the peak
-  extra memory is about one layer's largest tensor (plus the merge's temporaries).
+* `on_the_fly`: every weight is merged when the forward pass reaches it and used at once; the extra memory is one
+  merge buffer per distinct weight shape (a linear layer's weight is merged into the buffer of its shape, reused by
+  every layer and forward: on a Llama-shaped model five buffers, the LM head's the largest), plus the merge's
+  temporaries.
 * `cached`: merged weights are kept in an LRU cache under a byte budget shared by every recipe of the engine, keyed by
   the tensor plan's *content* (source fingerprints, method, every number), never by a recipe's name; a hot recipe
   runs at the speed of a plain model, a cold one costs no memory.
@@ -45,7 +47,7 @@ class WeightProvider:
         self.merges = 0  # merged tensors computed (cache misses and on-the-fly merges)
         self._checked: OrderedDict[str, None] = OrderedDict()  # plan keys whose weight was found finite
         self._mmap = unsafe_mmap()  # sources are zero-copy mapped views (engine/reader.py)
-        self._buffers: dict = {}  # GPU on-the-fly: one reused merge buffer per (shape, dtype); forwards are serialized
+        self._buffers: dict = {}  # on the fly: one reused merge buffer per (shape, dtype); forwards are serialized
         self._spares: dict[tuple, list[torch.Tensor]] = {}  # CPU cached: evicted merged weights to merge into (retain)
 
     @property
@@ -60,8 +62,10 @@ class WeightProvider:
                 return t
         return None
 
-    def weight(self, plan: TensorPlan) -> torch.Tensor:
-        """The merged tensor of `plan` in the compute dtype (cached or transient, per the policy)."""
+    def weight(self, plan: TensorPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged tensor of `plan` in the compute dtype (cached or transient, per the policy). `out`: a float32
+        buffer of the plan's shape that an on-the-fly merge may write into (the result is then valid until the next
+        merge into it); ignored under the cached policy."""
         key = (plan.key, self.dtype)
         if self.policy == "cached":
             t = self.cache.get(key)
@@ -76,8 +80,8 @@ class WeightProvider:
         self.merges += 1
         if self.policy == "cached":  # make room first: the weight it replaces is freed before it is formed
             self.cache.reserve(math.prod(plan.shape) * self.dtype.itemsize)
-        spare = self._spare(tuple(plan.shape)) if self.dtype == torch.float32 else None
-        t = self.merger.merge(plan, out=spare)
+            out = self._spare(tuple(plan.shape)) if self.dtype == torch.float32 else None
+        t = self.merger.merge(plan, out=out)
         if t.dtype != self.dtype:
             t = t.to(self.dtype)
         self._check(plan, t)
@@ -106,6 +110,15 @@ class WeightProvider:
     def linear(self, x: torch.Tensor, w: TensorPlan, b: TensorPlan | None) -> torch.Tensor:
         """x @ W.T (+ bias) with W the merged weight of plan `w` (x: (..., in) -> (..., out))."""
         bias = self.weight(b) if b is not None else None
+        if self.policy == "on_the_fly" and self.device.type == "cpu" and self.dtype == torch.float32:
+            # merged into one buffer per shape, reused by every layer of that shape at every forward (forwards are
+            # serialized per engine): an LM head above glibc's 32 MiB mmap threshold (engine/alloc.py) is otherwise
+            # a fresh mapping, faulted in page by page, at every forward
+            key = (tuple(w.shape), torch.float32)
+            buf = self._buffers.get(key)
+            if buf is None:
+                buf = self._buffers[key] = torch.empty(w.shape, dtype=torch.float32)
+            return torch.nn.functional.linear(x, self.weight(w, out=buf), bias)
         if self.policy == "cached" or self.device.type == "cpu" or w.is_identity() or (w.base is not None
                                                                                       and not w.inputs):
             return torch.nn.functional.linear(x, self.weight(w), bias)

@@ -395,16 +395,20 @@ def rounded(t: torch.Tensor, dtype: str) -> torch.Tensor:
 
 def merge(base, sources, spec, aux=None, index=None, out=None, cpu_fused: bool | None = None, round_to: str = ""):
     """Dispatch: CUDA tensors -> Triton kernel (unless forced to the reference); CPU tensors -> the fused CPU merge
-    (kernels/merge_cpu.py; default on, `cpu_fused=False` or LAZYMERGE_CPU_FUSED=0: the reference) for whole tensors
-    of the delta family, else the reference. `round_to` ("", "bfloat16", "float16"): a float32 result's values
-    rounded to that dtype (`rounded`), inside the fused CPU loop where it runs, else by one more pass."""
-    from . import dispatch, merge_cpu
+    (kernels/merge_native.py's C loop, else kernels/merge_cpu.py's Inductor loop; default on, `cpu_fused=False` or
+    LAZYMERGE_CPU_FUSED=0: the reference) for whole tensors of the delta family, else the reference. `round_to` ("",
+    "bfloat16", "float16"): a float32 result's values rounded to that dtype (`rounded`), inside the fused CPU loop
+    where it runs, else by one more pass."""
+    from . import dispatch, merge_cpu, merge_native
 
     fused = merge_cpu.enabled() if cpu_fused is None else cpu_fused
     if (fused and spec.mode == "delta" and not spec.row_layout and index is None and sources
             and sources[0].device.type == "cpu" and not dispatch.use_triton(sources[0])):
-        # None: a spec (or an `out`) the fused loop does not take
-        r = merge_cpu.merge_delta_fused(base, sources, spec, aux=aux, out=out, round_to=round_to)
+        # None: a spec (or an `out`) the loop does not take. The C loop first (task arithmetic, TIES, breadcrumbs,
+        # DARE), then the Inductor one (also DELLA); the same bits as the reference
+        r = merge_native.merge_delta_native(base, sources, spec, out=out, round_to=round_to) if aux is None else None
+        if r is None:
+            r = merge_cpu.merge_delta_fused(base, sources, spec, aux=aux, out=out, round_to=round_to)
         if r is not None:
             return r
     if dispatch.use_triton(sources[0]):

@@ -12,8 +12,8 @@ torch's CPU sort of rows is a comparison sort (~35-50 ns an element here); a lea
 31-bit keys, four 8-bit digits (a digit every key of the row shares is skipped), runs at ~12 ns with one thread
 (`python -m lazymerge.kernels.bench_rank`).
 
-The C source below is compiled by the system's C compiler ($CC, else cc / gcc / clang) into the cache directory
-(`kernels.cache.root()/native`, named by the hash of the source and flags), loaded with ctypes (whose calls release
+The C source below is compiled by the system's C compiler into the cache directory (kernels/native.py: named by
+the hash of the source and flags), loaded with ctypes (whose calls release
 the GIL, so row blocks run on this process's torch threads in parallel). No compiler, a failed build or
 LAZYMERGE_NATIVE_RANKS=0: both functions return None (once a warning) and the caller sorts with torch.
 """
@@ -21,19 +21,15 @@ LAZYMERGE_NATIVE_RANKS=0: both functions return None (once a warning) and the ca
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from .cache import root as cache_root
+from . import native
 
 SOURCE = r"""
 #include <stdint.h>
@@ -96,11 +92,11 @@ int row_ranks(const uint32_t *bits, int64_t r0, int64_t r1, int64_t w, const flo
     return 0;
 }
 """
-FLAGS = ("-O3", "-shared", "-fPIC")
+FLAGS = ("-O3",)  # portable: the sort is scalar code
 PARALLEL_FROM = 1 << 16  # elements: a smaller block is ranked on this thread alone
 
 _LOCK = threading.Lock()
-_STATE: dict = {}  # "lib": the loaded library or None (unavailable); "pool": the thread pool and its size
+_STATE: dict = {}  # "lib": the loaded library or None (unavailable)
 
 
 def enabled() -> bool:
@@ -110,38 +106,7 @@ def enabled() -> bool:
 
 def library_path() -> Path:
     """Where the compiled library lives: named by the hash of the source, the flags and the machine type."""
-    tag = hashlib.sha1((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:12]
-    return cache_root() / "native" / f"rank-{platform.machine()}-{tag}.so"
-
-
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
-    if cc:
-        return shutil.which(cc) or (cc if os.path.isfile(cc) else None)
-    for name in ("cc", "gcc", "clang"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def _build(path: Path) -> None:
-    """Compile SOURCE into `path` (written beside it first, then renamed: concurrent builders never see half a file).
-    Raises OSError (no compiler) or subprocess.CalledProcessError (the compiler's message in `stderr`)."""
-    cc = _compiler()
-    if cc is None:
-        raise OSError("no C compiler found ($CC, cc, gcc, clang)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    src = tmp.with_suffix(".c")
-    src.write_text(SOURCE)
-    try:
-        subprocess.run([cc, *FLAGS, "-o", str(tmp), str(src)], check=True, capture_output=True, text=True,
-                       timeout=120)
-        os.replace(tmp, path)
-    finally:
-        src.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
+    return native.library_path("rank", SOURCE, FLAGS)
 
 
 def _library():
@@ -151,12 +116,9 @@ def _library():
     with _LOCK:
         if "lib" in _STATE:
             return _STATE["lib"]
-        path = library_path()
         lib = None
         try:
-            if not path.exists():
-                _build(path)
-            lib = ctypes.CDLL(str(path))
+            lib = native.load("rank", SOURCE, FLAGS)
             lib.row_ranks.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             lib.row_ranks.restype = ctypes.c_int
@@ -167,16 +129,6 @@ def _library():
             lib = None
         _STATE["lib"] = lib
         return lib
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    got = _STATE.get("pool")
-    if got is None or got[1] != n:
-        with _LOCK:
-            got = _STATE.get("pool")
-            if got is None or got[1] != n:
-                got = _STATE["pool"] = (ThreadPoolExecutor(n, thread_name_prefix="lazymerge-rank"), n)
-    return got[0]
 
 
 def _run(a2: torch.Tensor, table: torch.Tensor | None, mode: int) -> torch.Tensor | None:
@@ -194,10 +146,10 @@ def _run(a2: torch.Tensor, table: torch.Tensor | None, mode: int) -> torch.Tenso
     tp = table.data_ptr() if table is not None else None
     n = min(torch.get_num_threads(), rows) if a2.numel() >= PARALLEL_FROM else 1
 
-    def part(k: int) -> int:
-        return lib.row_ranks(a2.data_ptr(), rows * k // n, rows * (k + 1) // n, w, tp, out.data_ptr(), mode)
+    def part(lo: int, hi: int) -> int:
+        return lib.row_ranks(a2.data_ptr(), lo, hi, w, tp, out.data_ptr(), mode)
 
-    codes = [part(0)] if n <= 1 else list(_pool(n).map(part, range(n)))
+    codes = native.run_parts(part, rows, n)
     if any(codes):
         raise MemoryError(f"DELLA's native row ranks: no memory for the scratch of a row of {w} elements")
     return out

@@ -248,15 +248,12 @@ def test_l1_rescale_keeps_the_first_norm_across_recipes(fam, method, cpu_fused, 
     import lazymerge.engine.merger as merger_mod
 
     calls = []
-    for name in ("l1_sums", "merge_cpu"):
-        real = getattr(merger_mod, name)
-        if name == "l1_sums":
-            monkeypatch.setattr(merger_mod, name, lambda *a, before=None, _r=real, **k: (
-                calls.append(before) or _r(*a, before=before, **k)))
-        else:
-            fused = real.l1_sums_fused
-            monkeypatch.setattr(real, "l1_sums_fused", lambda *a, before=None, _f=fused, **k: (
-                calls.append(before) or _f(*a, before=before, **k)))
+    # every route: the reference, the Inductor loop, the C loop (which runs first where it takes the spec)
+    for owner, name in ((merger_mod, "l1_sums"), (merger_mod.merge_cpu, "l1_sums_fused"),
+                        (merger_mod.merge_native, "l1_sums_native")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, before=None, _r=real, **k: (
+            calls.append(before) or _r(*a, before=before, **k)))
     first = METHOD_RECIPES[method]
     second = copy.deepcopy(first)
     for m in second["models"]:

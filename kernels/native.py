@@ -1,0 +1,118 @@
+"""C helpers compiled once per machine by the system's C compiler, loaded with ctypes, run on this process's threads.
+
+    load(name, source, flags)      -> ctypes.CDLL  (built into the cache first when missing)
+    isa_flags()                    -> the compiler flags of the vector instructions ATen itself uses here
+    run_parts(fn, count, threads)  -> [fn(lo, hi) for each of `threads` parts of range(count)], in parallel
+
+A library lives at `kernels.cache.root()/native/{name}-{machine}-{hash}.so`, the hash being that of the source and
+the flags, so a changed source or another instruction set is a new file. It is compiled beside its final name and
+renamed into place, so concurrent builders never load half a file. The compiler is $CC, else cc / gcc / clang.
+ctypes releases the GIL for the call, so the parts of `run_parts` run on as many cores as the process's torch threads.
+Used by kernels/rank_cpu.py (DELLA's row ranks) and kernels/merge_native.py (the delta merge loop).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .cache import root as cache_root
+
+_LOCK = threading.Lock()
+_POOL: dict = {}  # "pool": (ThreadPoolExecutor, its size)
+
+# x86-64 flags per ATen CPU capability (torch.backends.cpu.get_cpu_capability(): what ATen checked this CPU has;
+# F16C comes with every AVX2 CPU). Elsewhere, and for ATen's "DEFAULT", the compiler's baseline.
+_ISA = {
+    "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"),
+    "AVX2": ("-mavx2", "-mfma", "-mf16c"),
+}
+
+
+def isa_flags() -> tuple[str, ...]:
+    """The vector instruction set flags for this CPU, from ATen's own capability check (never -march=native, so a
+    cache shared by two CPUs of the same capability holds code both run)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ()
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return ()
+    return _ISA.get(str(cap).upper(), ())
+
+
+def compiler() -> str | None:
+    """$CC (a name on PATH or a path), else the first of cc, gcc, clang on PATH; None if there is none."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc) or (cc if os.path.isfile(cc) else None)
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def library_path(name: str, source: str, flags: tuple[str, ...]) -> Path:
+    tag = hashlib.sha1((source + " ".join(flags)).encode()).hexdigest()[:12]
+    return cache_root() / "native" / f"{name}-{platform.machine()}-{tag}.so"
+
+
+def build(path: Path, source: str, flags: tuple[str, ...]) -> None:
+    """Compile `source` into the shared library `path`. Raises OSError (no compiler) or
+    subprocess.CalledProcessError (the compiler's message in `stderr`)."""
+    cc = compiler()
+    if cc is None:
+        raise OSError("no C compiler found ($CC, cc, gcc, clang)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{threading.get_ident()}")
+    src = tmp.with_suffix(".c")
+    src.write_text(source)
+    try:
+        subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(src)], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(tmp, path)
+    finally:
+        src.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+
+
+def load(name: str, source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    """The library of `source` compiled with `flags`, built first if the cache lacks it. Raises as `build`, or
+    OSError when the file cannot be loaded."""
+    path = library_path(name, source, flags)
+    if not path.exists():
+        build(path, source, flags)
+    return ctypes.CDLL(str(path))
+
+
+def pool(n: int) -> ThreadPoolExecutor:
+    """One shared pool of `n` worker threads (rebuilt when n changes)."""
+    got = _POOL.get("pool")
+    if got is None or got[1] != n:
+        with _LOCK:
+            got = _POOL.get("pool")
+            if got is None or got[1] != n:
+                got = _POOL["pool"] = (ThreadPoolExecutor(n, thread_name_prefix="lazymerge-native"), n)
+    return got[0]
+
+
+def run_parts(fn, count: int, threads: int, align: int = 1) -> list:
+    """fn(lo, hi) over `threads` consecutive parts of range(count) (bounds multiples of `align`), the first on the
+    calling thread and the others on the shared pool; their results in order."""
+    threads = max(1, min(threads, count // max(align, 1)))
+    if threads == 1:
+        return [fn(0, count)]
+    bounds = [min(count, (count * k // threads) // align * align) for k in range(threads)] + [count]
+    futures = [pool(threads - 1).submit(fn, bounds[k], bounds[k + 1]) for k in range(1, threads)]
+    first = fn(bounds[0], bounds[1])
+    return [first] + [f.result() for f in futures]
