@@ -1,6 +1,7 @@
 """The delta merge's loop in C: task arithmetic, TIES, breadcrumbs and DARE, one pass, compiled in a second per machine.
 
     merge_delta_native(base, sources, spec, out=None, round_to="") -> float32 tensor of base's shape, or None
+    l1_sums_native(base, x, spec, i, before=None)  -> (sum |d|, sum |d * keep_i|) in float64, or None
 
 Same contract and the same float32 operations, element by element and in the same order, as
 `kernels.merge.merge_reference` (the oracle; tests check the two equal bit for bit) for whole tensors of the delta
@@ -9,11 +10,12 @@ mode with the keep rules "all" (task arithmetic), "topk" (TIES; "band" with brea
 with or without sign consensus and normalization, over bf16 / fp16 / fp32 storage, rounded to the output dtype
 (`round_to`) in the same loop.
 
-Why a C loop beside the Inductor one (kernels/merge_cpu.py, which keeps DELLA, the L1 sums and the select passes):
-on a 3072 x 1024 DARE-TIES merge of 3 bf16 sources the Inductor loop ran at 3.39 ns an element on one thread of
-the AVX-512 EPYC, a plain C loop vectorized by gcc at 1.18 (BENCHMARKS.md, session 18): Inductor's loop reloads and
-broadcasts every recipe number at every vector and converts each mask through float vectors. And a structure compiles
-in ~0.3 s instead of ~25 s.
+Why a C loop beside the Inductor one (kernels/merge_cpu.py, which keeps DELLA and the cut's counting passes): on a
+3072 x 1024 merge of 3 bf16 sources rounded to bf16, the Inductor loop took 1.6-3.6 ns an element on one thread of
+the AVX-512 EPYC and this loop 0.5-1.9, 1.9-3.2x less (float32 sources: 1.1-1.6x; task arithmetic on 2 threads
+0.84x, both near the memory's speed; BENCHMARKS.md, session 18, `python -m lazymerge.kernels.bench_native`).
+Inductor's loop reloads and broadcasts every recipe number at every vector and converts every mask through float
+vectors. And a structure compiles in well under a second instead of 25-60 s.
 
 Each structure (keep rule, consensus, normalize, number of sources, their storage dtypes, the rounding) is a C
 function generated below, compiled by the system's C compiler (kernels/native.py) with `-O3 -ffp-contract=off` (no
