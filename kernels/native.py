@@ -96,13 +96,15 @@ def load(name: str, source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
 
 
 def pool(n: int) -> ThreadPoolExecutor:
-    """One shared pool of `n` worker threads (rebuilt when n changes)."""
+    """One shared pool of `n` worker threads (rebuilt when n changes, and in a forked child: the parent's threads do
+    not exist there, and work handed to them would never run)."""
+    pid = os.getpid()
     got = _POOL.get("pool")
-    if got is None or got[1] != n:
+    if got is None or got[1:] != (n, pid):
         with _LOCK:
             got = _POOL.get("pool")
-            if got is None or got[1] != n:
-                got = _POOL["pool"] = (ThreadPoolExecutor(n, thread_name_prefix="lazymerge-native"), n)
+            if got is None or got[1:] != (n, pid):
+                got = _POOL["pool"] = (ThreadPoolExecutor(n, thread_name_prefix="lazymerge-native"), n, pid)
     return got[0]
 
 

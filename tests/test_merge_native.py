@@ -185,3 +185,36 @@ def test_l1_sums_equal_the_reference_and_not_the_thread_count(keep, monkeypatch)
         torch.set_num_threads(threads)
     monkeypatch.setattr(merge_cpu, "COMPILE_FROM", N)  # a small tensor: the reference route, on every machine
     assert merge_native.l1_sums_native(b, xs[0], spec, 0) is None
+
+
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha1(t.numpy().tobytes()).hexdigest()  # no torch op: none may run OpenMP in a forked child
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork: POSIX only")
+def test_a_forked_child_gets_threads_of_its_own(monkeypatch):
+    """A search with `runtime.start_method: fork` forks workers from a parent that already merged on its thread
+    pool: the child's merge must not hand its parts to the parent's threads (they do not exist there; it hung)."""
+    import multiprocessing as mp
+
+    monkeypatch.setattr(merge_native, "PARALLEL_FROM", 0)
+    spec = spec_for("random", 3, True, False)
+    b, xs = tensors(3, (BF, BF))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    ctx = mp.get_context("fork")
+    done = ctx.Queue()
+    try:
+        want = merge_native.merge_delta_native(b, xs, spec)  # the parent's pool now has a worker thread
+        child = ctx.Process(target=lambda: done.put(_digest(merge_native.merge_delta_native(b, xs, spec))))
+        child.start()
+        child.join(60)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+    finally:
+        torch.set_num_threads(threads)
+    assert not alive, "the forked child's merge hung"
+    assert done.get(timeout=5) == _digest(want)
