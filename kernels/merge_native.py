@@ -20,8 +20,10 @@ vectors. And a structure compiles in well under a second instead of 25-60 s.
 Each structure (keep rule, consensus, normalize, number of sources, their storage dtypes, the rounding) is a C
 function generated below, compiled by the system's C compiler (kernels/native.py) with `-O3 -ffp-contract=off` (no
 fused multiply-adds: the reference rounds every product) and the vector flags of ATen's CPU capability, and cached
-per machine. The element range is cut into one part per torch thread. No compiler, a failed build or
-LAZYMERGE_NATIVE_MERGE=0: None, and the caller runs the Inductor loop or the reference (the same bits).
+per machine (with its SHA-1 beside it: a truncated file is rebuilt, never loaded). The element range is cut into one
+part per torch thread. A tensor of at most `merge_cpu.COMPILE_FROM` elements builds nothing: it runs a library already
+built, else the next route, so a toy model compiles nothing. No compiler, a failed build or LAZYMERGE_NATIVE_MERGE=0:
+None, and the caller runs the Inductor loop or the reference (the same bits).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import threading
 
 import torch
 
-from . import native
+from . import merge_cpu, native
 from .merge import ROUND_DTYPES
 
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11")
@@ -46,6 +48,7 @@ _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 _LOCK = threading.Lock()
 _LIBS: dict = {}  # structure key -> the loaded C function, or None (could not be built: not tried again)
+_ABSENT: set = set()  # structures a small tensor found no library for (not looked for again until one is built)
 _ARGS: dict = {}  # id(spec) -> (spec, its numbers as C arrays)
 ARGS_MAX = 8192
 
@@ -194,18 +197,24 @@ def l1_source(key: tuple) -> str:
 _ARGTYPES = [ctypes.c_void_p] * 12 + [ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
 
 
-def _load(memo: tuple, name: str, text, symbol: str, argtypes: list):
-    """C function `symbol` of the library `name` built from `text()` (memoized under `memo`; None, after one message,
-    where it cannot be built)."""
+def _load(memo: tuple, name: str, text, symbol: str, argtypes: list, may_build: bool = True):
+    """C function `symbol` of the library `name` built from `text()` (memoized under `memo`); None where it cannot be
+    built (after one message), or is not built yet and `may_build` is False (a small tensor: `merge_delta_native`)."""
     fn = _LIBS.get(memo, False)
     if fn is not False:
         return fn
+    if not may_build and memo in _ABSENT:
+        return None
     with _LOCK:
         fn = _LIBS.get(memo, False)
         if fn is not False:
             return fn
         try:
-            fn = getattr(native.load(name, text(), FLAGS + native.isa_flags()), symbol)
+            lib = native.load(name, text(), FLAGS + native.isa_flags(), may_build=may_build)
+            if lib is None:
+                _ABSENT.add(memo)
+                return None
+            fn = getattr(lib, symbol)
             fn.argtypes, fn.restype = argtypes, None
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", None) or str(e)
@@ -216,9 +225,9 @@ def _load(memo: tuple, name: str, text, symbol: str, argtypes: list):
         return fn
 
 
-def _function(key: tuple):
+def _function(key: tuple, may_build: bool = True):
     name = "merge-" + "-".join([key[0], f"c{key[1]}", f"n{key[2]}", key[3], "_".join(key[4]), key[5] or "f32"])
-    return _load(key, name, lambda: source(key), "merge", _ARGTYPES)
+    return _load(key, name, lambda: source(key), "merge", _ARGTYPES, may_build)
 
 
 def _f32(v: float) -> float:
@@ -268,7 +277,9 @@ def merge_delta_native(base, sources, spec, out=None, round_to: str = "", offset
     if out is not None and (out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != base.numel()
                             or out.device.type != "cpu"):
         return None
-    fn = _function(key)
+    # a tensor of at most COMPILE_FROM elements builds nothing (a toy model compiles nothing, as on the Inductor
+    # route): it runs a library already built, else the caller's next route, with the same bits
+    fn = _function(key, may_build=base.numel() > merge_cpu.COMPILE_FROM)
     if fn is None:
         return None
     n = len(sources)
@@ -305,8 +316,6 @@ def l1_sums_native(base, x, spec, i: int, before: float | None = None) -> tuple[
     `before`: sum |d| from an earlier call of this route, returned as is. The sums are added in a fixed order (blocks
     of L1_BLOCK elements, 16 lanes each), so they do not depend on the thread count; they differ from the other
     routes' in the last bits (each route's sums are kept under their own key: engine/merger.py)."""
-    from . import merge_cpu
-
     keep = "band" if spec.has_outer_cut else spec.keep
     if (not enabled() or keep not in ("topk", "band", "random") or base.device.type != "cpu"
             or base.numel() <= merge_cpu.COMPILE_FROM or x.shape != base.shape):

@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import threading
@@ -50,15 +51,20 @@ def isa_flags() -> tuple[str, ...]:
     return _ISA.get(str(cap).upper(), ())
 
 
-def compiler() -> str | None:
-    """$CC (a name on PATH or a path), else the first of cc, gcc, clang on PATH; None if there is none."""
+def compiler() -> list[str] | None:
+    """The compiler command: $CC (a name on PATH or a path, with any arguments it carries), else the first of cc, gcc,
+    clang on PATH; None if there is none."""
     cc = os.environ.get("CC")
     if cc:
-        return shutil.which(cc) or (cc if os.path.isfile(cc) else None)
+        words = shlex.split(cc)
+        if not words:
+            return None
+        found = shutil.which(words[0]) or (words[0] if os.path.isfile(words[0]) else None)
+        return [found, *words[1:]] if found else None
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
 
 
@@ -67,30 +73,52 @@ def library_path(name: str, source: str, flags: tuple[str, ...]) -> Path:
     return cache_root() / "native" / f"{name}-{platform.machine()}-{tag}.so"
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha1")
+
+
+def intact(path: Path) -> bool:
+    """Whether `path` is the whole library its build wrote: its SHA-1 is the one recorded beside it. A truncated or
+    foreign file is not loaded (loading a half-written ELF can kill the process with SIGBUS)."""
+    try:
+        return _sidecar(path).read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
 def build(path: Path, source: str, flags: tuple[str, ...]) -> None:
-    """Compile `source` into the shared library `path`. Raises OSError (no compiler) or
-    subprocess.CalledProcessError (the compiler's message in `stderr`)."""
+    """Compile `source` into the shared library `path` and record its SHA-1 beside it (both written under temporary
+    names and renamed into place). Raises OSError (no compiler, an unwritable cache) or subprocess.CalledProcessError
+    (the compiler's message in `stderr`)."""
     cc = compiler()
     if cc is None:
         raise OSError("no C compiler found ($CC, cc, gcc, clang)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{threading.get_ident()}")
-    src = tmp.with_suffix(".c")
+    src, sha = tmp.with_name(tmp.name + ".c"), tmp.with_name(tmp.name + ".sha1")
     src.write_text(source)
     try:
-        subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(src)], check=True, capture_output=True,
+        subprocess.run([*cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(src)], check=True, capture_output=True,
                        text=True, timeout=120)
+        sha.write_text(_digest(tmp) + "\n")
         os.replace(tmp, path)
+        os.replace(sha, _sidecar(path))
     finally:
-        src.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
+        for f in (src, tmp, sha):
+            f.unlink(missing_ok=True)
 
 
-def load(name: str, source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
-    """The library of `source` compiled with `flags`, built first if the cache lacks it. Raises as `build`, or
-    OSError when the file cannot be loaded."""
+def load(name: str, source: str, flags: tuple[str, ...], may_build: bool = True) -> ctypes.CDLL | None:
+    """The library of `source` compiled with `flags`, built first if the cache lacks it whole (`intact`); None if it
+    is not there whole and `may_build` is False. Raises as `build`, or OSError when the file cannot be loaded."""
     path = library_path(name, source, flags)
-    if not path.exists():
+    if not intact(path):
+        if not may_build:
+            return None
         build(path, source, flags)
     return ctypes.CDLL(str(path))
 

@@ -15,6 +15,15 @@ KEYS = tuple(mask_keys(11, "model.layers.0.mlp.up_proj.weight", i) for i in rang
 BF, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
 
+@pytest.fixture(autouse=True)
+def _build_for_small_tensors(monkeypatch):
+    """These tests run the C loop on tensors of 33,331 elements, which by default build nothing (`merge_cpu.
+    COMPILE_FROM`; its own test is `test_small_tensors_build_nothing`)."""
+    from lazymerge.kernels import merge_cpu
+
+    monkeypatch.setattr(merge_cpu, "COMPILE_FROM", 0)
+
+
 def spec_for(keep: str, n: int, consensus: bool, normalize: bool) -> MergeSpec:
     kw = dict(weights=(0.7, 0.5, -0.3, 0.2)[:n], consensus=consensus, normalize=normalize, lam=1.3,
               scales=(2.0, 1.0, 1.1, 0.9)[:n])
@@ -218,3 +227,54 @@ def test_a_forked_child_gets_threads_of_its_own(monkeypatch):
         torch.set_num_threads(threads)
     assert not alive, "the forked child's merge hung"
     assert done.get(timeout=5) == _digest(want)
+
+
+def test_small_tensors_build_nothing(monkeypatch, tmp_path):
+    """A tensor of at most COMPILE_FROM elements never starts a build (a toy model compiles nothing); once a larger
+    tensor built its structure, it runs that library."""
+    from lazymerge.kernels import merge_cpu
+
+    monkeypatch.setattr(merge_cpu, "COMPILE_FROM", 1 << 16)
+    monkeypatch.setenv("LAZYMERGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(merge_native, "_LIBS", {})
+    monkeypatch.setattr(merge_native, "_ABSENT", set())
+    spec = spec_for("random", 2, True, False)
+    b, xs = tensors(2, (BF, BF))
+    assert merge_native.merge_delta_native(b, xs, spec) is None
+    assert not list(tmp_path.rglob("*.so"))
+    big = torch.zeros(1 << 17, dtype=BF)
+    assert merge_native.merge_delta_native(big, [big, big], spec) is not None
+    assert torch.equal(merge_native.merge_delta_native(b, xs, spec), merge_reference(b, xs, spec))
+
+
+def test_a_truncated_library_in_the_cache_is_rebuilt_not_loaded(tmp_path):
+    """A half-written .so (a full disk, a killed copy) under the wanted name killed a new process with SIGBUS when
+    loaded. Its SHA-1 no longer matches the one recorded at build time, so it is rebuilt. Each step runs in a child
+    process: a regression kills that child, not the test session."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os, sys, torch
+os.environ["LAZYMERGE_CACHE_DIR"] = {str(tmp_path)!r}
+from lazymerge.kernels import merge_cpu, merge_native
+from lazymerge.kernels.merge import MergeSpec, merge_reference
+merge_cpu.COMPILE_FROM = 0
+spec = MergeSpec("delta", weights=(0.5, 0.3), scales=(1.0, 1.0))
+g = torch.Generator().manual_seed(0)
+b = torch.randn(50_000, generator=g); xs = [b + 0.1 * torch.randn(50_000, generator=g) for _ in range(2)]
+got = merge_native.merge_delta_native(b, xs, spec)
+assert got is not None and torch.equal(got, merge_reference(b, xs, spec))
+print("merged")
+"""
+    run = lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)  # noqa: E731
+    first = run()
+    assert first.returncode == 0 and "merged" in first.stdout, first.stderr[-2000:]
+    (lib,) = tmp_path.rglob("merge-*.so")
+    data = lib.read_bytes()
+    lib.write_bytes(data[:3000])
+    again = run()
+    assert again.returncode == 0 and "merged" in again.stdout, (again.returncode, again.stderr[-2000:])
+    from lazymerge.kernels import native
+
+    assert native.intact(lib) and len(lib.read_bytes()) > 3000  # rebuilt whole (its bytes name the build's temp file)
