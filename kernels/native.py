@@ -1,12 +1,14 @@
 """C helpers compiled once per machine by the system's C compiler, loaded with ctypes, run on this process's threads.
 
-    load(name, source, flags)      -> ctypes.CDLL  (built into the cache first when missing)
+    load(name, source, flags)      -> ctypes.CDLL  (built into the cache first when missing or not whole)
     isa_flags()                    -> the compiler flags of the vector instructions ATen itself uses here
     run_parts(fn, count, threads)  -> [fn(lo, hi) for each of `threads` parts of range(count)], in parallel
 
 A library lives at `kernels.cache.root()/native/{name}-{machine}-{hash}.so`, the hash being that of the source and
 the flags, so a changed source or another instruction set is a new file. It is compiled beside its final name and
-renamed into place, so concurrent builders never load half a file. The compiler is $CC, else cc / gcc / clang.
+renamed into place, so concurrent builders never load half a file, and its SHA-1 is recorded beside it: a file that
+does not match (truncated by a full disk or a killed copy) is rebuilt, never loaded. The compiler is $CC (with any
+arguments it carries), else cc / gcc / clang.
 ctypes releases the GIL for the call, so the parts of `run_parts` run on as many cores as the process's torch threads.
 Used by kernels/rank_cpu.py (DELLA's row ranks) and kernels/merge_native.py (the delta merge loop).
 """
@@ -29,7 +31,7 @@ import torch
 from .cache import root as cache_root
 
 _LOCK = threading.Lock()
-_POOL: dict = {}  # "pool": (ThreadPoolExecutor, its size)
+_POOL: dict = {}  # "pool": (ThreadPoolExecutor, its size, the pid that made it)
 
 # x86-64 flags per ATen CPU capability (torch.backends.cpu.get_cpu_capability(): what ATen checked this CPU has;
 # F16C comes with every AVX2 CPU). Elsewhere, and for ATen's "DEFAULT", the compiler's baseline.
@@ -69,6 +71,7 @@ def compiler() -> list[str] | None:
 
 
 def library_path(name: str, source: str, flags: tuple[str, ...]) -> Path:
+    """Where the library of `source` compiled with `flags` lives in the cache (named by their hash)."""
     tag = hashlib.sha1((source + " ".join(flags)).encode()).hexdigest()[:12]
     return cache_root() / "native" / f"{name}-{platform.machine()}-{tag}.so"
 
