@@ -83,6 +83,12 @@ class MergeSpec:
         return bool(self.row_layout) or self.keep == "fusion"
 
     @property
+    def weight_sum(self) -> float:
+        """The divisor of a normalized merge without consensus: sum of the weights, 1.0 where |sum| < 1e-8."""
+        div = sum(self.weights)
+        return 1.0 if abs(div) < 1e-8 else div
+
+    @property
     def has_outer_cut(self) -> bool:
         """A top-k keep rule whose outer cut drops something on some source (breadcrumbs: a finite t_out; the
         reference skips an outer cut at t_out = inf). The kernels compile such a spec as its own variant ("band")
@@ -309,9 +315,7 @@ def _delta_chunk(base, xs, spec, idx, auxs):
         mixed = parts[0].clone()
         for p in parts[1:]:
             mixed += p
-        div = sum(spec.weights)
-        if abs(div) < 1e-8:
-            div = 1.0
+        div = spec.weight_sum
     if spec.normalize:
         mixed = mixed / div
     if spec.lam != 1.0:

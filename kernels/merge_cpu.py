@@ -422,8 +422,7 @@ def _tail(spec, n: int, dev) -> tuple:
     hit = _TAILS.get(key)
     got = hit[1] if hit is not None and hit[0] is spec else None
     if got is None:
-        div_all = sum(spec.weights)
-        div_all = 1.0 if abs(div_all) < 1e-8 else div_all
+        div_all = spec.weight_sum
         t_in, c_in, t_out, c_out, dens, eps, k1, k2 = _scalars(spec, n, dev)
         w = torch.tensor(list(spec.weights), dtype=torch.float32, device=dev)
         sc = torch.tensor(list(spec.scales) if spec.scales else [1.0] * n, dtype=torch.float32, device=dev)

@@ -84,7 +84,7 @@ def structure(spec, base, sources, round_to: str) -> tuple | None:
     if (spec.mode != "delta" or spec.row_layout or spec.consensus_raw or spec.div_min or not sources
             or len(sources) != len(spec.weights)):
         return None
-    keep = "band" if spec.has_outer_cut else spec.keep
+    keep = merge_cpu.structure_keep(spec)
     dts = [_DTYPES.get(t.dtype) for t in (base, *sources)]
     if keep not in KEEPS or None in dts:
         return None
@@ -253,12 +253,10 @@ def _args(spec, n: int) -> tuple:
     i64 = lambda v: (ctypes.c_int64 * n)(*(list(v) if v else [-1] * n))  # noqa: E731
     u32 = lambda v: (ctypes.c_uint32 * n)(*v)  # noqa: E731
     keys = spec.keys or ((0, 0),) * n
-    div_all = sum(spec.weights)
-    div_all = 1.0 if abs(div_all) < 1e-8 else div_all
     thr = _thresholds(spec) if spec.keep == "random" else [0] * n
     arrays = (f32(spec.weights), f32(spec.scales, 1.0), f32(spec.t_in), i64(spec.c_in), f32(spec.t_out),
               i64(spec.c_out), u32(thr), u32(k[0] & 0xFFFFFFFF for k in keys), u32(k[1] & 0xFFFFFFFF for k in keys))
-    got = (arrays, _f32(spec.lam), _f32(div_all))  # as the reference has them: float32 scalars
+    got = (arrays, _f32(spec.lam), _f32(spec.weight_sum))  # as the reference has them: float32 scalars
     if len(_ARGS) >= ARGS_MAX:
         _ARGS.clear()
     _ARGS[id(spec)] = (spec, got)
@@ -316,7 +314,7 @@ def l1_sums_native(base, x, spec, i: int, before: float | None = None) -> tuple[
     `before`: sum |d| from an earlier call of this route, returned as is. The sums are added in a fixed order (blocks
     of L1_BLOCK elements, 16 lanes each), so they do not depend on the thread count; they differ from the other
     routes' in the last bits (each route's sums are kept under their own key: engine/merger.py)."""
-    keep = "band" if spec.has_outer_cut else spec.keep
+    keep = merge_cpu.structure_keep(spec)
     if (not enabled() or keep not in ("topk", "band", "random") or base.device.type != "cpu"
             or base.numel() <= merge_cpu.COMPILE_FROM or x.shape != base.shape):
         return None
@@ -334,7 +332,6 @@ def l1_sums_native(base, x, spec, i: int, before: float | None = None) -> tuple[
     t_out = _f32(spec.t_out[i]) if keep == "band" else 0.0
     c_in = int(spec.c_in[i]) if keep != "random" else -1
     c_out = int(spec.c_out[i]) if keep == "band" else -1
-    c_in, c_out = (min(c, 2**62) for c in (c_in, c_out))
     thr = _thresholds(spec)[i] if keep == "random" else 0
     k1, k2 = (k & 0xFFFFFFFF for k in spec.keys[i]) if keep == "random" else (0, 0)
 

@@ -110,9 +110,7 @@ def spec_tables(spec: MergeSpec, device: torch.device) -> tuple[torch.Tensor, to
     elif spec.consensus:
         div = 1.0  # per element, in-kernel
     else:
-        div = float(sum(spec.weights))
-        if abs(div) < 1e-8:
-            div = 1.0
+        div = float(spec.weight_sum)
     ftab = torch.tensor(f, dtype=torch.float32).reshape(n, 8).to(device)
     itab = torch.tensor(ints, dtype=torch.int64).reshape(n, 4).to(device)
     hit = (ftab, itab, div, float(spec.lam))
